@@ -1,0 +1,236 @@
+"""One check, step by step: request context → identity → session → policy → decision.
+
+This is where the pure steps meet the store. The time of the check is passed in once;
+every failure on the way (bad token, store down, CEL error) ends in a deny, never an allow.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import re
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+
+from gateway import decision
+from gateway.config import AuthConfig, SessionConfig
+from gateway.decision import AuditDeny, Decision
+from gateway.identity.verifier import ANONYMOUS_AUTH_MAP, Identity, TokenRejected, TokenVerifier, bearer_token
+from gateway.policy.evaluate import PolicyFailure, applies, bind_values, judge, session_key, terminates
+from gateway.policy.model import Policy, PolicySet
+from gateway.request import RequestContext
+from gateway.session.record import ENDED_TERMINATED, needs_tombstone, new_record, owner_key, refusal, tombstone
+from gateway.session.store import SessionStore, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+_VISIBLE_ASCII = re.compile(r"^[\x21-\x7e]+$")
+NO_SESSION: Mapping[str, Any] = {"id": "", "exists": False, "anonymous": False}
+UPSTREAM_SUBJECT = "x-authz-subject"
+UPSTREAM_ISSUER = "x-authz-issuer"
+UPSTREAM_HEADERS = (UPSTREAM_SUBJECT, UPSTREAM_ISSUER)
+
+
+class PolicyHolder:
+    """The current policy set; reload swaps it in one assignment, so a check sees one whole set."""
+
+    def __init__(self, policies: PolicySet) -> None:
+        self._current = policies
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> PolicySet:
+        return self._current
+
+    def swap(self, policies: PolicySet) -> None:
+        with self._lock:
+            self._current = policies
+
+
+@dataclass(slots=True)
+class _Session:
+    policy: Policy
+    key: str
+    data: Mapping[str, Any]
+    variable: Mapping[str, Any]
+    existed: bool
+
+
+def _timestamp(seconds: float) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+
+
+def _timestamp_value(seconds: float) -> timestamp_pb2.Timestamp:
+    # Inside a map, the native CEL runtime takes a Timestamp message, not a datetime.
+    value = timestamp_pb2.Timestamp()
+    value.FromNanoseconds(int(seconds * 1e9))
+    return value
+
+
+def _session_variable(key: str, data: Mapping[str, Any], existed: bool) -> dict[str, Any]:
+    variable: dict[str, Any] = dict(data.get("bound", {}))
+    variable["id"] = key
+    variable["exists"] = existed
+    variable["anonymous"] = bool(data.get("anonymous", False))
+    variable["created_at"] = _timestamp_value(float(data.get("created_at", 0.0)))
+    return variable
+
+
+class Authorizer:
+    def __init__(
+        self,
+        auth: AuthConfig,
+        sessions: SessionConfig,
+        verifier: TokenVerifier,
+        store: SessionStore,
+        policies: PolicyHolder,
+    ) -> None:
+        self._auth = auth
+        self._sessions = sessions
+        self._verifier = verifier
+        self._store = store
+        self.policies = policies
+
+    @property
+    def store(self) -> SessionStore:
+        return self._store
+
+    def identify(self, context: RequestContext, now: float) -> Identity | Decision | None:
+        """The verified identity, None for an allowed anonymous request, or a deny."""
+        token = bearer_token(context.headers)
+        if token is None:
+            if self._auth.allow_anonymous:
+                return None
+            return decision.deny(decision.TOKEN_MISSING, error="no bearer token")
+        try:
+            return self._verifier.verify(token, now)
+        except TokenRejected as rejected:
+            return decision.deny(rejected.reason, error=str(rejected))
+
+    def check(self, context: RequestContext, now: float) -> Decision:
+        identity = self.identify(context, now)
+        if isinstance(identity, Decision):
+            return identity
+        try:
+            return self._authorize(context, identity, now)
+        except PolicyFailure as failure:
+            return failure.denial
+        except StoreUnavailable as exc:
+            return decision.deny(decision.STORE_UNAVAILABLE, error=f"session store: {exc}")
+
+    def _authorize(self, context: RequestContext, identity: Identity | None, now: float) -> Decision:
+        policy_set = self.policies.current
+        engine = policy_set.engine
+        variables: dict[str, Any] = {
+            "request": context.request_map(),
+            "mcp": context.mcp.as_cel(),
+            "claims": identity.claims if identity else {},
+            "auth": identity.auth_map if identity else ANONYMOUS_AUTH_MAP,
+            "session": NO_SESSION,
+            "context": context.context_extensions,
+            "source": {"address": context.source_address, "principal": context.source_principal},
+            "now": _timestamp(now),
+        }
+        sessions: dict[str, _Session | None] = {}
+        audits: list[AuditDeny] = []
+        ending: dict[str, _Session] = {}
+        session_new = False
+        # A batch passes only if every call in it passes, each judged on its own.
+        for call in context.mcp_calls:
+            if call is not context.mcp:
+                variables["mcp"] = call.as_cel()
+            activation = engine.activation(variables)
+            for policy in policy_set.policies:
+                if not applies(policy, activation):
+                    continue
+                if context.body_partial and policy.uses_body:
+                    return decision.deny(
+                        decision.REQUEST_BODY_PARTIAL,
+                        policy=policy.name,
+                        error="the policy reads the body, and Envoy sent only part of it",
+                    )
+                rule_activation, rule_variables = activation, variables
+                session: _Session | None = None
+                if policy.session is not None:
+                    if policy.name not in sessions:
+                        found = self._session(policy, activation, identity, now)
+                        if isinstance(found, Decision):
+                            return found
+                        sessions[policy.name] = found
+                        session_new = session_new or (found is not None and not found.existed)
+                    session = sessions[policy.name]
+                    if session is not None:
+                        rule_variables = {**variables, "session": session.variable}
+                        rule_activation = engine.activation(rule_variables)
+                verdict = judge(policy, rule_activation, rule_variables)
+                if verdict.enforced is not None:
+                    return replace(verdict.enforced, audit_denies=tuple(audits))
+                if verdict.audited is not None:
+                    denied = verdict.audited
+                    audits.append(AuditDeny(policy.name, denied.rule, denied.reason, denied.status))
+                if session is not None and session.existed and terminates(policy, rule_activation):
+                    ending[session.key] = session
+        # Only a request that passes every policy may end a session (the owner's DELETE).
+        for session in ending.values():
+            self._store.replace(session.key, tombstone(session.data, ENDED_TERMINATED, now), now)
+        return Decision(
+            allowed=True,
+            reason=decision.ALLOWED,
+            audit_denies=tuple(audits),
+            session_new=session_new,
+            upstream_headers=self._upstream_headers(identity),
+        )
+
+    def _upstream_headers(self, identity: Identity | None) -> tuple[tuple[str, str], ...]:
+        if identity is None or not self._auth.upstream_headers:
+            return ()
+        return ((UPSTREAM_SUBJECT, identity.subject), (UPSTREAM_ISSUER, identity.issuer))
+
+    def _session(
+        self, policy: Policy, activation: Any, identity: Identity | None, now: float
+    ) -> _Session | Decision | None:
+        key = session_key(policy, activation)
+        if not key:
+            return None
+        if len(key) > self._sessions.max_id_length or not _VISIBLE_ASCII.match(key):
+            return decision.deny(decision.SESSION_ID_INVALID, policy=policy.name, error="malformed session id")
+        loaded = self._store.load(key, now)
+        if loaded is not None:
+            return self._existing(policy, key, loaded.data, loaded.last_seen, now)
+        anonymous = identity is None
+        bound = {} if identity is None else bind_values(policy, activation)
+        try:
+            json.dumps(bound)
+        except (TypeError, ValueError):
+            return decision.deny(
+                decision.POLICY_ERROR, policy=policy.name, error="session.bind values must be JSON values"
+            )
+        owner = "" if identity is None else owner_key(identity.issuer, identity.subject)
+        record = new_record(anonymous=anonymous, bound=bound, owner=owner, now=now)
+        created = self._store.create(key, record, now, self._sessions.max_per_identity)
+        if created.over_limit:
+            return decision.deny(
+                decision.SESSION_LIMIT_EXCEEDED, policy=policy.name, error="too many live sessions"
+            )
+        if created.created:
+            return _Session(policy, key, record, _session_variable(key, record, False), existed=False)
+        # Another bind won the race: this request is judged against the winner's binding.
+        assert created.existing is not None
+        return self._existing(policy, key, created.existing.data, created.existing.last_seen, now)
+
+    def _existing(
+        self, policy: Policy, key: str, data: Mapping[str, Any], last_seen: float | None, now: float
+    ) -> _Session | Decision:
+        reason = refusal(data, last_seen, now, self._sessions.ttl, self._sessions.idle_timeout)
+        if reason is None:
+            return _Session(policy, key, data, _session_variable(key, data, True), existed=True)
+        ended = needs_tombstone(reason, data)
+        if ended is not None:
+            # Invalidate on read: the old record goes, and the id is never re-bound.
+            self._store.replace(key, tombstone(data, ended, now), now)
+        return decision.deny(reason, policy=policy.name, error=f"stored session refused: {reason}")

@@ -1,0 +1,336 @@
+"""The configuration file: YAML in, typed and validated dataclasses out.
+
+Every error names the file and the dotted key, and is raised before anything serves.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_LISTEN = "127.0.0.1:9191"
+DEFAULT_ALGORITHMS = ("RS256", "ES256", "EdDSA")
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased for the operator (file and key included)."""
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerConfig:
+    issuer: str
+    audiences: tuple[str, ...]
+    algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
+    jwks_file: Path | None = None
+    jwks_uri: str | None = None
+    discovery: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    issuers: tuple[IssuerConfig, ...] = ()
+    leeway: float = 30.0
+    allow_anonymous: bool = False
+    resource_metadata: str | None = None
+    realm: str = "authz-gateway"
+    token_cache_size: int = 10_000
+    max_token_bytes: int = 16 * 1024
+    jwks_refresh: float = 300.0
+    jwks_cooldown: float = 30.0
+    jwks_timeout: float = 2.0
+    upstream_headers: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    ttl: float = 24 * 3600.0
+    idle_timeout: float = 3600.0
+    max_per_identity: int = 100
+    max_id_length: int = 256
+    key_prefix: str = "authz:session:"
+    store_timeout: float = 0.25
+    max_sessions: int = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryConfig:
+    metrics_listen: str | None = None
+    record_subject: bool = False
+    subject_hash_key: str | None = None
+    decision_log: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    listen: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: str = DEFAULT_LISTEN
+    policies: Path | None = None
+    store: str = "memory://"
+    engine: str = "cel"
+    workers: int = 1
+    max_request_bytes: int = 64 * 1024
+    shutdown_grace: float = 10.0
+    reload_debounce: float = 0.3
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    session: SessionConfig = field(default_factory=SessionConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    source: Path | None = None
+
+    def with_overrides(self, **changes: Any) -> Config:
+        present = {k: v for k, v in changes.items() if v is not None}
+        return replace(self, **present)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """'30s', '250ms', '1h', '24h', or a bare number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f"not a duration: {value!r} (use e.g. 250ms, 30s, 5m, 1h)")
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds < 0:
+        raise ValueError(f"a duration cannot be negative: {value!r}")
+    return seconds
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not (0 <= int(port) <= 65535):
+        raise ValueError(f"not HOST:PORT: {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class _Reader:
+    """Walks one mapping of the YAML file, remembering the dotted path for error messages."""
+
+    def __init__(self, source: str, path: str, data: object) -> None:
+        self.source = source
+        self.path = path
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise self.error("must be a mapping")
+        self.data: dict[str, Any] = data
+        self.seen: set[str] = set()
+
+    def error(self, message: str, key: str | None = None) -> ConfigError:
+        where = ".".join(p for p in (self.path, key) if p) or "(top level)"
+        return ConfigError(f"{self.source}: {where}: {message}")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.seen.add(key)
+        return self.data.get(key, default)
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def string(self, key: str, default: str | None = None) -> str | None:
+        value = self.get(key, default)
+        if value is not None and not isinstance(value, str):
+            raise self.error("must be a string", key)
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.get(key, default)
+        if not isinstance(value, bool):
+            raise self.error("must be true or false", key)
+        return value
+
+    def integer(self, key: str, default: int, minimum: int = 0) -> int:
+        value = self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.error(f"must be an integer >= {minimum}", key)
+        return value
+
+    def duration(self, key: str, default: float) -> float:
+        if not self.has(key):
+            self.seen.add(key)
+            return default
+        try:
+            return parse_duration(self.get(key))
+        except ValueError as exc:
+            raise self.error(str(exc), key) from None
+
+    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self.get(key, list(default))
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.error("must be a list of strings", key)
+        return tuple(value)
+
+    def child(self, key: str) -> _Reader:
+        return _Reader(self.source, ".".join(p for p in (self.path, key) if p), self.get(key))
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise self.error(f"unknown key {unknown[0]!r}")
+
+
+def _issuer(reader: _Reader, base: Path) -> IssuerConfig:
+    issuer = reader.string("issuer")
+    if not issuer:
+        raise reader.error("is required", "issuer")
+    audiences = reader.strings("audiences", ())
+    if not audiences:
+        raise reader.error("must name at least one audience", "audiences")
+    algorithms = reader.strings("algorithms", DEFAULT_ALGORITHMS)
+    for alg in algorithms:
+        if alg not in ASYMMETRIC_ALGORITHMS:
+            raise reader.error(
+                f"algorithm {alg!r} is not allowed (asymmetric only: {', '.join(sorted(ASYMMETRIC_ALGORITHMS))})",
+                "algorithms",
+            )
+    jwks_file_raw = reader.string("jwks_file")
+    jwks_uri = reader.string("jwks_uri")
+    discovery = reader.boolean("discovery", False)
+    sources = sum(bool(x) for x in (jwks_file_raw, jwks_uri, discovery))
+    if sources != 1:
+        raise reader.error("set exactly one of jwks_file, jwks_uri or discovery: true")
+    jwks_file = None
+    if jwks_file_raw:
+        jwks_file = (base / jwks_file_raw).resolve()
+        if not jwks_file.is_file():
+            raise reader.error(f"JWKS file not found: {jwks_file}", "jwks_file")
+    reader.finish()
+    return IssuerConfig(issuer, audiences, algorithms, jwks_file, jwks_uri, discovery)
+
+
+def _auth(reader: _Reader, base: Path) -> AuthConfig:
+    defaults = AuthConfig()
+    raw_issuers = reader.get("issuers", [])
+    if not isinstance(raw_issuers, list):
+        raise reader.error("must be a list", "issuers")
+    issuers = tuple(
+        _issuer(_Reader(reader.source, f"{reader.path}.issuers[{i}]", item), base)
+        for i, item in enumerate(raw_issuers)
+    )
+    names = [i.issuer for i in issuers]
+    if len(set(names)) != len(names):
+        raise reader.error("the same issuer is configured twice", "issuers")
+    auth = AuthConfig(
+        issuers=issuers,
+        leeway=reader.duration("leeway", defaults.leeway),
+        allow_anonymous=reader.boolean("allow_anonymous", defaults.allow_anonymous),
+        resource_metadata=reader.string("resource_metadata"),
+        realm=reader.string("realm", defaults.realm) or defaults.realm,
+        token_cache_size=reader.integer("token_cache_size", defaults.token_cache_size),
+        max_token_bytes=reader.integer("max_token_bytes", defaults.max_token_bytes, 1),
+        jwks_refresh=reader.duration("jwks_refresh", defaults.jwks_refresh),
+        jwks_cooldown=reader.duration("jwks_cooldown", defaults.jwks_cooldown),
+        jwks_timeout=reader.duration("jwks_timeout", defaults.jwks_timeout),
+        upstream_headers=reader.boolean("upstream_headers", defaults.upstream_headers),
+    )
+    reader.finish()
+    return auth
+
+
+def _session(reader: _Reader) -> SessionConfig:
+    d = SessionConfig()
+    session = SessionConfig(
+        ttl=reader.duration("ttl", d.ttl),
+        idle_timeout=reader.duration("idle_timeout", d.idle_timeout),
+        max_per_identity=reader.integer("max_per_identity", d.max_per_identity, 1),
+        max_id_length=reader.integer("max_id_length", d.max_id_length, 1),
+        key_prefix=reader.string("key_prefix", d.key_prefix) or d.key_prefix,
+        store_timeout=reader.duration("store_timeout", d.store_timeout),
+        max_sessions=reader.integer("max_sessions", d.max_sessions, 1),
+    )
+    reader.finish()
+    return session
+
+
+def _telemetry(reader: _Reader) -> TelemetryConfig:
+    telemetry = TelemetryConfig(
+        metrics_listen=reader.string("metrics_listen"),
+        record_subject=reader.boolean("record_subject", False),
+        subject_hash_key=reader.string("subject_hash_key"),
+        decision_log=reader.boolean("decision_log", False),
+    )
+    if telemetry.metrics_listen:
+        try:
+            parse_hostport(telemetry.metrics_listen)
+        except ValueError as exc:
+            raise reader.error(str(exc), "metrics_listen") from None
+    reader.finish()
+    return telemetry
+
+
+def _admin(reader: _Reader) -> AdminConfig:
+    admin = AdminConfig(listen=reader.string("listen"))
+    if admin.listen:
+        try:
+            parse_hostport(admin.listen)
+        except ValueError as exc:
+            raise reader.error(str(exc), "listen") from None
+    reader.finish()
+    return admin
+
+
+def config_from_mapping(data: object, source: str = "<config>", base: Path | None = None) -> Config:
+    base = base or Path.cwd()
+    top = _Reader(source, "", data)
+    d = Config()
+    listen = top.string("listen", d.listen) or d.listen
+    try:
+        parse_hostport(listen)
+    except ValueError as exc:
+        raise top.error(str(exc), "listen") from None
+    policies_raw = top.string("policies")
+    engine = top.string("engine", d.engine) or d.engine
+    if engine not in ("cel", "celpy"):
+        raise top.error("must be 'cel' (cel-expr-python) or 'celpy' (cel-python)", "engine")
+    config = Config(
+        listen=listen,
+        policies=(base / policies_raw).resolve() if policies_raw else None,
+        store=top.string("store", d.store) or d.store,
+        engine=engine,
+        workers=top.integer("workers", d.workers, 1),
+        max_request_bytes=top.integer("max_request_bytes", d.max_request_bytes, 1024),
+        shutdown_grace=top.duration("shutdown_grace", d.shutdown_grace),
+        reload_debounce=top.duration("reload_debounce", d.reload_debounce),
+        auth=_auth(top.child("auth"), base),
+        session=_session(top.child("session")),
+        telemetry=_telemetry(top.child("telemetry")),
+        admin=_admin(top.child("admin")),
+        source=Path(source) if source != "<config>" else None,
+    )
+    top.finish()
+    return config
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
+    return config_from_mapping(data, str(path), path.parent.resolve())

@@ -1,0 +1,114 @@
+"""The decision: allow, or deny with a status, a reason code and response headers.
+
+Reason codes and their statuses are a contract (DESIGN.md §4); dashboards key on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+ALLOWED = "allowed"
+
+TOKEN_MISSING = "token_missing"
+TOKEN_INVALID = "token_invalid"
+TOKEN_EXPIRED = "token_expired"
+ISSUER_UNTRUSTED = "issuer_untrusted"
+AUDIENCE_MISMATCH = "audience_mismatch"
+SESSION_ID_INVALID = "session_id_invalid"
+SESSION_TERMINATED = "session_terminated"
+SESSION_EXPIRED = "session_expired"
+SESSION_LEGACY_FORMAT = "session_legacy_format"
+SESSION_ANONYMOUS_UPGRADE = "session_anonymous_upgrade"
+ISSUER_MISMATCH = "issuer_mismatch"
+SUBJECT_MISMATCH = "subject_mismatch"
+SESSION_LIMIT_EXCEEDED = "session_limit_exceeded"
+POLICY_ERROR = "policy_error"
+STORE_UNAVAILABLE = "store_unavailable"
+INTERNAL_ERROR = "internal_error"
+# Added by this implementation; documented in README and DESIGN.md.
+REQUEST_INVALID = "request_invalid"
+REQUEST_BODY_PARTIAL = "request_body_partial"
+MCP_HEADER_MISMATCH = "mcp_header_mismatch"
+
+STATUS_OF: dict[str, int] = {
+    TOKEN_MISSING: 401,
+    TOKEN_INVALID: 401,
+    TOKEN_EXPIRED: 401,
+    ISSUER_UNTRUSTED: 401,
+    AUDIENCE_MISMATCH: 401,
+    SESSION_ID_INVALID: 400,
+    SESSION_TERMINATED: 404,
+    SESSION_EXPIRED: 404,
+    SESSION_LEGACY_FORMAT: 404,
+    SESSION_ANONYMOUS_UPGRADE: 404,
+    ISSUER_MISMATCH: 404,
+    SUBJECT_MISMATCH: 404,
+    SESSION_LIMIT_EXCEEDED: 429,
+    POLICY_ERROR: 403,
+    STORE_UNAVAILABLE: 503,
+    INTERNAL_ERROR: 500,
+    REQUEST_INVALID: 400,
+    REQUEST_BODY_PARTIAL: 413,
+    MCP_HEADER_MISMATCH: 400,
+}
+
+TOKEN_REASONS = frozenset({TOKEN_MISSING, TOKEN_INVALID, TOKEN_EXPIRED, ISSUER_UNTRUSTED, AUDIENCE_MISMATCH})
+
+
+@dataclass(frozen=True, slots=True)
+class Mismatch:
+    """A bound session key that differs from what the request presents."""
+
+    claim: str
+    bound: Any
+    presented: Any
+
+
+@dataclass(frozen=True, slots=True)
+class AuditDeny:
+    policy: str
+    rule: str
+    reason: str
+    status: int
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    reason: str
+    status: int = 200
+    policy: str = ""
+    rule: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+    mismatch: Mismatch | None = None
+    audit_denies: tuple[AuditDeny, ...] = ()
+    session_new: bool = False
+    # For telemetry only: never sent to the client.
+    error: str | None = None
+    upstream_headers: tuple[tuple[str, str], ...] = field(default=())
+
+
+ALLOW = Decision(True, ALLOWED)
+
+
+def deny(
+    reason: str,
+    *,
+    status: int | None = None,
+    policy: str = "",
+    rule: str = "",
+    headers: tuple[tuple[str, str], ...] = (),
+    mismatch: Mismatch | None = None,
+    error: str | None = None,
+) -> Decision:
+    return Decision(
+        allowed=False,
+        reason=reason,
+        status=status if status is not None else STATUS_OF.get(reason, 403),
+        policy=policy,
+        rule=rule,
+        headers=headers,
+        mismatch=mismatch,
+        error=error,
+    )

@@ -1,0 +1,211 @@
+"""Bearer-token verification: who is asking, or why the token is refused.
+
+The issuer is found from the unverified `iss`, then the token is checked with that
+issuer's keys (chosen by `kid`) and allowed algorithms. Time is passed in, never read,
+so every rule here can be tested with plain values. Verified tokens are cached by a
+hash of their bytes until `exp`: a repeated token costs no signature check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+
+from gateway import decision
+from gateway.config import AuthConfig, IssuerConfig
+from gateway.identity.keys import KeySource, RemoteKeys, StaticKeys
+
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    claims: Mapping[str, Any]
+    issuer: str
+    subject: str
+    scopes: tuple[str, ...]
+    expires_at: float
+    # The `auth` map policies see, built once per verified token.
+    auth_map: Mapping[str, Any] = field(default_factory=dict)
+
+
+ANONYMOUS_AUTH_MAP: Mapping[str, Any] = {
+    "authenticated": False,
+    "issuer": "",
+    "subject": "",
+    "scopes": [],
+}
+
+
+class TokenRejected(Exception):
+    """The token cannot be trusted. `reason` is a code from DESIGN.md §4; the message names no secret."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def bearer_token(headers: Mapping[str, str]) -> str | None:
+    """The token of an `Authorization: Bearer …` header (the scheme is case-insensitive)."""
+    value = headers.get("authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    token = token.strip()
+    return token or None
+
+
+def _scopes(claims: Mapping[str, Any]) -> tuple[str, ...]:
+    raw = claims.get("scope", claims.get("scp", ()))
+    if isinstance(raw, str):
+        return tuple(raw.split())
+    if isinstance(raw, list):
+        return tuple(s for s in raw if isinstance(s, str))
+    return ()
+
+
+def _number(claims: Mapping[str, Any], name: str) -> float | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TokenRejected(decision.TOKEN_INVALID, f"the {name} claim is not a number")
+    return float(value)
+
+
+@dataclass(slots=True)
+class _Issuer:
+    config: IssuerConfig
+    keys: KeySource
+
+
+class TokenVerifier:
+    """Verifies bearer JWTs. The jku, x5u and jwk headers are never used: only configured keys count."""
+
+    def __init__(self, auth: AuthConfig, key_sources: Mapping[str, KeySource] | None = None) -> None:
+        self._auth = auth
+        self._issuers: dict[str, _Issuer] = {}
+        for issuer in auth.issuers:
+            source = (key_sources or {}).get(issuer.issuer) or key_source_for(issuer, auth)
+            self._issuers[issuer.issuer] = _Issuer(issuer, source)
+        self._cache: dict[bytes, tuple[Identity, str, str | None]] = {}
+        self._cache_size = auth.token_cache_size
+        self._cache_lock = threading.Lock()
+
+    @property
+    def key_sources(self) -> list[KeySource]:
+        return [i.keys for i in self._issuers.values()]
+
+    def verify(self, token: str, now: float) -> Identity:
+        if len(token) > self._auth.max_token_bytes:
+            raise TokenRejected(decision.TOKEN_INVALID, "the token is too large")
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        cached = self._cache.get(digest)
+        if cached is not None:
+            identity, issuer, kid = cached
+            # A key removed from the JWKS revokes the tokens it signed, cached or not.
+            if self._issuers[issuer].keys.current().has_kid(kid):
+                self._check_times(identity.claims, now)
+                return identity
+            self._cache.pop(digest, None)
+        identity, kid = self._verify_uncached(token, now)
+        self._remember(digest, (identity, identity.issuer, kid))
+        return identity
+
+    def _remember(self, digest: bytes, entry: tuple[Identity, str, str | None]) -> None:
+        if self._cache_size <= 0:
+            return
+        with self._cache_lock:
+            while len(self._cache) >= self._cache_size:
+                # Oldest first: dicts keep insertion order.
+                self._cache.pop(next(iter(self._cache)), None)
+            self._cache[digest] = entry
+
+    def _verify_uncached(self, token: str, now: float) -> tuple[Identity, str | None]:
+        if token.count(".") != 2:
+            raise TokenRejected(decision.TOKEN_INVALID, "a JWT has three dot-separated segments")
+        try:
+            header = jwt.get_unverified_header(token)
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError as exc:
+            raise TokenRejected(decision.TOKEN_INVALID, f"malformed token: {type(exc).__name__}") from None
+        if not isinstance(unverified, dict):
+            raise TokenRejected(decision.TOKEN_INVALID, "the claims are not a JSON object")
+        alg = header.get("alg")
+        issuer_name = unverified.get("iss")
+        if not isinstance(issuer_name, str) or issuer_name not in self._issuers:
+            raise TokenRejected(decision.ISSUER_UNTRUSTED, "the token's issuer is not trusted")
+        issuer = self._issuers[issuer_name]
+        if not isinstance(alg, str) or alg not in issuer.config.algorithms:
+            raise TokenRejected(decision.TOKEN_INVALID, f"algorithm {str(alg)[:16]!r} is not allowed")
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise TokenRejected(decision.TOKEN_INVALID, "the kid header is not a string")
+        key = issuer.keys.current().find(kid, alg)
+        if key is None:
+            key = issuer.keys.refresh_for_unknown_kid().find(kid, alg)
+        if key is None:
+            raise TokenRejected(decision.TOKEN_INVALID, "no trusted key fits the token's kid and alg")
+        try:
+            claims = jwt.decode(
+                token,
+                key.key,
+                algorithms=[alg],
+                options={
+                    "verify_exp": False,  # checked below against the passed-in time
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                    "verify_aud": False,
+                    "verify_iss": False,
+                },
+            )
+        except jwt.InvalidSignatureError:
+            raise TokenRejected(decision.TOKEN_INVALID, "the signature does not verify") from None
+        except jwt.PyJWTError as exc:
+            raise TokenRejected(decision.TOKEN_INVALID, f"invalid token: {type(exc).__name__}") from None
+        expires_at = self._check_times(claims, now)
+        aud = claims.get("aud")
+        audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+        if not any(a in issuer.config.audiences for a in audiences if isinstance(a, str)):
+            raise TokenRejected(decision.AUDIENCE_MISMATCH, "the token is not meant for this audience")
+        subject = claims.get("sub")
+        if not isinstance(subject, str) or not subject:
+            raise TokenRejected(decision.TOKEN_INVALID, "sub must be a non-empty string")
+        scopes = _scopes(claims)
+        auth_map = {"authenticated": True, "issuer": issuer_name, "subject": subject, "scopes": list(scopes)}
+        identity = Identity(claims, issuer_name, subject, scopes, expires_at, auth_map)
+        return identity, kid
+
+    def _check_times(self, claims: Mapping[str, Any], now: float) -> float:
+        leeway = self._auth.leeway
+        exp = _number(claims, "exp")
+        if exp is None:
+            raise TokenRejected(decision.TOKEN_INVALID, "the token has no exp")
+        if now > exp + leeway:
+            raise TokenRejected(decision.TOKEN_EXPIRED, "the token has expired")
+        nbf = _number(claims, "nbf")
+        if nbf is not None and now + leeway < nbf:
+            raise TokenRejected(decision.TOKEN_INVALID, "the token is not valid yet (nbf)")
+        iat = _number(claims, "iat")
+        if iat is not None and now + leeway < iat:
+            raise TokenRejected(decision.TOKEN_INVALID, "the token was issued in the future (iat)")
+        return exp
+
+
+def key_source_for(issuer: IssuerConfig, auth: AuthConfig) -> KeySource:
+    if issuer.jwks_file is not None:
+        return StaticKeys(issuer.jwks_file)
+    return RemoteKeys(
+        issuer.issuer,
+        jwks_uri=issuer.jwks_uri,
+        discovery=issuer.discovery,
+        timeout=auth.jwks_timeout,
+        refresh_every=auth.jwks_refresh,
+        cooldown=auth.jwks_cooldown,
+    )

@@ -1,0 +1,133 @@
+"""Evaluating a compiled policy against one activation: pure functions, no I/O, no clock.
+
+The first rule whose `when` holds and whose `allow` is false decides the deny. A CEL
+runtime error denies with `policy_error`; its message goes to telemetry, not to the client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gateway import decision
+from gateway.decision import Decision, Mismatch
+from gateway.policy.engines import CompiledExpression, EvaluationError
+from gateway.policy.model import Policy, Rule
+
+# (policy, rule, step, result): lets `policy explain` show every step taken.
+Tracer = Callable[[str, str, str, Any], None]
+
+
+class PolicyFailure(Exception):
+    """An expression failed at run time; carries the deny to return."""
+
+    def __init__(self, denial: Decision) -> None:
+        super().__init__(denial.error)
+        self.denial = denial
+
+
+def _evaluate(expr: CompiledExpression, activation: Any, policy: str, rule: str, step: str) -> Any:
+    try:
+        return expr.evaluate(activation)
+    except EvaluationError as exc:
+        raise PolicyFailure(
+            decision.deny(decision.POLICY_ERROR, policy=policy, rule=rule, error=f"{step}: {exc}")
+        ) from None
+
+
+def applies(policy: Policy, activation: Any, trace: Tracer | None = None) -> bool:
+    if policy.when is None:
+        return True
+    result = bool(_evaluate(policy.when, activation, policy.name, "", "when"))
+    if trace:
+        trace(policy.name, "", "when", result)
+    return result
+
+
+def session_key(policy: Policy, activation: Any) -> str:
+    assert policy.session is not None
+    return str(_evaluate(policy.session.key, activation, policy.name, "", "session.key"))
+
+
+def bind_values(policy: Policy, activation: Any) -> dict[str, Any]:
+    assert policy.session is not None
+    return {
+        name: _evaluate(expr, activation, policy.name, "", f"session.bind.{name}")
+        for name, expr in policy.session.bind
+    }
+
+
+def terminates(policy: Policy, activation: Any) -> bool:
+    if policy.session is None or policy.session.terminate is None:
+        return False
+    return bool(_evaluate(policy.session.terminate, activation, policy.name, "", "session.terminate"))
+
+
+def _safe_header_value(value: str) -> str:
+    # A header value built from request data must not smuggle a second header.
+    return "".join(ch for ch in value if ch >= " " and ch != "\x7f")
+
+
+def _deny_for(policy: Policy, rule: Rule, activation: Any, variables: Mapping[str, Any]) -> Decision:
+    spec = rule.deny
+    headers = []
+    for name, expr in spec.headers:
+        try:
+            headers.append((name, _safe_header_value(str(expr.evaluate(activation)))))
+        except EvaluationError:
+            continue  # the deny stands; a header that cannot be built is left out
+    mismatch = None
+    if spec.claim:
+        session = variables.get("session", {})
+        claims = variables.get("claims", {})
+        mismatch = Mismatch(spec.claim, session.get(spec.claim), claims.get(spec.claim))
+    return decision.deny(
+        spec.reason,
+        status=spec.status,
+        policy=policy.name,
+        rule=rule.name,
+        headers=tuple(headers),
+        mismatch=mismatch,
+    )
+
+
+def first_denial(
+    policy: Policy, activation: Any, variables: Mapping[str, Any], trace: Tracer | None = None
+) -> Decision | None:
+    """The deny of the first rule that refuses, or None when every rule allows."""
+    for rule in policy.rules:
+        if rule.when is not None:
+            applicable = _evaluate(rule.when, activation, policy.name, rule.name, "when")
+            if trace:
+                trace(policy.name, rule.name, "when", applicable)
+            if not applicable:
+                continue
+        allowed = _evaluate(rule.allow, activation, policy.name, rule.name, "allow")
+        if trace:
+            trace(policy.name, rule.name, "allow", allowed)
+        if not allowed:
+            return _deny_for(policy, rule, activation, variables)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The rules' outcome for one policy: a deny to enforce, or a deny to record only (audit)."""
+
+    enforced: Decision | None = None
+    audited: Decision | None = None
+
+
+def judge(
+    policy: Policy, activation: Any, variables: Mapping[str, Any], trace: Tracer | None = None
+) -> Verdict:
+    try:
+        denial = first_denial(policy, activation, variables, trace)
+    except PolicyFailure as failure:
+        denial = failure.denial
+        if trace:
+            trace(policy.name, denial.rule, "error", denial.error)
+    if denial is None:
+        return Verdict()
+    return Verdict(audited=denial) if policy.audit else Verdict(enforced=denial)

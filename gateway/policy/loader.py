@@ -1,0 +1,374 @@
+"""Policy files (YAML) to a compiled PolicySet, or a precise list of problems.
+
+Every problem is reported as `file:line:col: message`, CEL errors located inside the
+file. A set with any problem is rejected whole, so a half-right directory never serves.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from gateway.policy.engines import CompiledExpression, CompileError, Engine, Expect, make_engine
+from gateway.policy.model import DenySpec, Location, Policy, PolicySet, Rule, SessionSpec
+
+POLICY_SUFFIXES = (".yaml", ".yml")
+TEST_SUFFIXES = ("_test.yaml", "_test.yml")
+_REASON = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+_BODY_REFERENCE = re.compile(r"\bmcp\b|\bbody\b")
+
+POLICY_KEYS = {"name", "description", "mode", "when", "session", "rules"}
+SESSION_KEYS = {"key", "bind", "terminate"}
+RULE_KEYS = {"name", "when", "allow", "deny"}
+DENY_KEYS = {"status", "reason", "claim", "headers"}
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    location: Location
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self.message}"
+
+
+class PolicyLoadError(Exception):
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+
+def policy_files(directory: Path) -> list[Path]:
+    """The policy files of a directory, in name order; test files are not policies."""
+    return sorted(
+        p
+        for p in directory.iterdir()
+        if p.is_file() and p.name.endswith(POLICY_SUFFIXES) and not p.name.endswith(TEST_SUFFIXES)
+        and not p.name.startswith(".")
+    )
+
+
+class _FileLoader:
+    def __init__(self, path: str, text: str, engine: Engine, problems: list[Problem]) -> None:
+        self.path = path
+        self.lines = text.splitlines()
+        self.engine = engine
+        self.problems = problems
+
+    def at(self, node: Node) -> Location:
+        return Location(self.path, node.start_mark.line + 1, node.start_mark.column + 1)
+
+    def problem(self, node: Node, message: str) -> None:
+        self.problems.append(Problem(self.at(node), message))
+
+    def mapping(self, node: Node, allowed: set[str], what: str) -> dict[str, tuple[Node, Node]] | None:
+        if not isinstance(node, MappingNode):
+            self.problem(node, f"{what} must be a mapping")
+            return None
+        result: dict[str, tuple[Node, Node]] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, ScalarNode) else None
+            if not isinstance(key, str):
+                self.problem(key_node, f"{what} keys must be strings")
+                continue
+            if key in result:
+                self.problem(key_node, f"duplicate key {key!r}")
+                continue
+            if key not in allowed:
+                self.problem(key_node, f"unknown key {key!r} in {what} (allowed: {', '.join(sorted(allowed))})")
+                continue
+            result[key] = (key_node, value_node)
+        return result
+
+    def scalar(self, node: Node, what: str) -> str | None:
+        if not isinstance(node, ScalarNode):
+            self.problem(node, f"{what} must be a scalar")
+            return None
+        return str(node.value)
+
+    def expression(self, node: Node, expect: Expect, what: str) -> CompiledExpression | None:
+        if not isinstance(node, ScalarNode):
+            self.problem(node, f"{what} must be a CEL expression (a string)")
+            return None
+        source = str(node.value)
+        if node.tag == "tag:yaml.org,2002:bool":
+            source = source.lower()  # a bare YAML `true` is the CEL literal true
+        if not source.strip():
+            self.problem(node, f"{what} is empty")
+            return None
+        try:
+            return self.engine.compile(source, expect)
+        except CompileError as exc:
+            line, column = self._locate(node, exc.line, exc.column)
+            self.problems.append(Problem(Location(self.path, line, column), f"{what}: {exc.message}"))
+            return None
+
+    def _locate(self, node: ScalarNode, line: int, column: int) -> tuple[int, int]:
+        """Map a position inside the expression to a position in the file."""
+        start_line = node.start_mark.line + 1
+        start_column = node.start_mark.column + 1
+        if node.style in ("|", ">"):
+            body_line = start_line + line
+            text = self.lines[body_line - 1] if 0 < body_line <= len(self.lines) else ""
+            indent = len(text) - len(text.lstrip(" "))
+            return body_line, indent + column
+        if line == 1:
+            return start_line, start_column + (1 if node.style in ("'", '"') else 0) + column - 1
+        return start_line + line - 1, column
+
+    def integer(self, node: Node, what: str) -> int | None:
+        value = self.scalar(node, what)
+        if value is None:
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            self.problem(node, f"{what} must be an integer")
+            return None
+
+    def deny(self, node: Node) -> DenySpec | None:
+        fields = self.mapping(node, DENY_KEYS, "deny")
+        if fields is None:
+            return None
+        status = 403
+        if "status" in fields:
+            parsed = self.integer(fields["status"][1], "deny.status")
+            if parsed is not None and not 400 <= parsed <= 599:
+                self.problem(fields["status"][1], f"deny.status {parsed} is outside 400-599")
+                parsed = None
+            if parsed is None:
+                return None
+            status = parsed
+        if "reason" not in fields:
+            self.problem(node, "deny.reason is required")
+            return None
+        reason = self.scalar(fields["reason"][1], "deny.reason")
+        if reason is None:
+            return None
+        if not _REASON.match(reason):
+            self.problem(fields["reason"][1], f"deny.reason {reason!r} is not lower_snake_case")
+            return None
+        claim = self.scalar(fields["claim"][1], "deny.claim") if "claim" in fields else None
+        headers: list[tuple[str, CompiledExpression]] = []
+        if "headers" in fields:
+            header_node = fields["headers"][1]
+            if not isinstance(header_node, MappingNode):
+                self.problem(header_node, "deny.headers must map header names to CEL string expressions")
+                return None
+            for key_node, value_node in header_node.value:
+                name = self.scalar(key_node, "a header name")
+                if name is None or not _HEADER_NAME.match(name):
+                    self.problem(key_node, f"invalid header name {name!r}")
+                    continue
+                compiled = self.expression(value_node, "string", f"deny.headers[{name}]")
+                if compiled is not None:
+                    headers.append((name, compiled))
+        return DenySpec(status, reason, claim, tuple(headers))
+
+    def rule(self, node: Node, index: int) -> Rule | None:
+        fields = self.mapping(node, RULE_KEYS, "a rule")
+        if fields is None:
+            return None
+        missing = [k for k in ("name", "allow", "deny") if k not in fields]
+        if missing:
+            self.problem(node, f"rule {index + 1} is missing {', '.join(missing)}")
+            return None
+        name = self.scalar(fields["name"][1], "rule name")
+        if name is not None and not _NAME.match(name):
+            self.problem(fields["name"][1], f"rule name {name!r} must be letters, digits, '-', '_' or '.'")
+            name = None
+        when = self.expression(fields["when"][1], "bool", "when") if "when" in fields else None
+        allow = self.expression(fields["allow"][1], "bool", "allow")
+        deny = self.deny(fields["deny"][1])
+        if name is None or allow is None or deny is None or ("when" in fields and when is None):
+            return None
+        return Rule(name, when, allow, deny, self.at(node))
+
+    def session(self, node: Node) -> SessionSpec | None:
+        fields = self.mapping(node, SESSION_KEYS, "session")
+        if fields is None:
+            return None
+        if "key" not in fields:
+            self.problem(node, "session.key is required")
+            return None
+        key = self.expression(fields["key"][1], "string", "session.key")
+        bind: list[tuple[str, CompiledExpression]] = []
+        ok = key is not None
+        if "bind" in fields:
+            bind_node = fields["bind"][1]
+            if not isinstance(bind_node, MappingNode):
+                self.problem(bind_node, "session.bind must map names to CEL expressions")
+                return None
+            for key_node, value_node in bind_node.value:
+                name = self.scalar(key_node, "a bind name")
+                if name in (None, "id", "exists", "anonymous", "created_at"):
+                    self.problem(key_node, f"session.bind cannot use the reserved name {name!r}")
+                    ok = False
+                    continue
+                compiled = self.expression(value_node, "any", f"session.bind.{name}")
+                if compiled is None:
+                    ok = False
+                else:
+                    bind.append((str(name), compiled))
+        terminate = None
+        if "terminate" in fields:
+            terminate = self.expression(fields["terminate"][1], "bool", "session.terminate")
+            ok = ok and terminate is not None
+        if not ok or key is None:
+            return None
+        return SessionSpec(key, tuple(bind), terminate)
+
+    def policy(self, node: Node) -> Policy | None:
+        fields = self.mapping(node, POLICY_KEYS, "a policy")
+        if fields is None:
+            return None
+        if "name" not in fields:
+            self.problem(node, "a policy needs a name")
+            return None
+        name = self.scalar(fields["name"][1], "name")
+        if name is not None and not _NAME.match(name):
+            self.problem(fields["name"][1], f"policy name {name!r} must be letters, digits, '-', '_' or '.'")
+            name = None
+        description = self.scalar(fields["description"][1], "description") if "description" in fields else ""
+        mode = "enforce"
+        if "mode" in fields:
+            mode = self.scalar(fields["mode"][1], "mode") or "enforce"
+            if mode not in ("enforce", "audit"):
+                self.problem(fields["mode"][1], f"mode must be enforce or audit, not {mode!r}")
+        when = self.expression(fields["when"][1], "bool", "when") if "when" in fields else None
+        session = self.session(fields["session"][1]) if "session" in fields else None
+        rules: list[Rule] = []
+        rules_ok = True
+        if "rules" in fields:
+            rules_node = fields["rules"][1]
+            if not isinstance(rules_node, SequenceNode):
+                self.problem(rules_node, "rules must be a list")
+                rules_ok = False
+            else:
+                seen: set[str] = set()
+                for index, rule_node in enumerate(rules_node.value):
+                    rule = self.rule(rule_node, index)
+                    if rule is None:
+                        rules_ok = False
+                        continue
+                    if rule.name in seen:
+                        self.problem(rule_node, f"duplicate rule name {rule.name!r} in policy {name!r}")
+                        rules_ok = False
+                    seen.add(rule.name)
+                    rules.append(rule)
+        broken = (
+            name is None
+            or not rules_ok
+            or ("when" in fields and when is None)
+            or ("session" in fields and session is None)
+        )
+        if broken or name is None:
+            return None
+        return Policy(
+            name=name,
+            description=description or "",
+            mode=mode,
+            when=when,
+            session=session,
+            rules=tuple(rules),
+            location=self.at(node),
+            uses_body=any(_BODY_REFERENCE.search(e.source) for e in _expressions(when, session, rules)),
+        )
+
+
+def _expressions(
+    when: CompiledExpression | None, session: SessionSpec | None, rules: Iterable[Rule]
+) -> Iterable[CompiledExpression]:
+    if when is not None:
+        yield when
+    if session is not None:
+        yield session.key
+        yield from (expr for _, expr in session.bind)
+        if session.terminate is not None:
+            yield session.terminate
+    for rule in rules:
+        if rule.when is not None:
+            yield rule.when
+        yield rule.allow
+
+
+def load_documents(path: str, text: str, engine: Engine, problems: list[Problem]) -> list[Policy]:
+    loader = _FileLoader(path, text, engine, problems)
+    try:
+        documents = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        problem = getattr(exc, "problem", None) or str(exc)
+        problems.append(Problem(Location(path, line, column), f"invalid YAML: {problem}"))
+        return []
+    policies = []
+    for document in documents:
+        if document is None:
+            continue
+        policy = loader.policy(document)
+        if policy is not None:
+            policies.append(policy)
+    return policies
+
+
+def load_policy_set(
+    sources: Iterable[tuple[str, str]], engine: Engine | str = "cel"
+) -> PolicySet:
+    """Compile (file name, text) pairs, in the order given; raise PolicyLoadError on any problem."""
+    engine = make_engine(engine) if isinstance(engine, str) else engine
+    problems: list[Problem] = []
+    policies: list[Policy] = []
+    files: list[str] = []
+    seen: dict[str, Location] = {}
+    for path, text in sources:
+        files.append(path)
+        for policy in load_documents(path, text, engine, problems):
+            if policy.name in seen:
+                problems.append(
+                    Problem(policy.location, f"duplicate policy name {policy.name!r} (first at {seen[policy.name]})")
+                )
+                continue
+            seen[policy.name] = policy.location
+            policies.append(policy)
+    if problems:
+        raise PolicyLoadError(problems)
+    return PolicySet(tuple(policies), engine, tuple(files))
+
+
+def read_policy_dir(directory: Path) -> list[tuple[str, str]]:
+    """The (path, text) of every policy file, read in one pass so the set is one snapshot."""
+    if not directory.is_dir():
+        raise PolicyLoadError([Problem(Location(str(directory), 1, 1), "not a directory")])
+    sources = []
+    for path in policy_files(directory):
+        try:
+            sources.append((str(path), path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PolicyLoadError([Problem(Location(str(path), 1, 1), f"cannot read: {exc}")]) from None
+    return sources
+
+
+def load_policy_dir(directory: Path, engine: Engine | str = "cel") -> PolicySet:
+    return load_policy_set(read_policy_dir(directory), engine)
+
+
+def default_policy_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "default_policies"
+
+
+def resolve_policy_dir(configured: Path | None) -> Path:
+    """The configured directory; else ./policies; else the default policy shipped in the package."""
+    if configured is not None:
+        return configured
+    local = Path("policies")
+    if local.is_dir() and policy_files(local):
+        return local.resolve()
+    return default_policy_dir()

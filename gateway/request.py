@@ -1,0 +1,130 @@
+"""Envoy's CheckRequest turned into plain, typed request data.
+
+Nothing here trusts the input: a request without HTTP attributes, oversized or non-UTF-8
+headers, or a malformed MCP body yields a RequestError with a reason code, never a crash.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl
+
+from gateway import decision
+from gateway.mcp import NOT_MCP, McpCall, McpHeaderMismatch, mcp_view
+
+PARTIAL_BODY_HEADER = "x-envoy-auth-partial-body"
+
+
+class RequestError(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    method: str
+    path: str
+    headers: dict[str, str]
+    query: dict[str, str] = field(default_factory=dict)
+    host: str = ""
+    scheme: str = ""
+    body: str = ""
+    id: str = ""
+    body_partial: bool = False
+    source_address: str = ""
+    source_principal: str = ""
+    context_extensions: dict[str, str] = field(default_factory=dict)
+    mcp_calls: tuple[McpCall, ...] = (NOT_MCP,)
+
+    @property
+    def mcp(self) -> McpCall:
+        return self.mcp_calls[0]
+
+    def request_map(self) -> dict[str, Any]:
+        """The `request` variable that policies see."""
+        return {
+            "method": self.method,
+            "path": self.path,
+            "query": self.query,
+            "host": self.host,
+            "scheme": self.scheme,
+            "headers": self.headers,
+            "body": self.body,
+            "id": self.id,
+        }
+
+
+def _header_dict(http: Any, max_bytes: int) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    total = 0
+    for key, value in http.headers.items():
+        total += len(key) + len(value)
+        headers[key.lower()] = value
+    # Envoy sends header_map instead of headers when encode_raw_headers is on.
+    for entry in http.header_map.headers:
+        raw = entry.raw_value if entry.raw_value else entry.value.encode()
+        try:
+            value = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError(decision.REQUEST_INVALID, "a header value is not UTF-8") from None
+        total += len(entry.key) + len(value)
+        key = entry.key.lower()
+        # Repeated headers arrive as separate entries; join them as HTTP does.
+        headers[key] = f"{headers[key]},{value}" if key in headers else value
+    if total > max_bytes:
+        raise RequestError(decision.REQUEST_INVALID, f"headers exceed {max_bytes} bytes")
+    return headers
+
+
+def _body(http: Any, max_bytes: int) -> str:
+    if http.raw_body:
+        if len(http.raw_body) > max_bytes:
+            raise RequestError(decision.REQUEST_INVALID, f"body exceeds {max_bytes} bytes")
+        try:
+            return str(http.raw_body.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise RequestError(decision.REQUEST_INVALID, "the request body is not UTF-8") from None
+    body = str(http.body)
+    if len(body) > max_bytes:
+        raise RequestError(decision.REQUEST_INVALID, f"body exceeds {max_bytes} bytes")
+    return body
+
+
+def from_check_request(check_request: Any, max_bytes: int = 64 * 1024) -> RequestContext:
+    """Build the request context from an `envoy.service.auth.v3.CheckRequest`."""
+    if check_request is None or not check_request.HasField("attributes"):
+        raise RequestError(decision.REQUEST_INVALID, "the CheckRequest has no attributes")
+    attributes = check_request.attributes
+    if not attributes.HasField("request") or not attributes.request.HasField("http"):
+        raise RequestError(decision.REQUEST_INVALID, "the CheckRequest has no HTTP attributes")
+    http = attributes.request.http
+    if not http.method:
+        raise RequestError(decision.REQUEST_INVALID, "the HTTP request has no method")
+    headers = _header_dict(http, max_bytes)
+    body = _body(http, max_bytes)
+    path, _, query_string = (http.path or headers.get(":path", "/")).partition("?")
+    query: dict[str, str] = {}
+    for key, value in parse_qsl(query_string, keep_blank_values=True):
+        # The first value wins, so a repeated parameter cannot override one a policy checked.
+        query.setdefault(key, value)
+    try:
+        mcp_calls = mcp_view(headers, body)
+    except McpHeaderMismatch as exc:
+        raise RequestError(decision.MCP_HEADER_MISMATCH, str(exc)) from None
+    return RequestContext(
+        method=http.method.upper(),
+        path=path,
+        headers=headers,
+        query=query,
+        host=http.host,
+        scheme=http.scheme,
+        body=body,
+        id=http.id,
+        body_partial=headers.get(PARTIAL_BODY_HEADER, "").lower() == "true",
+        source_address=attributes.source.address.socket_address.address,
+        source_principal=attributes.source.principal,
+        context_extensions=dict(attributes.context_extensions),
+        mcp_calls=mcp_calls,
+    )

@@ -1,0 +1,115 @@
+"""A decision as Envoy's CheckResponse.
+
+Bodies are small JSON and never carry tokens, claims or binding details. Every 404 is
+the same bytes, whatever the reason: a session that belongs to someone else looks
+exactly like one that does not exist.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2
+from envoy.type.v3 import http_status_pb2
+from google.rpc import code_pb2, status_pb2
+
+from gateway import decision
+from gateway.config import AuthConfig
+from gateway.decision import Decision
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_JSON = ("content-type", "application/json")
+_NO_STORE = ("cache-control", "no-store")
+
+# What the client reads; the precise reason goes to telemetry only.
+_PUBLIC_ERROR = {
+    400: "invalid_request",
+    401: "invalid_token",
+    403: "forbidden",
+    404: "not_found",
+    413: "request_too_large",
+    429: "too_many_sessions",
+    500: "internal_error",
+    503: "unavailable",
+}
+_BUILT_IN_REASONS = frozenset(decision.STATUS_OF) | {decision.ALLOWED}
+
+
+def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=name, value=value), append_action=_OVERWRITE
+    )
+
+
+def _quoted(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+class ResponseBuilder:
+    def __init__(self, auth: AuthConfig, strip_headers: tuple[str, ...] = ()) -> None:
+        self._auth = auth
+        self._strip_headers = list(strip_headers)
+        self._denied: dict[tuple[str, int], external_auth_pb2.CheckResponse] = {}
+        self._lock = threading.Lock()
+        self._plain_ok = external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=code_pb2.OK),
+            ok_response=external_auth_pb2.OkHttpResponse(headers_to_remove=self._strip_headers),
+        )
+
+    def challenge(self, reason: str) -> str:
+        parts = [f'realm="{_quoted(self._auth.realm)}"']
+        if reason != decision.TOKEN_MISSING:
+            parts.append('error="invalid_token"')
+        if self._auth.resource_metadata:
+            parts.append(f'resource_metadata="{_quoted(self._auth.resource_metadata)}"')
+        return "Bearer " + ", ".join(parts)
+
+    def body(self, reason: str, status: int) -> str:
+        if status == 401 and reason == decision.TOKEN_MISSING:
+            error = "unauthorized"
+        elif reason not in _BUILT_IN_REASONS:
+            error = reason  # a policy's own reason, e.g. insufficient_scope, is meant for the client
+        else:
+            error = _PUBLIC_ERROR.get(status, "forbidden")
+        return json.dumps({"error": error}, separators=(",", ":"))
+
+    def build(self, outcome: Decision) -> external_auth_pb2.CheckResponse:
+        if outcome.allowed:
+            if not outcome.upstream_headers:
+                return self._plain_ok
+            return external_auth_pb2.CheckResponse(
+                status=status_pb2.Status(code=code_pb2.OK),
+                ok_response=external_auth_pb2.OkHttpResponse(
+                    headers=[_header(k, v) for k, v in outcome.upstream_headers],
+                    headers_to_remove=self._strip_headers,
+                ),
+            )
+        if outcome.headers:
+            return self._denied_response(outcome.reason, outcome.status, outcome.headers)
+        key = (outcome.reason, outcome.status)
+        cached = self._denied.get(key)
+        if cached is None:
+            cached = self._denied_response(outcome.reason, outcome.status, ())
+            with self._lock:
+                if len(self._denied) < 1024:
+                    self._denied[key] = cached
+        return cached
+
+    def _denied_response(
+        self, reason: str, status: int, extra_headers: tuple[tuple[str, str], ...]
+    ) -> external_auth_pb2.CheckResponse:
+        headers = [_JSON, _NO_STORE]
+        if status == 401:
+            headers.append(("www-authenticate", self.challenge(reason)))
+        headers.extend((k.lower(), v) for k, v in extra_headers)
+        grpc_code = code_pb2.UNAUTHENTICATED if status == 401 else code_pb2.PERMISSION_DENIED
+        return external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=grpc_code),
+            denied_response=external_auth_pb2.DeniedHttpResponse(
+                status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
+                headers=[_header(k, v) for k, v in headers],
+                body=self.body(reason, status),
+            ),
+        )

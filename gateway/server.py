@@ -1,0 +1,130 @@
+"""The gRPC edge: Envoy's Authorization/Check, and the gRPC health service.
+
+The servicer reads the clock once per check, hands plain data to the Authorizer, and
+turns the decision into a CheckResponse and one span. Anything unexpected becomes a
+500 `internal_error` deny: the gateway never answers an allow it did not decide.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent import futures
+from typing import Any
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from gateway import decision
+from gateway.check import Authorizer
+from gateway.decision import Decision
+from gateway.request import RequestContext, RequestError, from_check_request
+from gateway.response import ResponseBuilder
+from gateway.telemetry import metrics
+from gateway.telemetry.tracing import CheckSpans, parent_from
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "envoy.service.auth.v3.Authorization"
+DecisionListener = Callable[[Decision, RequestContext | None, Any], None]
+
+
+def _lenient_parse(data: bytes) -> external_auth_pb2.CheckRequest | None:
+    # A request that does not parse (non-UTF-8 strings, garbage) becomes a deny, not a gRPC error.
+    try:
+        return external_auth_pb2.CheckRequest.FromString(data)
+    except (DecodeError, ValueError):
+        return None
+
+
+def scrub(text: str, context: RequestContext | None) -> str:
+    """Remove the request's own secrets (token, session id) from a message bound for telemetry."""
+    if context is None:
+        return text
+    for header in ("authorization", "mcp-session-id", "cookie"):
+        value = context.headers.get(header)
+        if value:
+            text = text.replace(value, "[redacted]")
+            token = value.partition(" ")[2].strip()
+            if len(token) >= 8:
+                text = text.replace(token, "[redacted]")
+    return text
+
+
+class CheckService:
+    def __init__(
+        self,
+        authorizer: Authorizer,
+        responses: ResponseBuilder,
+        spans: CheckSpans,
+        max_request_bytes: int,
+        listeners: tuple[DecisionListener, ...] = (),
+    ) -> None:
+        self.authorizer = authorizer
+        self._responses = responses
+        self._spans = spans
+        self._max_request_bytes = max_request_bytes
+        self._listeners = listeners
+
+    def decide(self, request: external_auth_pb2.CheckRequest | None, now: float) -> tuple[Decision, RequestContext | None]:
+        if request is None:
+            return decision.deny(decision.REQUEST_INVALID, error="the CheckRequest does not parse"), None
+        try:
+            context = from_check_request(request, self._max_request_bytes)
+        except RequestError as exc:
+            return decision.deny(exc.reason, error=str(exc)), None
+        return self.authorizer.check(context, now), context
+
+    def Check(self, request: external_auth_pb2.CheckRequest | None, rpc: grpc.ServicerContext) -> Any:
+        start_ns = time.time_ns()
+        context: RequestContext | None = None
+        error: BaseException | None = None
+        try:
+            outcome, context = self.decide(request, start_ns / 1e9)
+        except Exception as exc:  # fail closed on anything unforeseen
+            log.exception("check failed")
+            error = exc
+            outcome = decision.deny(decision.INTERNAL_ERROR, error=type(exc).__name__)
+        if outcome.error:
+            outcome = _with_error(outcome, scrub(outcome.error, context))
+        end_ns = time.time_ns()
+        parent = parent_from(rpc.invocation_metadata(), context.headers if context else None)
+        span = self._spans.record(outcome, context, parent, start_ns, end_ns, error)
+        labels = {"decision": "allow" if outcome.allowed else "deny", "reason": outcome.reason, "policy": outcome.policy}
+        metrics.checks.add(1, labels)
+        metrics.check_duration.record((end_ns - start_ns) / 1e9, {"decision": labels["decision"]})
+        for listener in self._listeners:
+            listener(outcome, context, span)
+        return self._responses.build(outcome)
+
+
+def _with_error(outcome: Decision, text: str) -> Decision:
+    from dataclasses import replace
+
+    return replace(outcome, error=text)
+
+
+def build_server(
+    service: CheckService, health_servicer: health.HealthServicer, max_workers: int, reuse_port: bool = False
+) -> grpc.Server:
+    handler = grpc.unary_unary_rpc_method_handler(
+        service.Check,
+        request_deserializer=_lenient_parse,
+        response_serializer=external_auth_pb2.CheckResponse.SerializeToString,
+    )
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="check"),
+        options=[("grpc.so_reuseport", 1 if reuse_port else 0)],
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {"Check": handler}),))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    return server
+
+
+def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, status)

@@ -1,0 +1,29 @@
+"""Session stores and the session lifecycle."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from gateway.session.store import SessionStore, StoreSettings
+
+
+class StoreURLError(ValueError):
+    """A store URL that names no supported store."""
+
+
+def open_store(url: str, settings: StoreSettings) -> SessionStore:
+    """memory://, sqlite:///path, redis://host:port/db, rediss://…, unix:///path.sock."""
+    scheme = urlsplit(url).scheme
+    if scheme == "memory":
+        from gateway.session.memory import MemoryStore
+
+        return MemoryStore(settings)
+    if scheme == "sqlite":
+        from gateway.session.sqlite import SQLiteStore
+
+        return SQLiteStore(url, settings)
+    if scheme in ("redis", "rediss", "unix"):
+        from gateway.session.redis_store import RedisStore
+
+        return RedisStore(url, settings)
+    raise StoreURLError(f"unsupported store URL scheme {scheme!r} (memory://, sqlite:///path, redis://, unix://)")

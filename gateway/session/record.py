@@ -1,0 +1,125 @@
+"""Session records and what they mean: pure functions, no I/O, time passed in.
+
+A record is a JSON object:
+    {"schema": 1, "anonymous": false, "created_at": 1764140000.0, "terminated": false,
+     "ended": "", "owner": "<hash of iss+sub>", "bound": {"iss": "...", "sub": "..."}}
+A record without `schema`, or with token-hash fields, is a legacy record: it is
+invalidated on read and never re-bound.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+from gateway import decision
+
+SCHEMA_VERSION = 1
+LEGACY_FIELD_NAMES = frozenset({"vmcp.token.hash", "vmcp.token.salt"})
+LEGACY_FIELD_PARTS = ("token_hash", "token_salt")
+
+ENDED_TERMINATED = "terminated"
+ENDED_REVOKED = "revoked"
+ENDED_EXPIRED = "expired"
+ENDED_LEGACY = "legacy"
+
+_ENDED_REASON = {
+    ENDED_TERMINATED: decision.SESSION_TERMINATED,
+    ENDED_REVOKED: decision.SESSION_TERMINATED,
+    ENDED_EXPIRED: decision.SESSION_EXPIRED,
+    ENDED_LEGACY: decision.SESSION_LEGACY_FORMAT,
+}
+
+
+def owner_key(issuer: str, subject: str) -> str:
+    """A stable, non-reversible key for one identity, used for caps and revocation."""
+    return hashlib.sha256(f"{issuer}\n{subject}".encode()).hexdigest()[:32]
+
+
+def new_record(*, anonymous: bool, bound: Mapping[str, Any], owner: str, now: float) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA_VERSION,
+        "anonymous": anonymous,
+        "created_at": now,
+        "terminated": False,
+        "ended": "",
+        "owner": owner,
+        "bound": dict(bound),
+    }
+
+
+def tombstone(previous: Mapping[str, Any] | None, ended: str, now: float) -> dict[str, Any]:
+    """An ended session. It keeps its creation time (so it lives out its TTL) and nothing else
+    a legacy record carried."""
+    created_at = now
+    anonymous = False
+    owner = ""
+    if previous is not None and not has_legacy_fields(previous) and "schema" in previous:
+        value = previous.get("created_at")
+        created_at = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else now
+        anonymous = bool(previous.get("anonymous", False))
+        owner = str(previous.get("owner", ""))
+    return {
+        "schema": SCHEMA_VERSION,
+        "anonymous": anonymous,
+        "created_at": created_at if ended != ENDED_LEGACY else now,
+        "terminated": True,
+        "ended": ended,
+        "owner": owner,
+        "bound": {},
+    }
+
+
+def has_legacy_fields(data: Mapping[str, Any], depth: int = 0) -> bool:
+    if depth > 4:
+        return False
+    for key, value in data.items():
+        lowered = str(key).lower()
+        if lowered in LEGACY_FIELD_NAMES or any(part in lowered for part in LEGACY_FIELD_PARTS):
+            return True
+        if isinstance(value, Mapping) and has_legacy_fields(value, depth + 1):
+            return True
+    return False
+
+
+def is_live(data: Mapping[str, Any], now: float, ttl: float) -> bool:
+    """A current-schema record that is neither ended nor past its TTL (for the per-identity cap)."""
+    created_at = data.get("created_at")
+    return (
+        data.get("schema") == SCHEMA_VERSION
+        and not data.get("terminated", False)
+        and isinstance(created_at, int | float)
+        and now < created_at + ttl
+    )
+
+
+def refusal(data: Mapping[str, Any], last_seen: float | None, now: float, ttl: float, idle: float) -> str | None:
+    """Why a stored record cannot be used (a reason code), or None when it is live."""
+    if not isinstance(data, Mapping) or "schema" not in data or has_legacy_fields(data):
+        return decision.SESSION_LEGACY_FORMAT
+    if data.get("schema") != SCHEMA_VERSION:
+        # Written by a newer gateway: neither trust it nor destroy it.
+        return decision.INTERNAL_ERROR
+    created_at = data.get("created_at")
+    bound = data.get("bound", {})
+    if isinstance(created_at, bool) or not isinstance(created_at, int | float) or not isinstance(bound, Mapping):
+        return decision.SESSION_LEGACY_FORMAT
+    if data.get("terminated", False):
+        return _ENDED_REASON.get(str(data.get("ended", "")), decision.SESSION_TERMINATED)
+    if now >= created_at + ttl:
+        return decision.SESSION_EXPIRED
+    if last_seen is not None and now >= last_seen + idle:
+        return decision.SESSION_EXPIRED
+    return None
+
+
+def needs_tombstone(reason: str, data: Mapping[str, Any]) -> str | None:
+    """Which tombstone replaces a record refused for `reason` (None: leave the record as it is)."""
+    if data.get("schema") == SCHEMA_VERSION and data.get("terminated") is True:
+        return None  # already a tombstone
+    if reason == decision.SESSION_LEGACY_FORMAT:
+        return ENDED_LEGACY
+    if reason == decision.SESSION_EXPIRED:
+        return ENDED_EXPIRED
+    return None

@@ -1,0 +1,1 @@
+"""Telemetry: one span per check, OTel metrics, and the optional decision log."""

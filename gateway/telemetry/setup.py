@@ -1,0 +1,110 @@
+"""Telemetry providers from the standard OTEL_* variables.
+
+With no OTLP endpoint nothing is exported and nothing is printed per request. Spans go
+through a batch processor; shutdown() flushes them, and the metrics, before exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import metrics, trace
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SERVICE_NAME = "authz-gateway"
+
+
+def _env(name: str) -> str:
+    return os.environ.get(name, "").strip()
+
+
+def sdk_disabled() -> bool:
+    return _env("OTEL_SDK_DISABLED").lower() == "true"
+
+
+def _protocol(signal: str) -> str:
+    return (_env(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL") or _env("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").lower()
+
+
+def _endpoint_configured(signal: str) -> bool:
+    return bool(_env(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT") or _env("OTEL_EXPORTER_OTLP_ENDPOINT"))
+
+
+def _span_exporter() -> Any:
+    if _protocol("TRACES") == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
+
+        return HttpSpanExporter()
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
+
+    return GrpcSpanExporter()
+
+
+def _metric_exporter() -> Any:
+    if _protocol("METRICS") == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
+
+        return HttpExporter()
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
+
+    return GrpcExporter()
+
+
+@dataclass
+class Telemetry:
+    tracer_provider: Any = None
+    meter_provider: Any = None
+    prometheus_reader: Any = None
+    exporting: bool = False
+    extras: list[Any] = field(default_factory=list)
+
+    def shutdown(self) -> None:
+        """Flush and stop: no span or metric point is lost at exit."""
+        for provider in (self.tracer_provider, self.meter_provider):
+            if provider is None:
+                continue
+            try:
+                provider.force_flush()
+                provider.shutdown()
+            except Exception as exc:  # flushing must not turn a clean exit into a crash
+                log.warning("telemetry flush failed: %s", exc)
+
+
+def setup_telemetry(*, metrics_http: bool = False) -> Telemetry:
+    """Install the global tracer and meter providers, as the OTEL_* variables ask."""
+    if sdk_disabled():
+        return Telemetry()
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+    from opentelemetry.sdk.resources import OTEL_SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    attributes = {} if _env(OTEL_SERVICE_NAME) else {"service.name": DEFAULT_SERVICE_NAME}
+    resource = Resource.create(attributes)
+    telemetry = Telemetry()
+
+    if _endpoint_configured("TRACES"):
+        tracer_provider = TracerProvider(resource=resource)  # the sampler comes from OTEL_TRACES_SAMPLER
+        tracer_provider.add_span_processor(BatchSpanProcessor(_span_exporter()))
+        trace.set_tracer_provider(tracer_provider)
+        telemetry.tracer_provider = tracer_provider
+        telemetry.exporting = True
+
+    readers: list[MetricReader] = []
+    if _endpoint_configured("METRICS"):
+        readers.append(PeriodicExportingMetricReader(_metric_exporter()))
+    if metrics_http:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+        telemetry.prometheus_reader = PrometheusMetricReader()
+        readers.append(telemetry.prometheus_reader)
+    if readers:
+        meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+        metrics.set_meter_provider(meter_provider)
+        telemetry.meter_provider = meter_provider
+    return telemetry
