@@ -81,9 +81,11 @@ class ResponseBuilder:
                 return self._plain_ok
             return external_auth_pb2.CheckResponse(
                 status=status_pb2.Status(code=code_pb2.OK),
+                # Overwriting replaces any client-sent copy; Envoy applies removals after
+                # additions, so these names must not also be removed.
                 ok_response=external_auth_pb2.OkHttpResponse(
                     headers=[_header(k, v) for k, v in outcome.upstream_headers],
-                    headers_to_remove=self._strip_headers,
+                    headers_to_remove=[h for h in self._strip_headers if h not in dict(outcome.upstream_headers)],
                 ),
             )
         if outcome.headers:
