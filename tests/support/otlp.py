@@ -1,0 +1,158 @@
+"""A real OTLP receiver for the tests: gRPC (port) and HTTP/protobuf (http_port).
+
+It implements the collector services from `opentelemetry-proto`, keeps every span and
+metric it is sent, and can search them. Both Envoy and the gateway export to it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+
+def _any_value(value: Any) -> Any:
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return [_any_value(v) for v in value.array_value.values]
+    if kind == "kvlist_value":
+        return {kv.key: _any_value(kv.value) for kv in value.kvlist_value.values}
+    return getattr(value, kind) if kind else None
+
+
+@dataclass
+class ReceivedSpan:
+    service: str
+    name: str
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    kind: int
+    attributes: dict[str, Any]
+    events: list[tuple[str, dict[str, Any]]]
+    status_code: int
+    raw: Any = field(repr=False, default=None)
+
+
+class OtlpReceiver:
+    def __init__(self) -> None:
+        self.trace_requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+        self.metric_requests: list[metrics_service_pb2.ExportMetricsServiceRequest] = []
+        self.raw_payloads: list[bytes] = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request: Any, context: Any) -> Any:
+                receiver._add_traces(request, request.SerializeToString())
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        class MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
+            def Export(self, request: Any, context: Any) -> Any:
+                with receiver._lock:
+                    receiver.metric_requests.append(request)
+                    receiver.raw_payloads.append(request.SerializeToString())
+                return metrics_service_pb2.ExportMetricsServiceResponse()
+
+        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(), self._grpc)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(MetricsService(), self._grpc)
+        self.port = self._grpc.add_insecure_port("127.0.0.1:0")
+        self._grpc.start()
+
+        class HttpHandler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                if self.path == "/v1/traces":
+                    request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+                    receiver._add_traces(request, body)
+                    reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+                elif self.path == "/v1/metrics":
+                    request = metrics_service_pb2.ExportMetricsServiceRequest.FromString(body)
+                    with receiver._lock:
+                        receiver.metric_requests.append(request)
+                        receiver.raw_payloads.append(body)
+                    reply = metrics_service_pb2.ExportMetricsServiceResponse().SerializeToString()
+                else:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args: Any) -> None:
+                return
+
+        self._http = ThreadingHTTPServer(("127.0.0.1", 0), HttpHandler)
+        self.http_port = int(self._http.server_address[1])
+        threading.Thread(target=self._http.serve_forever, daemon=True).start()
+
+    @property
+    def grpc_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def http_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def _add_traces(self, request: Any, raw: bytes) -> None:
+        with self._lock:
+            self.trace_requests.append(request)
+            self.raw_payloads.append(raw)
+
+    def spans(self, service: str | None = None, name: str | None = None) -> list[ReceivedSpan]:
+        found = []
+        with self._lock:
+            requests = list(self.trace_requests)
+        for request in requests:
+            for resource_spans in request.resource_spans:
+                attrs = {kv.key: _any_value(kv.value) for kv in resource_spans.resource.attributes}
+                svc = str(attrs.get("service.name", ""))
+                if service is not None and svc != service:
+                    continue
+                for scope_spans in resource_spans.scope_spans:
+                    for span in scope_spans.spans:
+                        if name is not None and span.name != name:
+                            continue
+                        found.append(
+                            ReceivedSpan(
+                                service=svc,
+                                name=span.name,
+                                trace_id=span.trace_id.hex(),
+                                span_id=span.span_id.hex(),
+                                parent_span_id=span.parent_span_id.hex(),
+                                kind=span.kind,
+                                attributes={kv.key: _any_value(kv.value) for kv in span.attributes},
+                                events=[
+                                    (e.name, {kv.key: _any_value(kv.value) for kv in e.attributes})
+                                    for e in span.events
+                                ],
+                                status_code=span.status.code,
+                                raw=span,
+                            )
+                        )
+        return found
+
+    def wait_for_spans(
+        self, count: int, timeout: float = 15.0, **filters: Any
+    ) -> list[ReceivedSpan]:
+        deadline = time.monotonic() + timeout
+        while True:
+            spans = self.spans(**filters)
+            if len(spans) >= count or time.monotonic() > deadline:
+                return spans
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self._grpc.stop(0)
+        self._http.shutdown()
+        self._http.server_close()
