@@ -19,7 +19,10 @@ from gateway.server import CheckService, DecisionListener, build_server, set_ser
 from gateway.session import open_store
 from gateway.session.store import SessionStore, StoreSettings
 from gateway.telemetry import metrics
+from gateway.telemetry.admin import AdminServer, start_admin
+from gateway.telemetry.decision_log import DecisionLog
 from gateway.telemetry.setup import Telemetry, setup_telemetry
+from gateway.telemetry.store_metrics import instrument_store, store_kind
 from gateway.telemetry.tracing import CheckSpans, SubjectHasher
 
 log = logging.getLogger(__name__)
@@ -55,7 +58,12 @@ class Gateway:
         metrics.policy_reloads.add(1, {"result": "success"})
         self.verifier = TokenVerifier(config.auth)
         self.store = store if store is not None else open_store(config.store, store_settings(config))
-        self.authorizer = Authorizer(config.auth, config.session, self.verifier, self.store, self.policies)
+        measured = instrument_store(self.store, config.store)
+        self.authorizer = Authorizer(config.auth, config.session, self.verifier, measured, self.policies)
+        self._unwatch_sessions = metrics.watch_live_sessions(store_kind(config.store), self.store.live_count)
+        self.admin: AdminServer | None = None
+        if config.telemetry.decision_log:
+            listeners = (*listeners, DecisionLog())
         hasher = SubjectHasher(config.telemetry.record_subject, config.telemetry.subject_hash_key)
         self.service = CheckService(
             self.authorizer,
@@ -90,6 +98,8 @@ class Gateway:
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.listen}")
         self.server.start()
+        if self.config.telemetry.metrics_listen:
+            self.admin = start_admin(self.config.telemetry.metrics_listen, self)
         if self.keys_loaded():
             set_serving(self.health, True)
         else:
@@ -118,6 +128,9 @@ class Gateway:
         self._stopped.set()
         set_serving(self.health, False)
         self.server.stop(self.config.shutdown_grace if grace is None else grace).wait()
+        if self.admin is not None:
+            self.admin.stop()
+        self._unwatch_sessions()
         self.store.close()
         self.telemetry.shutdown()
 

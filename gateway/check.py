@@ -21,7 +21,7 @@ from gateway import decision
 from gateway.config import AuthConfig, SessionConfig
 from gateway.decision import AuditDeny, Decision
 from gateway.identity.verifier import ANONYMOUS_AUTH_MAP, Identity, TokenRejected, TokenVerifier, bearer_token
-from gateway.policy.evaluate import PolicyFailure, applies, bind_values, judge, session_key, terminates
+from gateway.policy.evaluate import PolicyFailure, Tracer, applies, bind_values, judge, session_key
 from gateway.policy.model import Policy, PolicySet
 from gateway.request import RequestContext
 from gateway.session.record import ENDED_TERMINATED, needs_tombstone, new_record, owner_key, refusal, tombstone
@@ -81,6 +81,20 @@ def _session_variable(key: str, data: Mapping[str, Any], existed: bool) -> dict[
     return variable
 
 
+class _Activations:
+    """Activations holding only the variables the policy set reads: converting a variable
+    into CEL values is most of what an evaluation costs."""
+
+    __slots__ = ("_engine", "_reads")
+
+    def __init__(self, policy_set: PolicySet) -> None:
+        self._engine = policy_set.engine
+        self._reads = policy_set.variables
+
+    def activation(self, variables: Mapping[str, Any]) -> Any:
+        return self._engine.activation({k: v for k, v in variables.items() if k in self._reads})
+
+
 class Authorizer:
     def __init__(
         self,
@@ -116,26 +130,43 @@ class Authorizer:
         identity = self.identify(context, now)
         if isinstance(identity, Decision):
             return identity
+        return self.check_identity(context, identity, now)
+
+    def check_identity(
+        self, context: RequestContext, identity: Identity | None, now: float, trace: Tracer | None = None
+    ) -> Decision:
+        """Sessions and policies for an identity already verified (None: anonymous).
+
+        `policy test` and `policy explain` enter here with claims instead of a token;
+        `trace` sees every step for `explain`.
+        """
         try:
-            return self._authorize(context, identity, now)
+            return self._authorize(context, identity, now, trace)
         except PolicyFailure as failure:
             return failure.denial
         except StoreUnavailable as exc:
             return decision.deny(decision.STORE_UNAVAILABLE, error=f"session store: {exc}")
 
-    def _authorize(self, context: RequestContext, identity: Identity | None, now: float) -> Decision:
+    def _authorize(
+        self, context: RequestContext, identity: Identity | None, now: float, trace: Tracer | None = None
+    ) -> Decision:
         policy_set = self.policies.current
-        engine = policy_set.engine
+        engine = _Activations(policy_set)
+        reads = policy_set.variables
         variables: dict[str, Any] = {
-            "request": context.request_map(),
-            "mcp": context.mcp.as_cel(),
             "claims": identity.claims if identity else {},
             "auth": identity.auth_map if identity else ANONYMOUS_AUTH_MAP,
             "session": NO_SESSION,
             "context": context.context_extensions,
-            "source": {"address": context.source_address, "principal": context.source_principal},
-            "now": _timestamp(now),
         }
+        if "request" in reads:
+            variables["request"] = context.request_map(policy_set.request_fields)
+        if "mcp" in reads:
+            variables["mcp"] = context.mcp.as_cel()
+        if "source" in reads:
+            variables["source"] = {"address": context.source_address, "principal": context.source_principal}
+        if "now" in reads:
+            variables["now"] = _timestamp(now)
         sessions: dict[str, _Session | None] = {}
         audits: list[AuditDeny] = []
         ending: dict[str, _Session] = {}
@@ -144,37 +175,52 @@ class Authorizer:
         for call in context.mcp_calls:
             if call is not context.mcp:
                 variables["mcp"] = call.as_cel()
-            activation = engine.activation(variables)
+            if trace is not None:
+                trace("", "", "mcp", call)
+            # Building an activation is most of what CEL costs here: build it only when an
+            # expression needs the variables without a session.
+            activation: Any = None
             for policy in policy_set.policies:
-                if not applies(policy, activation):
-                    continue
+                # Before `when`: a `when` that reads a cut-short body could skip the policy.
                 if context.body_partial and policy.uses_body:
                     return decision.deny(
                         decision.REQUEST_BODY_PARTIAL,
                         policy=policy.name,
                         error="the policy reads the body, and Envoy sent only part of it",
                     )
-                rule_activation, rule_variables = activation, variables
+                if policy.when is not None:
+                    if activation is None:
+                        activation = engine.activation(variables)
+                    if not applies(policy, activation, trace):
+                        continue
                 session: _Session | None = None
                 if policy.session is not None:
                     if policy.name not in sessions:
-                        found = self._session(policy, activation, identity, now)
+                        found = self._session(policy, context, variables, identity, now)
+                        if trace is not None:
+                            trace(policy.name, "", "session", found)
                         if isinstance(found, Decision):
                             return found
                         sessions[policy.name] = found
                         session_new = session_new or (found is not None and not found.existed)
                     session = sessions[policy.name]
-                    if session is not None:
-                        rule_variables = {**variables, "session": session.variable}
-                        rule_activation = engine.activation(rule_variables)
-                verdict = judge(policy, rule_activation, rule_variables)
+                if session is not None:
+                    rule_variables = {**variables, "session": session.variable}
+                    rule_activation = engine.activation(rule_variables)
+                else:
+                    if activation is None:
+                        activation = engine.activation(variables)
+                    rule_variables, rule_activation = variables, activation
+                verdict = judge(policy, rule_activation, rule_variables, trace)
                 if verdict.enforced is not None:
                     return replace(verdict.enforced, audit_denies=tuple(audits))
                 if verdict.audited is not None:
                     denied = verdict.audited
                     audits.append(AuditDeny(policy.name, denied.rule, denied.reason, denied.status))
-                if session is not None and session.existed and terminates(policy, rule_activation):
+                if verdict.terminate and session is not None and session.existed:
                     ending[session.key] = session
+                    if trace is not None:
+                        trace(policy.name, "", "session.terminate", True)
         # Only a request that passes every policy may end a session (the owner's DELETE).
         for session in ending.values():
             self._store.replace(session.key, tombstone(session.data, ENDED_TERMINATED, now), now)
@@ -192,9 +238,17 @@ class Authorizer:
         return ((UPSTREAM_SUBJECT, identity.subject), (UPSTREAM_ISSUER, identity.issuer))
 
     def _session(
-        self, policy: Policy, activation: Any, identity: Identity | None, now: float
+        self,
+        policy: Policy,
+        context: RequestContext,
+        variables: Mapping[str, Any],
+        identity: Identity | None,
+        now: float,
     ) -> _Session | Decision | None:
-        key = session_key(policy, activation)
+        assert policy.session is not None
+        engine = _Activations(self.policies.current)
+        header = policy.session.header
+        key = context.headers.get(header, "") if header else session_key(policy, engine.activation(variables))
         if not key:
             return None
         if len(key) > self._sessions.max_id_length or not _VISIBLE_ASCII.match(key):
@@ -203,7 +257,7 @@ class Authorizer:
         if loaded is not None:
             return self._existing(policy, key, loaded.data, loaded.last_seen, now)
         anonymous = identity is None
-        bound = {} if identity is None else bind_values(policy, activation)
+        bound = {} if identity is None else bind_values(policy, engine.activation(variables))
         try:
             json.dumps(bound)
         except (TypeError, ValueError):

@@ -10,7 +10,7 @@ import sys
 from gateway import __version__
 
 # Each subcommand lives in gateway/commands/<name>.py with add_parser() and run().
-COMMANDS = ("serve", "token")
+COMMANDS = ("serve", "token", "policy")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,23 +47,15 @@ def _call_from_message(message: Any, protocol_version: str) -> McpCall | None:
     return McpCall(method, name, protocol_version)
 
 
-def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # Two "method" keys could be read one way here and another way upstream.
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError("duplicate key")
-        result[key] = value
-    return result
-
-
 def parse_body(body: str, protocol_version: str) -> tuple[McpCall, ...]:
     """The calls in a JSON-RPC body: one, several for a batch, none when it is not JSON-RPC."""
     stripped = body.lstrip()
     if not stripped or stripped[0] not in "[{":
         return ()
     try:
-        message = json.loads(stripped, object_pairs_hook=_reject_duplicate_keys)
+        # Duplicate keys resolve last-wins here, as in the MCP SDKs' parsers (pydantic/jiter,
+        # JSON.parse), so both sides read the same method and name.
+        message = json.loads(stripped)
     except ValueError:
         return ()
     messages = message if isinstance(message, list) else [message]

@@ -22,7 +22,7 @@ class RequestError(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestContext:
     method: str
     path: str
@@ -42,26 +42,43 @@ class RequestContext:
     def mcp(self) -> McpCall:
         return self.mcp_calls[0]
 
-    def request_map(self) -> dict[str, Any]:
-        """The `request` variable that policies see."""
-        return {
-            "method": self.method,
-            "path": self.path,
-            "query": self.query,
-            "host": self.host,
-            "scheme": self.scheme,
-            "headers": self.headers,
-            "body": self.body,
-            "id": self.id,
-        }
+    def request_map(self, fields: frozenset[str] | None = None) -> dict[str, Any]:
+        """The `request` variable that policies see; only `fields` when given.
+
+        Its headers leave out `authorization`: policies read the verified `claims` and
+        `auth` instead, and a CEL error message can then never echo the token.
+        """
+        full = fields is None
+        result: dict[str, Any] = {}
+        if full or "method" in fields:
+            result["method"] = self.method
+        if full or "path" in fields:
+            result["path"] = self.path
+        if full or "query" in fields:
+            result["query"] = self.query
+        if full or "host" in fields:
+            result["host"] = self.host
+        if full or "scheme" in fields:
+            result["scheme"] = self.scheme
+        if full or "headers" in fields:
+            headers = self.headers
+            if "authorization" in headers:
+                headers = {k: v for k, v in headers.items() if k != "authorization"}
+            result["headers"] = headers
+        if full or "body" in fields:
+            result["body"] = self.body
+        if full or "id" in fields:
+            result["id"] = self.id
+        return result
 
 
 def _header_dict(http: Any, max_bytes: int) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    total = 0
-    for key, value in http.headers.items():
-        total += len(key) + len(value)
-        headers[key.lower()] = value
+    headers: dict[str, str] = dict(http.headers)
+    names = "".join(headers)
+    if names != names.lower():
+        # Envoy sends lower-case names; other callers may not.
+        headers = {key.lower(): value for key, value in headers.items()}
+    total = len(names) + sum(map(len, headers.values()))
     # Envoy sends header_map instead of headers when encode_raw_headers is on.
     for entry in http.header_map.headers:
         raw = entry.raw_value if entry.raw_value else entry.value.encode()
@@ -106,9 +123,10 @@ def from_check_request(check_request: Any, max_bytes: int = 64 * 1024) -> Reques
     body = _body(http, max_bytes)
     path, _, query_string = (http.path or headers.get(":path", "/")).partition("?")
     query: dict[str, str] = {}
-    for key, value in parse_qsl(query_string, keep_blank_values=True):
-        # The first value wins, so a repeated parameter cannot override one a policy checked.
-        query.setdefault(key, value)
+    if query_string:
+        for key, value in parse_qsl(query_string, keep_blank_values=True):
+            # The first value wins, so a repeated parameter cannot override one a policy checked.
+            query.setdefault(key, value)
     try:
         mcp_calls = mcp_view(headers, body)
     except McpHeaderMismatch as exc:

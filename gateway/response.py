@@ -34,6 +34,7 @@ _PUBLIC_ERROR = {
     500: "internal_error",
     503: "unavailable",
 }
+_ALLOWED_CACHE_SIZE = 10_000
 _BUILT_IN_REASONS = frozenset(decision.STATUS_OF) | {decision.ALLOWED}
 
 
@@ -52,6 +53,8 @@ class ResponseBuilder:
         self._auth = auth
         self._strip_headers = list(strip_headers)
         self._denied: dict[tuple[str, int], external_auth_pb2.CheckResponse] = {}
+        # Responses are immutable once built: one per identity serves all its allows.
+        self._allowed: dict[tuple[tuple[str, str], ...], external_auth_pb2.CheckResponse] = {}
         self._lock = threading.Lock()
         self._plain_ok = external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
@@ -79,15 +82,14 @@ class ResponseBuilder:
         if outcome.allowed:
             if not outcome.upstream_headers:
                 return self._plain_ok
-            return external_auth_pb2.CheckResponse(
-                status=status_pb2.Status(code=code_pb2.OK),
-                # Overwriting replaces any client-sent copy; Envoy applies removals after
-                # additions, so these names must not also be removed.
-                ok_response=external_auth_pb2.OkHttpResponse(
-                    headers=[_header(k, v) for k, v in outcome.upstream_headers],
-                    headers_to_remove=[h for h in self._strip_headers if h not in dict(outcome.upstream_headers)],
-                ),
-            )
+            allowed = self._allowed.get(outcome.upstream_headers)
+            if allowed is None:
+                allowed = self._allowed_response(outcome.upstream_headers)
+                with self._lock:
+                    if len(self._allowed) >= _ALLOWED_CACHE_SIZE:
+                        self._allowed.pop(next(iter(self._allowed)), None)
+                    self._allowed[outcome.upstream_headers] = allowed
+            return allowed
         if outcome.headers:
             return self._denied_response(outcome.reason, outcome.status, outcome.headers)
         key = (outcome.reason, outcome.status)
@@ -98,6 +100,18 @@ class ResponseBuilder:
                 if len(self._denied) < 1024:
                     self._denied[key] = cached
         return cached
+
+    def _allowed_response(self, upstream_headers: tuple[tuple[str, str], ...]) -> external_auth_pb2.CheckResponse:
+        # Overwriting replaces any client-sent copy; Envoy applies removals after additions,
+        # so the names set here must not also be removed.
+        names = {name for name, _ in upstream_headers}
+        return external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=code_pb2.OK),
+            ok_response=external_auth_pb2.OkHttpResponse(
+                headers=[_header(k, v) for k, v in upstream_headers],
+                headers_to_remove=[h for h in self._strip_headers if h not in names],
+            ),
+        )
 
     def _denied_response(
         self, reason: str, status: int, extra_headers: tuple[tuple[str, str], ...]

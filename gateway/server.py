@@ -24,7 +24,7 @@ from gateway.decision import Decision
 from gateway.request import RequestContext, RequestError, from_check_request
 from gateway.response import ResponseBuilder
 from gateway.telemetry import metrics
-from gateway.telemetry.tracing import CheckSpans, parent_from
+from gateway.telemetry.tracing import CheckSpans, parent_from, request_line
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +78,35 @@ class CheckService:
             return decision.deny(exc.reason, error=str(exc)), None
         return self.authorizer.check(context, now), context
 
+    def _parse(self, request: external_auth_pb2.CheckRequest | None) -> RequestContext | Decision:
+        if request is None:
+            return decision.deny(decision.REQUEST_INVALID, error="the CheckRequest does not parse")
+        try:
+            return from_check_request(request, self._max_request_bytes)
+        except RequestError as exc:
+            return decision.deny(exc.reason, error=str(exc))
+
     def Check(self, request: external_auth_pb2.CheckRequest | None, rpc: grpc.ServicerContext) -> Any:
         start_ns = time.time_ns()
         context: RequestContext | None = None
         error: BaseException | None = None
+        span = None
         try:
-            outcome, context = self.decide(request, start_ns / 1e9)
+            parsed = self._parse(request)
+            context = parsed if isinstance(parsed, RequestContext) else None
+            # The span starts once its parent is known (metadata, else the request's headers),
+            # and is current during the decision so I/O child spans (JWKS, store) nest under it.
+            span = self._spans.start(
+                parent_from(rpc.invocation_metadata(), context.headers if context else None), start_ns
+            )
+            if isinstance(parsed, Decision):
+                outcome = parsed
+            else:
+                token = self._spans.enter(span)
+                try:
+                    outcome = self.authorizer.check(parsed, start_ns / 1e9)
+                finally:
+                    self._spans.leave(token)
         except Exception as exc:  # fail closed on anything unforeseen
             log.exception("check failed")
             error = exc
@@ -91,9 +114,13 @@ class CheckService:
         if outcome.error:
             outcome = _with_error(outcome, scrub(outcome.error, context))
         end_ns = time.time_ns()
-        parent = parent_from(rpc.invocation_metadata(), context.headers if context else None)
-        span = self._spans.record(outcome, context, parent, start_ns, end_ns, error)
-        labels = {"decision": "allow" if outcome.allowed else "deny", "reason": outcome.reason, "policy": outcome.policy}
+        if span is None:  # failed before the span began
+            span = self._spans.start(None, start_ns)
+        if context is None:
+            context = request_line(request)
+        self._spans.finish(span, outcome, context, end_ns, error)
+        verdict = "allow" if outcome.allowed else "deny"
+        labels = {"decision": verdict, "reason": outcome.reason, "policy": outcome.policy}
         metrics.checks.add(1, labels)
         metrics.check_duration.record((end_ns - start_ns) / 1e9, {"decision": labels["decision"]})
         for listener in self._listeners:

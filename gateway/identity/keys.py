@@ -182,9 +182,11 @@ class RemoteKeys:
         self._jwks_uri = uri
         return uri
 
-    def fetch_now(self) -> bool:
+    def fetch_now(self, *, only_if_due: bool = False) -> bool:
         """One fetch attempt; keeps the old keys on failure. Returns whether it succeeded."""
         with self._lock:
+            if only_if_due and self._clock() - self._last_attempt < self._cooldown:
+                return False  # a concurrent check fetched while this one waited for the lock
             self._last_attempt = self._clock()
             with _tracer.start_as_current_span("jwks.fetch", kind=trace.SpanKind.CLIENT) as span:
                 span.set_attribute("authz.issuer", self.issuer)
@@ -217,5 +219,5 @@ class RemoteKeys:
 
     def refresh_for_unknown_kid(self) -> KeySet:
         if self._clock() - self._last_attempt >= self._cooldown:
-            self.fetch_now()
+            self.fetch_now(only_if_due=True)
         return self._keys

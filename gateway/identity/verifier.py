@@ -18,8 +18,7 @@ import jwt
 
 from gateway import decision
 from gateway.config import AuthConfig, IssuerConfig
-from gateway.identity.keys import KeySource, RemoteKeys, StaticKeys
-
+from gateway.identity.keys import KeySet, KeySource, RemoteKeys, StaticKeys
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +78,10 @@ def _number(claims: Mapping[str, Any], name: str) -> float | None:
     return float(value)
 
 
+# identity, issuer, kid, and the key set it was verified with
+_CacheEntry = tuple[Identity, str, str | None, KeySet]
+
+
 @dataclass(slots=True)
 class _Issuer:
     config: IssuerConfig
@@ -94,7 +97,7 @@ class TokenVerifier:
         for issuer in auth.issuers:
             source = (key_sources or {}).get(issuer.issuer) or key_source_for(issuer, auth)
             self._issuers[issuer.issuer] = _Issuer(issuer, source)
-        self._cache: dict[bytes, tuple[Identity, str, str | None]] = {}
+        self._cache: dict[bytes, _CacheEntry] = {}
         self._cache_size = auth.token_cache_size
         self._cache_lock = threading.Lock()
 
@@ -108,17 +111,19 @@ class TokenVerifier:
         digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
         cached = self._cache.get(digest)
         if cached is not None:
-            identity, issuer, kid = cached
-            # A key removed from the JWKS revokes the tokens it signed, cached or not.
-            if self._issuers[issuer].keys.current().has_kid(kid):
+            identity, issuer, kid, verified_with = cached
+            keys = self._issuers[issuer].keys.current()
+            # A key removed from the JWKS revokes the tokens it signed, cached or not. A token
+            # without a kid cannot be traced to its key: it is re-verified when the key set changes.
+            if keys is verified_with or (kid is not None and keys.has_kid(kid)):
                 self._check_times(identity.claims, now)
                 return identity
             self._cache.pop(digest, None)
-        identity, kid = self._verify_uncached(token, now)
-        self._remember(digest, (identity, identity.issuer, kid))
+        identity, kid, verified_with = self._verify_uncached(token, now)
+        self._remember(digest, (identity, identity.issuer, kid, verified_with))
         return identity
 
-    def _remember(self, digest: bytes, entry: tuple[Identity, str, str | None]) -> None:
+    def _remember(self, digest: bytes, entry: _CacheEntry) -> None:
         if self._cache_size <= 0:
             return
         with self._cache_lock:
@@ -127,7 +132,7 @@ class TokenVerifier:
                 self._cache.pop(next(iter(self._cache)), None)
             self._cache[digest] = entry
 
-    def _verify_uncached(self, token: str, now: float) -> tuple[Identity, str | None]:
+    def _verify_uncached(self, token: str, now: float) -> tuple[Identity, str | None, KeySet]:
         if token.count(".") != 2:
             raise TokenRejected(decision.TOKEN_INVALID, "a JWT has three dot-separated segments")
         try:
@@ -147,9 +152,11 @@ class TokenVerifier:
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise TokenRejected(decision.TOKEN_INVALID, "the kid header is not a string")
-        key = issuer.keys.current().find(kid, alg)
+        keys = issuer.keys.current()
+        key = keys.find(kid, alg)
         if key is None:
-            key = issuer.keys.refresh_for_unknown_kid().find(kid, alg)
+            keys = issuer.keys.refresh_for_unknown_kid()
+            key = keys.find(kid, alg)
         if key is None:
             raise TokenRejected(decision.TOKEN_INVALID, "no trusted key fits the token's kid and alg")
         try:
@@ -180,7 +187,7 @@ class TokenVerifier:
         scopes = _scopes(claims)
         auth_map = {"authenticated": True, "issuer": issuer_name, "subject": subject, "scopes": list(scopes)}
         identity = Identity(claims, issuer_name, subject, scopes, expires_at, auth_map)
-        return identity, kid
+        return identity, kid, keys
 
     def _check_times(self, claims: Mapping[str, Any], now: float) -> float:
         leeway = self._auth.leeway

@@ -117,11 +117,11 @@ class NativeEngine:
             match = _LOCATED.search(str(exc))
             if match:
                 message = match.group(3).split("\n")[0].strip()
-                raise CompileError(message, int(match.group(1)), int(match.group(2)) + 1) from None
+                raise CompileError(message, int(match.group(1)), int(match.group(2))) from None  # already 1-based
             raise CompileError(str(exc).split("\n")[0]) from None
         returned = program.return_type().name()
         if expect != "any" and returned not in self._allowed[expect]:
-            raise CompileError(f"must evaluate to a {expect}, but this is a {returned.lower()}")
+            raise CompileError(f"must evaluate to a {expect}, not {returned.lower()}")
         return _NativeExpression(source, program, expect)
 
     def activation(self, variables: Mapping[str, Any]) -> Any:
@@ -170,6 +170,20 @@ def _to_python(value: Any) -> Any:
     return value
 
 
+def _celpy_syntax_message(exc: Exception) -> str:
+    # cel-python's own message is only the source text with a caret; lark's error says what.
+    cause = exc.__context__
+    character = getattr(cause, "char", None)
+    token = getattr(cause, "token", None)
+    if character:
+        return f"Syntax error: unexpected character {character!r}"
+    if token is not None and getattr(token, "type", "") == "$END":
+        return "Syntax error: unexpected end of expression"
+    if token is not None:
+        return f"Syntax error: unexpected {str(token)!r}"
+    return "Syntax error"
+
+
 class CelpyEngine:
     """cel-python: pure Python, slower, syntax-checked at load."""
 
@@ -189,8 +203,7 @@ class CelpyEngine:
         except CELParseError as exc:
             line = getattr(exc, "line", None) or 1
             column = getattr(exc, "column", None) or 1
-            message = str(exc.args[0] if exc.args else exc).split("\n")[0]
-            raise CompileError(message, int(line), int(column)) from None
+            raise CompileError(_celpy_syntax_message(exc), int(line), int(column)) from None
         return _CelpyExpression(source, self._env.program(ast), expect)
 
     def activation(self, variables: Mapping[str, Any]) -> Any:

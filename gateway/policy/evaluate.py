@@ -13,7 +13,7 @@ from typing import Any
 from gateway import decision
 from gateway.decision import Decision, Mismatch
 from gateway.policy.engines import CompiledExpression, EvaluationError
-from gateway.policy.model import Policy, Rule
+from gateway.policy.model import ALL_ALLOW, ALL_ALLOW_TERMINATE, Policy, Rule
 
 # (policy, rule, step, result): lets `policy explain` show every step taken.
 Tracer = Callable[[str, str, str, Any], None]
@@ -113,21 +113,46 @@ def first_denial(
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """The rules' outcome for one policy: a deny to enforce, or a deny to record only (audit)."""
+    """The rules' outcome for one policy: a deny to enforce, or a deny to record only (audit),
+    and whether the request ends the session (only meaningful when nothing denied)."""
 
     enforced: Decision | None = None
     audited: Decision | None = None
+    terminate: bool = False
+
+
+PASSED = Verdict()
+PASSED_TERMINATE = Verdict(terminate=True)
+
+
+def _fused_verdict(policy: Policy, activation: Any, variables: Mapping[str, Any]) -> Verdict | None:
+    """One evaluation for all rules; None when it failed, so the caller replays rule by rule."""
+    assert policy.fused is not None
+    try:
+        outcome = policy.fused.evaluate(activation)
+    except EvaluationError:
+        return None
+    if outcome == ALL_ALLOW:
+        return PASSED
+    if outcome == ALL_ALLOW_TERMINATE:
+        return PASSED_TERMINATE
+    denial = _deny_for(policy, policy.rules[outcome], activation, variables)
+    return Verdict(audited=denial) if policy.audit else Verdict(enforced=denial)
 
 
 def judge(
     policy: Policy, activation: Any, variables: Mapping[str, Any], trace: Tracer | None = None
 ) -> Verdict:
+    if policy.fused is not None and trace is None:
+        fast = _fused_verdict(policy, activation, variables)
+        if fast is not None:
+            return fast
     try:
         denial = first_denial(policy, activation, variables, trace)
+        if denial is None:
+            return PASSED_TERMINATE if terminates(policy, activation) else PASSED
     except PolicyFailure as failure:
         denial = failure.denial
         if trace:
             trace(policy.name, denial.rule, "error", denial.error)
-    if denial is None:
-        return Verdict()
     return Verdict(audited=denial) if policy.audit else Verdict(enforced=denial)

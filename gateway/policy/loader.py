@@ -15,14 +15,41 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from gateway.policy.engines import CompiledExpression, CompileError, Engine, Expect, make_engine
-from gateway.policy.model import DenySpec, Location, Policy, PolicySet, Rule, SessionSpec
+from gateway.policy.model import (
+    ALL_ALLOW,
+    ALL_ALLOW_TERMINATE,
+    DenySpec,
+    Location,
+    Policy,
+    PolicySet,
+    Rule,
+    SessionSpec,
+)
 
 POLICY_SUFFIXES = (".yaml", ".yml")
 TEST_SUFFIXES = ("_test.yaml", "_test.yml")
 _REASON = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
-_BODY_REFERENCE = re.compile(r"\bmcp\b|\bbody\b")
+# CEL string literals (raw/bytes prefixes, triple quotes), so that the text inside them,
+# such as "mcp-session-id", is not mistaken for a reference to `mcp` or `body`.
+_STRING_LITERAL = re.compile(
+    "[rRbB]{0,2}("
+    + "|".join(("'''[\\s\\S]*?'''", r'"""[\s\S]*?"""', r"'(?:\\.|[^'\\\n])*'", r'"(?:\\.|[^"\\\n])*"'))
+    + ")"
+)
+_BODY_REFERENCE = re.compile(r"(?<![\w.])mcp\b|\bbody\b")
+_HEADER_LOOKUP = re.compile(
+    r'^\s*"([a-z0-9-]+)"\s+in\s+request\.headers\s*\?\s*request\.headers\s*\[\s*"([a-z0-9-]+)"\s*\]\s*:\s*""\s*$'
+)
+
+
+def _reads_body(source: str) -> bool:
+    """Whether an expression reads the body: the `mcp` variable, or a `body` field or key."""
+    literals = _STRING_LITERAL.findall(source)
+    code = _STRING_LITERAL.sub('""', source)
+    return bool(_BODY_REFERENCE.search(code)) or any(text.strip("'\"") == "body" for text in literals)
+
 
 POLICY_KEYS = {"name", "description", "mode", "when", "session", "rules"}
 SESSION_KEYS = {"key", "bind", "terminate"}
@@ -58,7 +85,7 @@ def policy_files(directory: Path) -> list[Path]:
 class _FileLoader:
     def __init__(self, path: str, text: str, engine: Engine, problems: list[Problem]) -> None:
         self.path = path
-        self.lines = text.splitlines()
+        self.text = text
         self.engine = engine
         self.problems = problems
 
@@ -111,17 +138,32 @@ class _FileLoader:
             return None
 
     def _locate(self, node: ScalarNode, line: int, column: int) -> tuple[int, int]:
-        """Map a position inside the expression to a position in the file."""
-        start_line = node.start_mark.line + 1
-        start_column = node.start_mark.column + 1
+        """Map a position inside the expression to a position in the file.
+
+        The expression is the scalar's value; the file holds its raw text, with quotes,
+        escapes, indentation and folded lines. Every non-blank character of the value
+        appears in the raw text in the same order, so walking both in step finds it.
+        """
+        value = str(node.value)
+        value_lines = value.split("\n")
+        offset = sum(len(text) + 1 for text in value_lines[: line - 1]) + column - 1
+        offset = max(0, min(offset, len(value)))
+        raw_start = node.start_mark.index
+        raw = self.text[raw_start : node.end_mark.index]
         if node.style in ("|", ">"):
-            body_line = start_line + line
-            text = self.lines[body_line - 1] if 0 < body_line <= len(self.lines) else ""
-            indent = len(text) - len(text.lstrip(" "))
-            return body_line, indent + column
-        if line == 1:
-            return start_line, start_column + (1 if node.style in ("'", '"') else 0) + column - 1
-        return start_line + line - 1, column
+            position = raw.find("\n") + 1  # past the indicator line, which may hold a comment
+        else:
+            position = 1 if node.style in ("'", '"') else 0
+        for character in value[:offset]:
+            if not character.isspace():
+                found = raw.find(character, position)
+                position = found + 1 if found >= 0 else position
+        if offset < len(value) and not value[offset].isspace():
+            found = raw.find(value[offset], position)
+            position = found if found >= 0 else position
+        absolute = raw_start + position
+        line_start = self.text.rfind("\n", 0, absolute) + 1
+        return self.text.count("\n", 0, absolute) + 1, absolute - line_start + 1
 
     def integer(self, node: Node, what: str) -> int | None:
         value = self.scalar(node, what)
@@ -223,7 +265,9 @@ class _FileLoader:
             ok = ok and terminate is not None
         if not ok or key is None:
             return None
-        return SessionSpec(key, tuple(bind), terminate)
+        lookup = _HEADER_LOOKUP.match(key.source)
+        header = lookup.group(1) if lookup and lookup.group(1) == lookup.group(2) else None
+        return SessionSpec(key, tuple(bind), terminate, header)
 
     def policy(self, node: Node) -> Policy | None:
         fields = self.mapping(node, POLICY_KEYS, "a policy")
@@ -243,6 +287,8 @@ class _FileLoader:
             if mode not in ("enforce", "audit"):
                 self.problem(fields["mode"][1], f"mode must be enforce or audit, not {mode!r}")
         when = self.expression(fields["when"][1], "bool", "when") if "when" in fields else None
+        if when is not None and when.source.strip() == "true":
+            when = None  # always applies: skip the evaluation per request
         session = self.session(fields["session"][1]) if "session" in fields else None
         rules: list[Rule] = []
         rules_ok = True
@@ -266,7 +312,7 @@ class _FileLoader:
         broken = (
             name is None
             or not rules_ok
-            or ("when" in fields and when is None)
+            or ("when" in fields and when is None and not _is_true(fields["when"][1]))
             or ("session" in fields and session is None)
         )
         if broken or name is None:
@@ -279,8 +325,34 @@ class _FileLoader:
             session=session,
             rules=tuple(rules),
             location=self.at(node),
-            uses_body=any(_BODY_REFERENCE.search(e.source) for e in _expressions(when, session, rules)),
+            uses_body=any(_reads_body(e.source) for e in _expressions(when, session, rules)),
+            fused=self._fuse(rules, session),
         )
+
+    def _fuse(self, rules: list[Rule], session: SessionSpec | None) -> CompiledExpression | None:
+        """One expression for all rules: `(when ? allow : true) ? <next rule> : <index>`.
+
+        A conditional propagates an error in its condition, so the fused form fails exactly
+        when rule-by-rule evaluation would; the caller then replays rule by rule.
+        """
+        if session is not None and session.terminate is not None:
+            tail = f"(({session.terminate.source}) ? {ALL_ALLOW_TERMINATE} : {ALL_ALLOW})"
+        else:
+            tail = str(ALL_ALLOW)
+        for index in range(len(rules) - 1, -1, -1):
+            rule = rules[index]
+            passes = f"({rule.allow.source})"
+            if rule.when is not None:
+                passes = f"(({rule.when.source}) ? {passes} : true)"
+            tail = f"({passes} ? {tail} : {index})"
+        try:
+            return self.engine.compile(tail, "any")
+        except CompileError:
+            return None  # rule-by-rule still works; only the shortcut is lost
+
+
+def _is_true(node: Node) -> bool:
+    return isinstance(node, ScalarNode) and str(node.value).strip().lower() == "true"
 
 
 def _expressions(
@@ -297,6 +369,32 @@ def _expressions(
         if rule.when is not None:
             yield rule.when
         yield rule.allow
+        yield from (expr for _, expr in rule.deny.headers)
+
+
+_VARIABLE_REFERENCE = re.compile(r"(?<![\w.])(request|mcp|claims|auth|session|context|source|now)\b(\s*\.\s*(\w+))?")
+
+
+def _reads(policies: Iterable[Policy]) -> tuple[frozenset[str], frozenset[str] | None]:
+    """The variables, and fields of `request`, that any expression may read.
+
+    String literals are blanked first. When in doubt it over-approximates, never under:
+    a variable left out of the activation would turn a valid expression into an error.
+    """
+    variables: set[str] = set()
+    request_fields: set[str] | None = set()
+    for policy in policies:
+        for expr in _expressions(policy.when, policy.session, policy.rules):
+            if policy.session is not None and policy.session.header and expr is policy.session.key:
+                continue  # read straight from the headers, not through CEL
+            for match in _VARIABLE_REFERENCE.finditer(_STRING_LITERAL.sub('""', expr.source)):
+                variables.add(match.group(1))
+                if match.group(1) == "request" and request_fields is not None:
+                    if match.group(3) is None:
+                        request_fields = None
+                    else:
+                        request_fields.add(match.group(3))
+    return frozenset(variables), frozenset(request_fields) if request_fields is not None else None
 
 
 def load_documents(path: str, text: str, engine: Engine, problems: list[Problem]) -> list[Policy]:
@@ -340,7 +438,8 @@ def load_policy_set(
             policies.append(policy)
     if problems:
         raise PolicyLoadError(problems)
-    return PolicySet(tuple(policies), engine, tuple(files))
+    variables, request_fields = _reads(policies)
+    return PolicySet(tuple(policies), engine, tuple(files), variables, request_fields)
 
 
 def read_policy_dir(directory: Path) -> list[tuple[str, str]]:

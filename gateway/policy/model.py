@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from gateway.policy.engines import CompiledExpression, Engine
 
 
+ALL_ALLOW = -1
+ALL_ALLOW_TERMINATE = -2
+
+
 @dataclass(frozen=True, slots=True)
 class Location:
     file: str
@@ -39,6 +43,9 @@ class SessionSpec:
     key: CompiledExpression
     bind: tuple[tuple[str, CompiledExpression], ...]
     terminate: CompiledExpression | None = None
+    # Set when `key` is exactly `"name" in request.headers ? request.headers["name"] : ""`:
+    # the key is then read from the headers without evaluating CEL.
+    header: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +59,10 @@ class Policy:
     location: Location
     # Whether any expression reads the body (request.body or mcp); a partial body then denies.
     uses_body: bool = False
+    # All rules (and session.terminate) folded into one expression, evaluated in one call on
+    # the hot path: the index of the first denying rule, ALL_ALLOW, or ALL_ALLOW_TERMINATE.
+    # Any error in it falls back to rule-by-rule evaluation, which names the failing rule.
+    fused: CompiledExpression | None = None
 
     @property
     def audit(self) -> bool:
@@ -63,3 +74,9 @@ class PolicySet:
     policies: tuple[Policy, ...]
     engine: Engine
     files: tuple[str, ...] = ()
+    # What the expressions read, so each request's activation holds nothing more:
+    # the top-level variables, and the fields of `request` (None: the whole map).
+    variables: frozenset[str] = frozenset(
+        ("request", "mcp", "claims", "auth", "session", "context", "source", "now")
+    )
+    request_fields: frozenset[str] | None = None

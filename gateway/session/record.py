@@ -17,7 +17,6 @@ from gateway import decision
 
 SCHEMA_VERSION = 1
 LEGACY_FIELD_NAMES = frozenset({"vmcp.token.hash", "vmcp.token.salt"})
-LEGACY_FIELD_PARTS = ("token_hash", "token_salt")
 
 ENDED_TERMINATED = "terminated"
 ENDED_REVOKED = "revoked"
@@ -71,14 +70,26 @@ def tombstone(previous: Mapping[str, Any] | None, ended: str, now: float) -> dic
     }
 
 
+_RECORD_KEYS = frozenset({"schema", "anonymous", "created_at", "terminated", "ended", "owner", "bound"})
+
+
+def _legacy_key(key: object) -> bool:
+    lowered = str(key).lower()
+    return lowered in LEGACY_FIELD_NAMES or "token_hash" in lowered or "token_salt" in lowered
+
+
 def has_legacy_fields(data: Mapping[str, Any], depth: int = 0) -> bool:
+    """Token-hash fields anywhere in the record (a few levels deep) mark an old schema."""
+    if depth == 0 and type(data) is dict and data.keys() <= _RECORD_KEYS:
+        # The common case, on the hot path: a current record; only `bound` can hide old fields.
+        bound = data.get("bound")
+        return type(bound) is dict and bool(bound) and has_legacy_fields(bound, 1)
     if depth > 4:
         return False
     for key, value in data.items():
-        lowered = str(key).lower()
-        if lowered in LEGACY_FIELD_NAMES or any(part in lowered for part in LEGACY_FIELD_PARTS):
+        if _legacy_key(key):
             return True
-        if isinstance(value, Mapping) and has_legacy_fields(value, depth + 1):
+        if type(value) is dict and has_legacy_fields(value, depth + 1):
             return True
     return False
 
@@ -96,14 +107,15 @@ def is_live(data: Mapping[str, Any], now: float, ttl: float) -> bool:
 
 def refusal(data: Mapping[str, Any], last_seen: float | None, now: float, ttl: float, idle: float) -> str | None:
     """Why a stored record cannot be used (a reason code), or None when it is live."""
-    if not isinstance(data, Mapping) or "schema" not in data or has_legacy_fields(data):
+    # Stores hand back plain dicts (decoded JSON); anything else is not a record of ours.
+    if type(data) is not dict or "schema" not in data or has_legacy_fields(data):
         return decision.SESSION_LEGACY_FORMAT
     if data.get("schema") != SCHEMA_VERSION:
         # Written by a newer gateway: neither trust it nor destroy it.
         return decision.INTERNAL_ERROR
     created_at = data.get("created_at")
     bound = data.get("bound", {})
-    if isinstance(created_at, bool) or not isinstance(created_at, int | float) or not isinstance(bound, Mapping):
+    if type(created_at) not in (int, float) or type(bound) is not dict:
         return decision.SESSION_LEGACY_FORMAT
     if data.get("terminated", False):
         return _ENDED_REASON.get(str(data.get("ended", "")), decision.SESSION_TERMINATED)

@@ -2,8 +2,15 @@
 
 A store keeps session records (plain JSON-able mappings, see `gateway.session.record`)
 by session id. It knows nothing of policies: the lifecycle decides what a record means.
-Time is passed in by the caller, so stores that keep their own clocks (Redis) and those
-that do not (memory, SQLite) answer the same questions the same way.
+
+Every store follows the same expiry rules, so the three answer alike (Redis natively,
+memory and SQLite by keeping an expiry time next to each record):
+- a live record leaves the store `idle_timeout` after its last use: it is then simply
+  absent, and its id is a new id. Its absolute `ttl` is judged from its `created_at`
+  by the lifecycle (`record.refusal`), which then writes an already-ended tombstone;
+- a tombstone (terminated: true) stays until its created_at + ttl and is never slid;
+- a raw record (write_raw: legacy data, migrations) stays for the ttl.
+Time is passed in by the caller; Redis uses its own clock for native expiry.
 """
 
 from __future__ import annotations
@@ -21,8 +28,8 @@ class StoreUnavailable(Exception):
 @dataclass(frozen=True, slots=True)
 class Loaded:
     data: Mapping[str, Any]
-    # When the store tracks idleness itself (memory, SQLite): the last use before this one.
-    # None where the store expires idle records natively (Redis).
+    # The last use before this one, for stores that judge idleness on read. The stores here
+    # expire idle records themselves (see the module docstring), so they leave it None.
     last_seen: float | None = None
 
 
@@ -44,6 +51,30 @@ class StoreSettings:
     timeout: float = 0.25
 
 
+def slide_interval(settings: StoreSettings) -> float:
+    """How stale an idle expiry may get before a load rewrites it (memory, SQLite).
+
+    Sliding costs a write; once a second is precise enough for idle timeouts of minutes,
+    and short timeouts (tests) slide proportionally more often."""
+    return min(1.0, settings.idle_timeout / 8)
+
+
+def is_tombstone(data: Mapping[str, Any]) -> bool:
+    return data.get("terminated") is True and "schema" in data
+
+
+def expiry_of(data: Mapping[str, Any], now: float, settings: StoreSettings) -> float:
+    """When a record written at `now` leaves the store (see the module docstring)."""
+    if is_tombstone(data):
+        created_at = data.get("created_at")
+        if isinstance(created_at, int | float) and not isinstance(created_at, bool):
+            return float(created_at) + settings.ttl
+        return now + settings.ttl
+    if "schema" not in data:
+        return now + settings.ttl
+    return now + settings.idle_timeout
+
+
 class SessionStore(ABC):
     """What the gateway needs from a store. Every method may raise StoreUnavailable."""
 
@@ -53,7 +84,7 @@ class SessionStore(ABC):
     def load(self, session_id: str, now: float) -> Loaded | None:
         """The record, or None when there is none (never bound, or expired and gone).
 
-        Loading counts as use: it slides the idle timeout.
+        Loading a live record counts as use: it slides the idle expiry. Tombstones never slide.
         """
 
     @abstractmethod
@@ -82,7 +113,7 @@ class SessionStore(ABC):
 
     @abstractmethod
     def ids_of_owner(self, owner: str) -> list[str]:
-        """The ids of the sessions bound to an owner key; for revoke-subject."""
+        """The ids of the live (not ended) sessions bound to an owner key; for revoke-subject."""
 
     def live_count(self) -> int | None:
         """How many records the store holds, when it can tell cheaply."""

@@ -1,5 +1,10 @@
 """Telemetry providers from the standard OTEL_* variables.
 
+Honoured: OTEL_SDK_DISABLED, OTEL_SERVICE_NAME (default authz-gateway),
+OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_SAMPLER(_ARG), OTEL_EXPORTER_OTLP_(TRACES_|METRICS_)
+ENDPOINT / PROTOCOL / HEADERS / TIMEOUT, OTEL_TRACES_EXPORTER / OTEL_METRICS_EXPORTER
+(`none` turns a signal off), OTEL_BSP_* and OTEL_METRIC_EXPORT_INTERVAL.
+
 With no OTLP endpoint nothing is exported and nothing is printed per request. Spans go
 through a batch processor; shutdown() flushes them, and the metrics, before exit.
 """
@@ -10,6 +15,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from opentelemetry import metrics, trace
 
@@ -27,11 +33,34 @@ def sdk_disabled() -> bool:
 
 
 def _protocol(signal: str) -> str:
-    return (_env(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL") or _env("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").lower()
+    protocol = _env(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL") or _env("OTEL_EXPORTER_OTLP_PROTOCOL")
+    return (protocol or "grpc").lower()
+
+
+def _endpoint(signal: str) -> str:
+    return _env(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT") or _env("OTEL_EXPORTER_OTLP_ENDPOINT")
 
 
 def _endpoint_configured(signal: str) -> bool:
-    return bool(_env(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT") or _env("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    # OTEL_TRACES_EXPORTER=none / OTEL_METRICS_EXPORTER=none switch one signal off.
+    return bool(_endpoint(signal)) and _env(f"OTEL_{signal}_EXPORTER").lower() != "none"
+
+
+def _destination(signal: str) -> str:
+    """Where a signal goes, for the start-up log line; any user:password in the URL is left out."""
+    parts = urlsplit(_endpoint(signal))
+    netloc = parts.netloc.rpartition("@")[2]
+    return f"-> OTLP {_protocol(signal)} {parts.scheme}://{netloc}{parts.path}" if parts.scheme else "-> OTLP"
+
+
+def service_resource() -> Any:
+    """The resource from OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME, named authz-gateway by default."""
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+
+    resource = Resource.create()
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
+    return resource
 
 
 def _span_exporter() -> Any:
@@ -80,12 +109,10 @@ def setup_telemetry(*, metrics_http: bool = False) -> Telemetry:
         return Telemetry()
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
-    from opentelemetry.sdk.resources import OTEL_SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    attributes = {} if _env(OTEL_SERVICE_NAME) else {"service.name": DEFAULT_SERVICE_NAME}
-    resource = Resource.create(attributes)
+    resource = service_resource()
     telemetry = Telemetry()
 
     if _endpoint_configured("TRACES"):
@@ -107,4 +134,12 @@ def setup_telemetry(*, metrics_http: bool = False) -> Telemetry:
         meter_provider = MeterProvider(resource=resource, metric_readers=readers)
         metrics.set_meter_provider(meter_provider)
         telemetry.meter_provider = meter_provider
+    # Once at start, so an operator sees where telemetry goes (endpoints hold no secrets;
+    # OTLP headers, which may, are not logged).
+    log.info(
+        "telemetry: traces %s, metrics %s%s",
+        _destination("TRACES") if telemetry.exporting else "not exported",
+        _destination("METRICS") if _endpoint_configured("METRICS") else "not pushed",
+        ", served on /metrics" if metrics_http else "",
+    )
     return telemetry

@@ -25,6 +25,7 @@ class TestIssuer:
         self.published = list(self.keys)
         self.jwks_requests = 0
         self.fail_jwks = False
+        self.jwks_delay = 0.0  # seconds the JWKS endpoint waits before answering (a slow IdP)
         self._server: ThreadingHTTPServer | None = None
         self.issuer = f"https://{name}.example.test"
         if serve:
@@ -38,6 +39,8 @@ class TestIssuer:
             def do_GET(self) -> None:
                 if self.path == "/jwks.json":
                     issuer.jwks_requests += 1
+                    if issuer.jwks_delay:
+                        time.sleep(issuer.jwks_delay)
                     if issuer.fail_jwks:
                         self.send_error(503)
                         return

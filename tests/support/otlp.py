@@ -104,6 +104,51 @@ class OtlpReceiver:
     def http_endpoint(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    def exporter_env(self, protocol: str = "grpc") -> dict[str, str]:
+        """OTEL_* variables that make a gateway process export here, flushing quickly."""
+        return {
+            "OTEL_SDK_DISABLED": "false",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": self.grpc_endpoint if protocol == "grpc" else self.http_endpoint,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "OTEL_METRIC_EXPORT_INTERVAL": "500",
+        }
+
+    def wait_for_span(self, predicate: Any, timeout: float = 15.0, **filters: Any) -> ReceivedSpan:
+        """The first span (matching the filters) for which predicate(span) holds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for span in self.spans(**filters):
+                if predicate(span):
+                    return span
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no such span after {timeout}s")
+            time.sleep(0.05)
+
+    def metric_points(self, name: str, service: str | None = None) -> list[tuple[dict[str, Any], Any]]:
+        """(attributes, data point) of every point received for a metric, in arrival order."""
+        with self._lock:
+            requests = list(self.metric_requests)
+        points = []
+        for request in requests:
+            for resource_metrics in request.resource_metrics:
+                attrs = {kv.key: _any_value(kv.value) for kv in resource_metrics.resource.attributes}
+                if service is not None and attrs.get("service.name") != service:
+                    continue
+                for scope_metrics in resource_metrics.scope_metrics:
+                    for metric in scope_metrics.metrics:
+                        if metric.name != name:
+                            continue
+                        data = getattr(metric, metric.WhichOneof("data"))
+                        for point in data.data_points:
+                            points.append(({kv.key: _any_value(kv.value) for kv in point.attributes}, point))
+        return points
+
+    def all_bytes(self) -> bytes:
+        """Every payload received so far, as sent (for secret scans)."""
+        with self._lock:
+            return b"".join(self.raw_payloads)
+
     def _add_traces(self, request: Any, raw: bytes) -> None:
         with self._lock:
             self.trace_requests.append(request)
