@@ -10,7 +10,7 @@ import sys
 from gateway import __version__
 
 # Each subcommand lives in gateway/commands/<name>.py with add_parser() and run().
-COMMANDS = ("serve", "token", "policy")
+COMMANDS = ("serve", "token", "policy", "demo", "sessions")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -199,7 +199,8 @@ def _issuer(reader: _Reader, base: Path) -> IssuerConfig:
     for alg in algorithms:
         if alg not in ASYMMETRIC_ALGORITHMS:
             raise reader.error(
-                f"algorithm {alg!r} is not allowed (asymmetric only: {', '.join(sorted(ASYMMETRIC_ALGORITHMS))})",
+                f"algorithm {alg!r} is not allowed "
+                f"(asymmetric only: {', '.join(sorted(ASYMMETRIC_ALGORITHMS))})",
                 "algorithms",
             )
     jwks_file_raw = reader.string("jwks_file")

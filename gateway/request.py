@@ -14,6 +14,7 @@ from gateway import decision
 from gateway.mcp import NOT_MCP, McpCall, McpHeaderMismatch, mcp_view
 
 PARTIAL_BODY_HEADER = "x-envoy-auth-partial-body"
+_REQUEST_FIELDS = frozenset({"method", "path", "query", "host", "scheme", "headers", "body", "id"})
 
 
 class RequestError(Exception):
@@ -48,26 +49,27 @@ class RequestContext:
         Its headers leave out `authorization`: policies read the verified `claims` and
         `auth` instead, and a CEL error message can then never echo the token.
         """
-        full = fields is None
+        if fields is None:
+            fields = _REQUEST_FIELDS
         result: dict[str, Any] = {}
-        if full or "method" in fields:
+        if "method" in fields:
             result["method"] = self.method
-        if full or "path" in fields:
+        if "path" in fields:
             result["path"] = self.path
-        if full or "query" in fields:
+        if "query" in fields:
             result["query"] = self.query
-        if full or "host" in fields:
+        if "host" in fields:
             result["host"] = self.host
-        if full or "scheme" in fields:
+        if "scheme" in fields:
             result["scheme"] = self.scheme
-        if full or "headers" in fields:
+        if "headers" in fields:
             headers = self.headers
             if "authorization" in headers:
                 headers = {k: v for k, v in headers.items() if k != "authorization"}
             result["headers"] = headers
-        if full or "body" in fields:
+        if "body" in fields:
             result["body"] = self.body
-        if full or "id" in fields:
+        if "id" in fields:
             result["id"] = self.id
         return result
 

@@ -124,7 +124,7 @@ class ResponseBuilder:
         return external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=grpc_code),
             denied_response=external_auth_pb2.DeniedHttpResponse(
-                status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
+                status=http_status_pb2.HttpStatus(code=status),
                 headers=[_header(k, v) for k, v in headers],
                 body=self.body(reason, status),
             ),

@@ -32,12 +32,17 @@ SERVICE_NAME = "envoy.service.auth.v3.Authorization"
 DecisionListener = Callable[[Decision, RequestContext | None, Any], None]
 
 
-def _lenient_parse(data: bytes) -> external_auth_pb2.CheckRequest | None:
+# grpc answers INTERNAL when a deserializer returns None, so a request that does not parse
+# is marked by this object instead, and reaches Check to be denied as request_invalid.
+UNPARSABLE = external_auth_pb2.CheckRequest()
+
+
+def _lenient_parse(data: bytes) -> external_auth_pb2.CheckRequest:
     # A request that does not parse (non-UTF-8 strings, garbage) becomes a deny, not a gRPC error.
     try:
         return external_auth_pb2.CheckRequest.FromString(data)
     except (DecodeError, ValueError):
-        return None
+        return UNPARSABLE
 
 
 def scrub(text: str, context: RequestContext | None) -> str:
@@ -70,7 +75,7 @@ class CheckService:
         self._listeners = listeners
 
     def decide(self, request: external_auth_pb2.CheckRequest | None, now: float) -> tuple[Decision, RequestContext | None]:
-        if request is None:
+        if request is None or request is UNPARSABLE:
             return decision.deny(decision.REQUEST_INVALID, error="the CheckRequest does not parse"), None
         try:
             context = from_check_request(request, self._max_request_bytes)
@@ -79,7 +84,7 @@ class CheckService:
         return self.authorizer.check(context, now), context
 
     def _parse(self, request: external_auth_pb2.CheckRequest | None) -> RequestContext | Decision:
-        if request is None:
+        if request is None or request is UNPARSABLE:
             return decision.deny(decision.REQUEST_INVALID, error="the CheckRequest does not parse")
         try:
             return from_check_request(request, self._max_request_bytes)

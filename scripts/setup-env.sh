@@ -17,4 +17,8 @@ fi
 echo "== pip install -e .[test]"
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
 "$VENV/bin/python" -m pip install -q -e ".[test]"
+# xds-protos ships its own, older copy of opentelemetry/proto/*_pb2.py; installed after
+# opentelemetry-proto it overwrites it and the OTLP exporter fails to import. Put it back.
+"$VENV/bin/python" -m pip install -q --force-reinstall --no-deps \
+  "opentelemetry-proto==$("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("opentelemetry-proto"))')"
 export PATH="$VENV/bin:$PATH"

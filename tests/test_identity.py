@@ -97,7 +97,10 @@ def test_valid_token_per_alg_and_key_source(
     assert isinstance(identity, Identity)
     assert (identity.issuer, identity.subject, identity.scopes) == (idp.issuer, "alice", ("read", "write"))
     assert identity.auth_map == {
-        "authenticated": True, "issuer": idp.issuer, "subject": "alice", "scopes": ["read", "write"],
+        "authenticated": True,
+        "issuer": idp.issuer,
+        "subject": "alice",
+        "scopes": ["read", "write"],
     }
     # Only the remote sources talk to the issuer, and a file never does.
     assert (idp.jwks_requests > 0) == (source != "jwks_file")
@@ -338,8 +341,13 @@ def test_unknown_kid_refetch_picks_up_a_rotated_key_after_the_cooldown(issuers: 
     idp = serve(issuers, "RS256")
     clock = [1000.0]
     keys = RemoteKeys(
-        idp.issuer, jwks_uri=idp.jwks_uri, discovery=False, timeout=2.0,
-        refresh_every=3600.0, cooldown=30.0, clock=lambda: clock[0],
+        idp.issuer,
+        jwks_uri=idp.jwks_uri,
+        discovery=False,
+        timeout=2.0,
+        refresh_every=3600.0,
+        cooldown=30.0,
+        clock=lambda: clock[0],
     )
     config = config_from_mapping({"auth": {"issuers": [idp.issuer_config()]}})
     verifier = TokenVerifier(config.auth, {idp.issuer: keys})
@@ -403,8 +411,14 @@ def test_an_unreachable_endpoint_at_start_means_no_keys_not_an_allow(tmp_path: P
     idp = TestIssuer("RS256")
     url = idp.jwks_uri
     idp.stop()  # nothing listens there any more
-    config = config_from_mapping({"auth": {"issuers": [{"issuer": idp.issuer, "audiences": [AUDIENCE],
-                                                         "jwks_uri": url}], "jwks_timeout": "500ms"}})
+    config = config_from_mapping(
+        {
+            "auth": {
+                "issuers": [{"issuer": idp.issuer, "audiences": [AUDIENCE], "jwks_uri": url}],
+                "jwks_timeout": "500ms",
+            }
+        }
+    )
     verifier = TokenVerifier(config.auth)
     assert outcome(verifier, idp.token()) == decision.TOKEN_INVALID
 
@@ -535,8 +549,12 @@ def test_oversized_token_is_refused_before_any_parsing(file_issuer: tuple[TestIs
 def test_rejection_messages_never_contain_the_token(file_issuer: tuple[TestIssuer, TokenVerifier]) -> None:
     idp, verifier = file_issuer
     samples = [
-        idp.token(ttl=-100), idp.token(audience="https://x.test"), "abc.def", "a.b.c",
-        _bad_kid_token(idp), idp.token(sub=""),
+        idp.token(ttl=-100),
+        idp.token(audience="https://x.test"),
+        "abc.def",
+        "a.b.c",
+        _bad_kid_token(idp),
+        idp.token(sub=""),
     ]
     for token in samples:
         with pytest.raises(TokenRejected) as rejected:

@@ -38,31 +38,46 @@ def add_parser(subparsers: Any) -> None:
     commands = parser.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", required=True)
 
     check = commands.add_parser("check", help="load and type-check a policy directory")
-    check.add_argument("dirs", nargs="*", type=Path, metavar="DIR", help="policy directories (default ./policies)")
+    check.add_argument(
+        "dirs", nargs="*", type=Path, metavar="DIR", help="policy directories (default ./policies)"
+    )
     _engine_option(check)
     check.set_defaults(run=run_check)
 
     test = commands.add_parser("test", help="run the *_test.yaml cases beside the policies")
-    test.add_argument("dirs", nargs="*", type=Path, metavar="DIR", help="policy directories (default ./policies)")
+    test.add_argument(
+        "dirs", nargs="*", type=Path, metavar="DIR", help="policy directories (default ./policies)"
+    )
     _engine_option(test)
     test.add_argument("-v", "--verbose", action="store_true", help="also print each case's description")
     test.set_defaults(run=run_test)
 
     explain = commands.add_parser("explain", help="show each policy and rule's result for one input")
-    explain.add_argument("--input", type=Path, required=True, metavar="CASE.yaml",
-                         help="one case, or a test file (pick a case with --case)")
+    explain.add_argument(
+        "--input",
+        type=Path,
+        required=True,
+        metavar="CASE.yaml",
+        help="one case, or a test file (pick a case with --case)",
+    )
     explain.add_argument("--case", help="the case's name, when the input file holds several")
-    explain.add_argument("--policies", type=Path, metavar="DIR",
-                         help="policy directory (default: the input file's directory if it holds policies, "
-                              "else ./policies)")
+    explain.add_argument(
+        "--policies",
+        type=Path,
+        metavar="DIR",
+        help="policy directory (default: the input file's directory if it holds policies, else ./policies)",
+    )
     explain.add_argument("--engine", choices=ENGINES, default="cel", help="CEL engine (default cel)")
     explain.set_defaults(run=run_explain)
 
 
 def _engine_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--engine", choices=(*ENGINES, "all"), default="all",
-        help="CEL engine: cel (cel-expr-python), celpy (cel-python), or all (default: both, so they cannot disagree)",
+        "--engine",
+        choices=(*ENGINES, "all"),
+        default="all",
+        help="CEL engine: cel (cel-expr-python), celpy (cel-python), or all (default: both, so that "
+        "they cannot disagree)",
     )
 
 
@@ -130,10 +145,13 @@ def check(directories: list[Path], engines: tuple[str, ...], out: TextIO) -> int
                 features.append("binds sessions")
             if policy.uses_body:
                 features.append("reads the body")
-            print(f"{_shown(policy.location)}: {policy.name} ({', '.join(features)})", file=out)
+            print(f"{_shown(str(policy.location))}: {policy.name} ({', '.join(features)})", file=out)
         files = len(policy_files(directory))
-        print(f"{_shown(directory)}: ok, {len(loaded.policies)} policies in {files} file(s) "
-              f"(engines: {', '.join(engines)})", file=out)
+        print(
+            f"{_shown(directory)}: ok, {len(loaded.policies)} policies in {files} file(s) "
+            f"(engines: {', '.join(engines)})",
+            file=out,
+        )
     return 1 if failed else 0
 
 
@@ -176,8 +194,10 @@ def test(directories: list[Path], engines: tuple[str, ...], out: TextIO, verbose
     passed = sum(r.passed for r in results)
     failed = len(results) - passed
     extra = f", {broken} file(s) with errors" if broken else ""
-    print(f"{passed} passed, {failed} failed{extra} ({files} test file(s), engines: {', '.join(engines)})",
-          file=out)
+    print(
+        f"{passed} passed, {failed} failed{extra} ({files} test file(s), engines: {', '.join(engines)})",
+        file=out,
+    )
     return 0 if failed == 0 and broken == 0 and results else 1
 
 
@@ -185,7 +205,9 @@ def _print_result(result: CaseResult, out: TextIO, verbose: bool) -> None:
     case = result.case
     where = f"{_shown(case.location.file)}:{case.location.line}"
     got = summary(result.outcome) if result.outcome is not None else "error"
-    print(f"{'PASS' if result.passed else 'FAIL'}  [{result.engine:5}] {where}  {case.name}  ({got})", file=out)
+    print(
+        f"{'PASS' if result.passed else 'FAIL'}  [{result.engine:5}] {where}  {case.name}  ({got})", file=out
+    )
     if verbose and case.description:
         print(f"        {case.description}", file=out)
     for failure in result.failures:
@@ -207,7 +229,9 @@ def _policy_dir_for(input_path: Path, given: Path | None) -> Path:
     return resolve_policy_dir(None)
 
 
-def explain(input_path: Path, case_name: str | None, policies_dir: Path | None, engine: str, out: TextIO) -> int:
+def explain(
+    input_path: Path, case_name: str | None, policies_dir: Path | None, engine: str, out: TextIO
+) -> int:
     try:
         cases = load_case_file(input_path)
     except CaseFileError as exc:
@@ -261,14 +285,20 @@ def _explain_case(case: PolicyCase, policies: PolicySet, directory: Path, engine
     request = case.request
     print(f"case      {case.name}  ({_shown(case.location.file)}:{case.location.line})", file=out)
     print(f"policies  {_shown(directory)}  (engine {engine})", file=out)
-    print(f"request   {request['method']} {request['path']}"
-          + ("  (partial body)" if request["partial_body"] else ""), file=out)
+    print(
+        f"request   {request['method']} {request['path']}"
+        + ("  (partial body)" if request["partial_body"] else ""),
+        file=out,
+    )
     if case.claims is None:
         print("identity  anonymous", file=out)
     else:
         scopes = case.claims.get("scope", case.claims.get("scp", ""))
-        print(f"identity  iss={case.claims['iss']} sub={case.claims['sub']}"
-              + (f" scopes={scopes}" if scopes else ""), file=out)
+        print(
+            f"identity  iss={case.claims['iss']} sub={case.claims['sub']}"
+            + (f" scopes={scopes}" if scopes else ""),
+            file=out,
+        )
     if case.session is not None:
         s = case.session
         who = "anonymous" if s.anonymous else ", ".join(f"{k}={v}" for k, v in s.bound.items())
@@ -292,18 +322,27 @@ def _explain_case(case: PolicyCase, policies: PolicySet, directory: Path, engine
     if d.allowed:
         print(f"decision  allow ({d.reason})", file=out)
     else:
-        where = " ".join(x for x in (f"policy={d.policy}" if d.policy else "", f"rule={d.rule}" if d.rule else "") if x)
+        where = " ".join(
+            x for x in (f"policy={d.policy}" if d.policy else "", f"rule={d.rule}" if d.rule else "") if x
+        )
         print(f"decision  deny {d.status} {d.reason}" + (f"  [{where}]" if where else ""), file=out)
         if d.error:
             print(f"error     {d.error}  (telemetry only; never sent to the client)", file=out)
         body = outcome.response.denied_response.body
-        headers = ", ".join(f"{h.header.key}: {h.header.value}" for h in outcome.response.denied_response.headers)
+        headers = ", ".join(
+            f"{h.header.key}: {h.header.value}" for h in outcome.response.denied_response.headers
+        )
         print(f"response  {d.status} {body}  [{headers}]", file=out)
     for audit in d.audit_denies:
-        print(f"audit     would deny {audit.status} {audit.reason} (policy={audit.policy} rule={audit.rule})",
-              file=out)
+        print(
+            f"audit     would deny {audit.status} {audit.reason} (policy={audit.policy} rule={audit.rule})",
+            file=out,
+        )
     if outcome.session_id:
-        print(f"session   {outcome.session_id}: {session_state(outcome.session_after)} after the check", file=out)
+        print(
+            f"session   {outcome.session_id}: {session_state(outcome.session_after)} after the check",
+            file=out,
+        )
     if case.expect is not None:
         problems = failures(case.expect, outcome)
         print(f"expected  {'as expected' if not problems else '; '.join(problems)}", file=out)
@@ -330,17 +369,16 @@ def _print_policy(
     if not applies:
         print(f"{header}: when is false, the policy does not apply", file=out)
         return
-    print(f"{header}: applies" + ("" if policy.when is not None else " (always)"), file=out)
+    print(f"{header}: applies" + (" (when is true)" if policy.when is not None else " (always)"), file=out)
     if ("", "session") in by_step:
         print(f"   session: {_describe_session(by_step[('', 'session')])}", file=out)
         if hasattr(by_step[("", "session")], "allowed"):
             return
-    elif policy.session is not None and not events:
-        print("   (not evaluated: the check ended before it)", file=out)
-        return
+    elif policy.session is not None:
+        print("   session: as for the first call of the batch", file=out)
     decided = False
     for rule in policy.rules:
-        mark = _rule_line(rule, by_step, decided)
+        mark = _rule_line(rule, by_step, decided, policy.audit)
         print(f"   rule {rule.name:32} {mark}", file=out)
         if by_step.get((rule.name, "allow")) is False or (rule.name, "error") in by_step:
             decided = True
@@ -348,7 +386,7 @@ def _print_policy(
         print("   session.terminate is true: the session ends (tombstone)", file=out)
 
 
-def _rule_line(rule: Any, by_step: dict[tuple[str, str], Any], decided: bool) -> str:
+def _rule_line(rule: Any, by_step: dict[tuple[str, str], Any], decided: bool, audit: bool) -> str:
     if (rule.name, "error") in by_step:
         return f"ERROR -> policy_error: {by_step[(rule.name, 'error')]}"
     when = by_step.get((rule.name, "when"))
@@ -358,7 +396,8 @@ def _rule_line(rule: Any, by_step: dict[tuple[str, str], Any], decided: bool) ->
     if when is False:
         return "when false -> skipped"
     prefix = "when true, " if when is True else ""
+    if allow is False and audit:
+        return f"{prefix}allow false -> AUDIT: would deny {rule.deny.status} {rule.deny.reason}, passes"
     if allow is False:
         return f"{prefix}allow false -> DENY {rule.deny.status} {rule.deny.reason}"
     return f"{prefix}allow true"
-

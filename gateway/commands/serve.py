@@ -40,11 +40,20 @@ def resolve_config(args: argparse.Namespace) -> Config:
     )
 
 
-def serve(config: Config) -> int:
-    from gateway.app import build_gateway
+def serve(config: Config, *, reuse_port: bool = False, admin: bool = True) -> int:
+    if config.workers > 1:
+        from gateway.workers import serve_workers
 
-    gateway = build_gateway(config)
+        return serve_workers(config)
+    from gateway.app import build_gateway
+    from gateway.policy.watch import PolicyWatcher
+    from gateway.session.admin_api import start_session_admin
+
+    gateway = build_gateway(config, reuse_port=reuse_port)
     port = gateway.start()
+    admin_server = start_session_admin(config, gateway.store) if admin else None
+    watcher = PolicyWatcher(gateway.policy_dir, gateway.reload_policies, debounce=config.reload_debounce)
+    watcher.start()
     log.info("authz-gateway listening on %s (port %d), policies from %s, store %s",
              config.listen, port, gateway.policy_dir, config.store.split("://")[0] + "://")
     stop = threading.Event()
@@ -60,6 +69,9 @@ def serve(config: Config) -> int:
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_reload)
     stop.wait()
+    watcher.stop()
+    if admin_server is not None:
+        admin_server.stop(1.0).wait()
     gateway.stop()
     log.info("stopped")
     return 0

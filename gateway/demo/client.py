@@ -65,6 +65,8 @@ async def mcp_session(
     hooks = {"request": [sent.hook]} if sent is not None else {}
     async with (
         httpx2.AsyncClient(auth=auth, timeout=timeout, event_hooks=hooks) as http,
-        Client(streamable_http_client(url, http_client=http), mode="legacy", read_timeout_seconds=timeout) as client,
+        Client(
+            streamable_http_client(url, http_client=http), mode="legacy", read_timeout_seconds=timeout
+        ) as client,
     ):
         yield client

@@ -19,7 +19,8 @@ SUBJECT_HEADER = "x-authz-subject"
 
 
 def build_server() -> MCPServer:
-    server: MCPServer = MCPServer("authz-gateway-demo", version="1.0")
+    # WARNING: at INFO the SDK logs every session id it hands out.
+    server: MCPServer = MCPServer("authz-gateway-demo", version="1.0", log_level="WARNING")
 
     @server.tool()
     def echo(text: str) -> str:

@@ -117,7 +117,8 @@ class NativeEngine:
             match = _LOCATED.search(str(exc))
             if match:
                 message = match.group(3).split("\n")[0].strip()
-                raise CompileError(message, int(match.group(1)), int(match.group(2))) from None  # already 1-based
+                # The native positions are already 1-based.
+                raise CompileError(message, int(match.group(1)), int(match.group(2))) from None
             raise CompileError(str(exc).split("\n")[0]) from None
         returned = program.return_type().name()
         if expect != "any" and returned not in self._allowed[expect]:
@@ -137,7 +138,7 @@ class _CelpyExpression:
         self._expect = expect
 
     def evaluate(self, activation: Any) -> Any:
-        from celpy import CELEvalError
+        from celpy.evaluation import CELEvalError
 
         try:
             result = self._program.evaluate(activation)
@@ -196,7 +197,7 @@ class CelpyEngine:
         self._env = celpy.Environment()
 
     def compile(self, source: str, expect: Expect) -> _CelpyExpression:
-        from celpy import CELParseError
+        from celpy.celparser import CELParseError
 
         try:
             ast = self._env.compile(source)
@@ -229,9 +230,9 @@ def _to_cel(value: Any) -> Any:
         return celtypes.MapType({celtypes.StringType(k): _to_cel(v) for k, v in value.items()})
     if isinstance(value, list | tuple):
         return celtypes.ListType([_to_cel(v) for v in value])
-    import celpy
+    from celpy.adapter import json_to_cel
 
-    return celpy.json_to_cel(value)
+    return json_to_cel(value)
 
 
 def make_engine(name: str) -> Engine:

@@ -45,10 +45,16 @@ _HEADER_LOOKUP = re.compile(
 
 
 def _reads_body(source: str) -> bool:
-    """Whether an expression reads the body: the `mcp` variable, or a `body` field or key."""
+    """Whether an expression reads the body: the `mcp` variable, a `body` field or key, or
+    the whole `request` map (which holds the body)."""
     literals = _STRING_LITERAL.findall(source)
     code = _STRING_LITERAL.sub('""', source)
-    return bool(_BODY_REFERENCE.search(code)) or any(text.strip("'\"") == "body" for text in literals)
+    whole_request = any(_whole_request(m) for m in _VARIABLE_REFERENCE.finditer(code))
+    return (
+        whole_request
+        or bool(_BODY_REFERENCE.search(code))
+        or any(text.strip("'\"") == "body" for text in literals)
+    )
 
 
 POLICY_KEYS = {"name", "description", "mode", "when", "session", "rules"}
@@ -150,10 +156,10 @@ class _FileLoader:
         offset = max(0, min(offset, len(value)))
         raw_start = node.start_mark.index
         raw = self.text[raw_start : node.end_mark.index]
+        # Past the opening quote, or past a block's indicator line (which may hold a comment).
+        position = 1 if node.style in ("'", '"') else 0
         if node.style in ("|", ">"):
-            position = raw.find("\n") + 1  # past the indicator line, which may hold a comment
-        else:
-            position = 1 if node.style in ("'", '"') else 0
+            position = raw.find("\n") + 1
         for character in value[:offset]:
             if not character.isspace():
                 found = raw.find(character, position)
@@ -372,7 +378,14 @@ def _expressions(
         yield from (expr for _, expr in rule.deny.headers)
 
 
-_VARIABLE_REFERENCE = re.compile(r"(?<![\w.])(request|mcp|claims|auth|session|context|source|now)\b(\s*\.\s*(\w+))?")
+_VARIABLE_REFERENCE = re.compile(
+    r"(?<![\w.])(request|mcp|claims|auth|session|context|source|now)\b(\s*\.\s*(\w+)(\s*\()?)?"
+)
+
+
+def _whole_request(match: re.Match[str]) -> bool:
+    """`request` itself, or a method or macro on it (`request.exists(…)`), not one field."""
+    return match.group(1) == "request" and (match.group(3) is None or match.group(4) is not None)
 
 
 def _reads(policies: Iterable[Policy]) -> tuple[frozenset[str], frozenset[str] | None]:
@@ -390,7 +403,7 @@ def _reads(policies: Iterable[Policy]) -> tuple[frozenset[str], frozenset[str] |
             for match in _VARIABLE_REFERENCE.finditer(_STRING_LITERAL.sub('""', expr.source)):
                 variables.add(match.group(1))
                 if match.group(1) == "request" and request_fields is not None:
-                    if match.group(3) is None:
+                    if _whole_request(match):
                         request_fields = None
                     else:
                         request_fields.add(match.group(3))

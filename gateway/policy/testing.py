@@ -147,8 +147,11 @@ def _merge(base: Any, override: Any) -> Any:
 class _CaseReader:
     """Validates one test file, with the node tree for locations and plain values for content."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, single: bool = False) -> None:
         self.path = path
+        # One case on its own (an `explain` input): its name defaults to the file's, and
+        # it need not expect anything.
+        self.single = single
         self.problems: list[str] = []
 
     def problem(self, node: Node | None, message: str) -> None:
@@ -165,7 +168,9 @@ class _CaseReader:
             if key == "<<":
                 continue
             if not isinstance(key, str) or key not in allowed:
-                self.problem(key_node, f"unknown key {key!r} in {what} (allowed: {', '.join(sorted(allowed))})")
+                self.problem(
+                    key_node, f"unknown key {key!r} in {what} (allowed: {', '.join(sorted(allowed))})"
+                )
                 continue
             found[key] = value_node
         return found
@@ -197,7 +202,9 @@ class _CaseReader:
             result[str(key)] = str(item)
         return result
 
-    def case(self, value: Any, node: Node | None, index: int, defaults: Mapping[str, Any]) -> PolicyCase | None:
+    def case(
+        self, value: Any, node: Node | None, index: int, defaults: Mapping[str, Any]
+    ) -> PolicyCase | None:
         if not isinstance(value, Mapping):
             self.problem(node, f"case {index + 1} must be a mapping")
             return None
@@ -205,17 +212,24 @@ class _CaseReader:
         nodes = self.validate_case_keys(node)
         merged: Mapping[str, Any] = _merge(defaults, value)
         name = merged.get("name")
+        if self.single and name is None:
+            name = Path(self.path).stem
         if not isinstance(name, str) or not name:
             self.problem(node, f"case {index + 1} needs a name")
             name = f"case-{index + 1}"
-        location = Location(self.path, *(
-            (node.start_mark.line + 1, node.start_mark.column + 1) if node is not None else (1, 1)
-        ))
+        location = Location(
+            self.path,
+            *((node.start_mark.line + 1, node.start_mark.column + 1) if node is not None else (1, 1)),
+        )
         request = self.request(merged.get("request") or {}, nodes.get("request", node))
         anonymous = merged.get("anonymous", False)
         if not isinstance(anonymous, bool):
             self.problem(nodes.get("anonymous", node), "anonymous must be true or false")
-        claims = None if anonymous is True else self.mapping(merged.get("claims"), nodes.get("claims", node), "claims")
+        claims = (
+            None
+            if anonymous is True
+            else self.mapping(merged.get("claims"), nodes.get("claims", node), "claims")
+        )
         if anonymous is not True and claims is None:
             self.problem(node, f"case {name!r} needs claims, or anonymous: true")
         elif claims is not None:
@@ -228,7 +242,8 @@ class _CaseReader:
             session = self.session(merged["session"], nodes.get("session", node), request)
         expect = None
         if merged.get("expect") is None:
-            self.problem(node, f"case {name!r} has no expect")
+            if not self.single:
+                self.problem(node, f"case {name!r} has no expect")
         else:
             expect = self.expectation(merged["expect"], nodes.get("expect", node))
         if len(self.problems) > before:
@@ -260,7 +275,9 @@ class _CaseReader:
             "path": str(mapping.get("path", "/mcp")),
             "host": str(mapping.get("host", "mcp.example.com")),
             "scheme": str(mapping.get("scheme", "https")),
-            "headers": {k.lower(): v for k, v in self.strings(mapping.get("headers"), node, "request.headers").items()},
+            "headers": {
+                k.lower(): v for k, v in self.strings(mapping.get("headers"), node, "request.headers").items()
+            },
             "context": self.strings(mapping.get("context"), node, "request.context"),
             "source": self.strings(mapping.get("source"), node, "request.source"),
             "partial_body": mapping.get("partial_body", False) is True,
@@ -291,7 +308,9 @@ class _CaseReader:
             if isinstance(number, bool) or not isinstance(number, int | float) or number < 0:
                 self.problem(node, f"session.{what} must be a number of seconds >= 0")
                 return None
-        return StoredSession(session_id, bound, anonymous is True, str(state), float(created), float(idle), record)
+        return StoredSession(
+            session_id, bound, anonymous is True, str(state), float(created), float(idle), record
+        )
 
     def expectation(self, value: Any, node: Node | None) -> Expectation | None:
         mapping = self.mapping(value, node, "expect")
@@ -311,16 +330,20 @@ class _CaseReader:
             self.problem(nodes.get("audit", node), "expect.audit must be a list of {policy, rule, reason}")
             return None
         session = self.mapping(mapping.get("session"), nodes.get("session", node), "expect.session")
-        if session is not None:
-            if session.get("state", "live") not in STATES_AFTER:
-                self.problem(nodes.get("session", node), f"expect.session.state must be one of {', '.join(STATES_AFTER)}")
+        if session is not None and session.get("state", "live") not in STATES_AFTER:
+            self.problem(
+                nodes.get("session", node),
+                f"expect.session.state must be one of {', '.join(STATES_AFTER)}",
+            )
         return Expectation(
             decision=str(outcome),
             reason=str(mapping["reason"]) if "reason" in mapping else None,
             status=status,
             policy=str(mapping["policy"]) if "policy" in mapping else None,
             rule=str(mapping["rule"]) if "rule" in mapping else None,
-            headers={k.lower(): v for k, v in self.strings(mapping.get("headers"), node, "expect.headers").items()},
+            headers={
+                k.lower(): v for k, v in self.strings(mapping.get("headers"), node, "expect.headers").items()
+            },
             body=str(mapping["body"]) if "body" in mapping else None,
             audit=tuple(audit) if audit is not None else None,
             session=session,
@@ -340,14 +363,17 @@ def _document(path: str, text: str) -> tuple[Any, Node | None]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        raise CaseFileError([f"{path}:{line}:{column}: invalid YAML: {getattr(exc, 'problem', None) or exc}"]) from None
+        raise CaseFileError(
+            [f"{path}:{line}:{column}: invalid YAML: {getattr(exc, 'problem', None) or exc}"]
+        ) from None
     return value, node
 
 
 def parse_cases(path: str, text: str) -> list[PolicyCase]:
     """The cases of one test file (a mapping with `cases`, or one case on its own)."""
     value, node = _document(path, text)
-    reader = _CaseReader(path)
+    single = isinstance(value, Mapping) and "cases" not in value
+    reader = _CaseReader(path, single)
     if isinstance(value, Mapping) and "cases" in value:
         nodes = reader.keys(node, FILE_KEYS, "a test file")
         reader.validate_case_keys(nodes.get("defaults"))
@@ -425,7 +451,9 @@ def check_request_for(request: Mapping[str, Any]) -> external_auth_pb2.CheckRequ
     source = request["source"]
     peer = attribute_context_pb2.AttributeContext.Peer(
         address=address_pb2.Address(
-            socket_address=address_pb2.SocketAddress(address=source.get("address", "127.0.0.1"), port_value=50000)
+            socket_address=address_pb2.SocketAddress(
+                address=source.get("address", "127.0.0.1"), port_value=50000
+            )
         ),
         principal=source.get("principal", ""),
     )
@@ -546,7 +574,8 @@ def failures(expect: Expectation, outcome: Outcome) -> list[str]:
     if expect.audit is not None:
         got_audit = [{"policy": a.policy, "rule": a.rule, "reason": a.reason} for a in d.audit_denies]
         matches = len(got_audit) == len(expect.audit) and all(
-            all(str(g.get(k)) == str(v) for k, v in e.items()) for g, e in zip(got_audit, expect.audit, strict=True)
+            all(str(g.get(k)) == str(v) for k, v in e.items())
+            for g, e in zip(got_audit, expect.audit, strict=True)
         )
         if not matches:
             found.append(f"expected audit {list(expect.audit)}, got {got_audit}")
@@ -561,9 +590,17 @@ def _session_failures(expected: Mapping[str, Any], outcome: Outcome) -> list[str
     found = []
     if state != expected.get("state", "live"):
         found.append(f"expected the stored session to be {expected.get('state', 'live')}, it is {state}")
-    if record is not None and "bound" in expected and dict(record.get("bound", {})) != dict(expected["bound"]):
+    if (
+        record is not None
+        and "bound" in expected
+        and dict(record.get("bound", {})) != dict(expected["bound"])
+    ):
         found.append(f"expected the session bound to {dict(expected['bound'])}, got {record.get('bound')}")
-    if record is not None and "anonymous" in expected and bool(record.get("anonymous")) != expected["anonymous"]:
+    if (
+        record is not None
+        and "anonymous" in expected
+        and bool(record.get("anonymous")) != expected["anonymous"]
+    ):
         found.append(f"expected session anonymous={expected['anonymous']}, got {record.get('anonymous')}")
     return found
 

@@ -1,156 +1,284 @@
 """The in-process store (`memory://`): one process, bounded, compact.
 
-Records are packed into one bytes object each (times, flags, owner, bound JSON) rather
-than kept as dicts, which keeps a million sessions within a few hundred MB.
+Each record is one small bytes object: its expiry, creation time, flags, and the slot of
+its identity. An identity (owner key + bound values) is kept once, however many sessions
+it holds, so a million sessions cost a few hundred MB (see bench/bench_store.py).
+Records that are not current-schema records (legacy data written by write_raw) are kept
+as they are, with their expiry.
 """
 
 from __future__ import annotations
 
-import json
 import struct
+import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from gateway.session.record import SCHEMA_VERSION, is_live
-from gateway.session.store import Created, Loaded, SessionStore, StoreSettings, StoreUnavailable
+from gateway.session.record import SCHEMA_VERSION
+from gateway.session.store import (
+    Created,
+    Loaded,
+    SessionStore,
+    StoreSettings,
+    StoreUnavailable,
+    expiry_of,
+    slide_interval,
+)
 
-_HEADER = struct.Struct("<ddB")  # last_seen, created_at, flags
+_HEADER = struct.Struct("<ddBI")  # expires_at, created_at, flags, identity slot
 _ANONYMOUS, _TERMINATED = 1, 2
 _ENDED_CODES = ("", "terminated", "revoked", "expired", "legacy")
-_OWNER_BYTES = 16
-# Sliding the idle timeout rewrites the record; once a second is precise enough.
-_SLIDE_GRANULARITY = 1.0
+# A futile sweep of a full store is not repeated sooner than this.
+_SWEEP_BACKOFF = 1.0
 
 
-def _pack(data: Mapping[str, Any], last_seen: float) -> bytes | dict[str, Any]:
-    ended = str(data.get("ended", ""))
-    owner = str(data.get("owner", ""))
-    if data.get("schema") != SCHEMA_VERSION or ended not in _ENDED_CODES or len(owner) not in (0, 32):
-        return dict(data)  # anything unusual is kept as it is (legacy records, tests)
-    flags = (_ANONYMOUS if data.get("anonymous") else 0) | (_TERMINATED if data.get("terminated") else 0)
-    flags |= _ENDED_CODES.index(ended) << 2
-    owner_raw = bytes.fromhex(owner) if owner else b""
-    bound = json.dumps(data.get("bound", {}), separators=(",", ":")).encode()
+class _Identity:
+    """Who a record belongs to, shared by all of that identity's records."""
+
+    __slots__ = ("slot", "owner", "bound", "records")
+
+    def __init__(self, slot: int, owner: str, bound: dict[str, Any]) -> None:
+        self.slot = slot
+        self.owner = owner
+        self.bound = bound
+        self.records = 0
+
+
+@dataclass(slots=True)
+class _Raw:
+    """A record kept as it was written (legacy formats, migrations)."""
+
+    expires_at: float
+    data: dict[str, Any]
+
+
+def _packable(data: Mapping[str, Any]) -> bool:
+    owner = data.get("owner", "")
+    created_at = data.get("created_at")
     return (
-        _HEADER.pack(last_seen, float(data["created_at"]), flags)
-        + bytes([len(owner_raw)])
-        + owner_raw
-        + bound
+        data.get("schema") == SCHEMA_VERSION
+        and set(data) <= {"schema", "anonymous", "created_at", "terminated", "ended", "owner", "bound"}
+        and data.get("ended", "") in _ENDED_CODES
+        and isinstance(owner, str)
+        and isinstance(created_at, int | float)
+        and not isinstance(created_at, bool)
+        and isinstance(data.get("bound", {}), dict)
     )
 
 
-def _unpack(value: bytes | dict[str, Any]) -> tuple[dict[str, Any], float | None]:
-    if isinstance(value, dict):
-        return value, None
-    last_seen, created_at, flags = _HEADER.unpack_from(value)
-    offset = _HEADER.size
-    owner_length = value[offset]
-    owner = value[offset + 1 : offset + 1 + owner_length].hex()
-    bound = json.loads(value[offset + 1 + owner_length :])
-    data = {
-        "schema": SCHEMA_VERSION,
-        "anonymous": bool(flags & _ANONYMOUS),
-        "created_at": created_at,
-        "terminated": bool(flags & _TERMINATED),
-        "ended": _ENDED_CODES[flags >> 2],
-        "owner": owner,
-        "bound": bound,
-    }
-    return data, last_seen
+def _interned(bound: Mapping[str, Any]) -> dict[str, Any]:
+    # Issuers (and other shared values) are then held once for all identities.
+    return {sys.intern(k): sys.intern(v) if isinstance(v, str) else v for k, v in bound.items()}
 
 
 class MemoryStore(SessionStore):
     def __init__(self, settings: StoreSettings) -> None:
         self.settings = settings
-        self._records: dict[str, bytes | dict[str, Any]] = {}
-        self._by_owner: dict[str, list[str]] = {}
+        self._slide = slide_interval(settings)
+        self._records: dict[str, bytes | _Raw] = {}
+        self._identities: list[_Identity | None] = []
+        self._free_slots: list[int] = []
+        # owner key -> the identities (usually one) with that owner, and its live session ids
+        self._variants: dict[str, list[_Identity]] = {}
+        self._owner_ids: dict[str, list[str]] = {}
         self._lock = threading.Lock()
+        self._next_sweep = 0.0
 
-    def load(self, session_id: str, now: float) -> Loaded | None:
-        value = self._records.get(session_id)
+    # ---- packing ----
+    def _identity(self, owner: str, bound: Mapping[str, Any]) -> _Identity:
+        variants = self._variants.get(owner)
+        if variants is not None:
+            for identity in variants:
+                if identity.bound == bound:
+                    return identity
+        slot = self._free_slots.pop() if self._free_slots else len(self._identities)
+        identity = _Identity(slot, sys.intern(owner) if owner else "", _interned(bound))
+        if slot == len(self._identities):
+            self._identities.append(identity)
+        else:
+            self._identities[slot] = identity
+        self._variants.setdefault(identity.owner, []).append(identity)
+        return identity
+
+    def _pack(self, data: Mapping[str, Any], expires_at: float) -> bytes | _Raw:
+        if not _packable(data):
+            return _Raw(expires_at, dict(data))
+        identity = self._identity(str(data.get("owner", "")), data.get("bound", {}))
+        identity.records += 1
+        flags = (_ANONYMOUS if data.get("anonymous") else 0) | (_TERMINATED if data.get("terminated") else 0)
+        flags |= _ENDED_CODES.index(str(data.get("ended", ""))) << 2
+        return _HEADER.pack(expires_at, float(data["created_at"]), flags, identity.slot)
+
+    def _data(self, value: bytes) -> tuple[dict[str, Any], float]:
+        expires_at, created_at, flags, slot = _HEADER.unpack(value)
+        identity = self._identities[slot]
+        assert identity is not None
+        data = {
+            "schema": SCHEMA_VERSION,
+            "anonymous": bool(flags & _ANONYMOUS),
+            "created_at": created_at,
+            "terminated": bool(flags & _TERMINATED),
+            "ended": _ENDED_CODES[flags >> 2],
+            "owner": identity.owner,
+            "bound": identity.bound,
+        }
+        return data, expires_at
+
+    def _owner_of(self, value: bytes) -> tuple[_Identity, bool]:
+        _, _, flags, slot = _HEADER.unpack(value)
+        identity = self._identities[slot]
+        assert identity is not None
+        return identity, bool(flags & _TERMINATED)
+
+    # ---- bookkeeping (under the lock) ----
+    def _put(self, session_id: str, data: Mapping[str, Any], expires_at: float) -> None:
+        self._drop(session_id)
+        value = self._pack(data, expires_at)
+        self._records[session_id] = value
+        if isinstance(value, bytes):
+            identity, terminated = self._owner_of(value)
+            if identity.owner and not terminated:
+                self._owner_ids.setdefault(identity.owner, []).append(session_id)
+
+    def _drop(self, session_id: str) -> bool:
+        value = self._records.pop(session_id, None)
         if value is None:
+            return False
+        if isinstance(value, bytes):
+            identity, terminated = self._owner_of(value)
+            if identity.owner and not terminated:
+                ids = self._owner_ids.get(identity.owner)
+                if ids is not None and session_id in ids:
+                    ids.remove(session_id)
+                    if not ids:
+                        del self._owner_ids[identity.owner]
+            identity.records -= 1
+            if identity.records == 0:
+                self._identities[identity.slot] = None
+                self._free_slots.append(identity.slot)
+                variants = self._variants[identity.owner]
+                variants.remove(identity)
+                if not variants:
+                    del self._variants[identity.owner]
+        return True
+
+    @staticmethod
+    def _expires_at(value: bytes | _Raw) -> float:
+        return value.expires_at if isinstance(value, _Raw) else float(_HEADER.unpack_from(value)[0])
+
+    def _live(self, session_id: str, now: float) -> bytes | _Raw | None:
+        value = self._records.get(session_id)
+        if value is not None and now >= self._expires_at(value):
+            self._drop(session_id)
             return None
-        data, last_seen = _unpack(value)
-        if last_seen is not None and now - last_seen >= _SLIDE_GRANULARITY:
-            with self._lock:
-                # Re-read under the lock: a tombstone written meanwhile must not be undone.
-                if self._records.get(session_id) is value:
-                    self._records[session_id] = _pack(data, now)
-        return Loaded(data, last_seen)
+        return value
+
+    def _loaded(self, value: bytes | _Raw) -> Loaded:
+        if isinstance(value, _Raw):
+            return Loaded(dict(value.data))
+        return Loaded(self._data(value)[0])
+
+    # ---- the interface ----
+    def load(self, session_id: str, now: float) -> Loaded | None:
+        with self._lock:
+            value = self._live(session_id, now)
+            if value is None:
+                return None
+            if isinstance(value, _Raw):
+                return Loaded(dict(value.data))
+            data, expires_at = self._data(value)
+            if not data["terminated"] and now - (expires_at - self.settings.idle_timeout) >= self._slide:
+                self._records[session_id] = _HEADER.pack(
+                    now + self.settings.idle_timeout, *_HEADER.unpack(value)[1:]
+                )
+            return Loaded(data)
 
     def _live_ids(self, owner: str, now: float) -> list[str]:
-        ids = self._by_owner.get(owner, [])
+        ids = self._owner_ids.get(owner, [])
+        ttl = self.settings.ttl
         live = []
-        for session_id in ids:
-            value = self._records.get(session_id)
-            if value is None:
-                continue
-            data, _ = _unpack(value)
-            if data.get("owner") == owner and is_live(data, now, self.settings.ttl):
-                live.append(session_id)
+        for session_id in list(ids):
+            value = self._live(session_id, now)
+            if isinstance(value, bytes):
+                data, _ = self._data(value)
+                if not data["terminated"] and now < data["created_at"] + ttl:
+                    live.append(session_id)
         return live
 
-    def _make_room(self, now: float) -> None:
+    def _sweep(self, now: float) -> None:
+        """Drop every record past its expiry or its TTL (the store is full)."""
+        if now < self._next_sweep:
+            return
         ttl = self.settings.ttl
         stale = []
         for session_id, value in self._records.items():
-            data, _ = _unpack(value)
-            created_at = data.get("created_at")
-            if not isinstance(created_at, int | float) or now >= created_at + ttl:
+            if isinstance(value, _Raw):
+                if now >= value.expires_at:
+                    stale.append(session_id)
+                continue
+            expires_at, created_at, _, _ = _HEADER.unpack(value)
+            if now >= expires_at or now >= created_at + ttl:
                 stale.append(session_id)
-            if len(stale) >= 1024:
-                break
         for session_id in stale:
-            del self._records[session_id]
+            self._drop(session_id)
+        if len(self._records) >= self.settings.max_sessions:
+            self._next_sweep = now + _SWEEP_BACKOFF
 
     def create(self, session_id: str, data: Mapping[str, Any], now: float, max_per_owner: int) -> Created:
         with self._lock:
-            existing = self._records.get(session_id)
+            existing = self._live(session_id, now)
             if existing is not None:
-                existing_data, last_seen = _unpack(existing)
-                return Created(False, Loaded(existing_data, last_seen))
+                return Created(False, self._loaded(existing))
             owner = str(data.get("owner", ""))
-            live: list[str] = []
-            if owner:
-                live = self._live_ids(owner, now)
-                if len(live) >= max_per_owner:
-                    self._by_owner[owner] = live
-                    return Created(False, over_limit=True)
+            if owner and len(self._live_ids(owner, now)) >= max_per_owner:
+                return Created(False, over_limit=True)
             if len(self._records) >= self.settings.max_sessions:
-                self._make_room(now)
+                self._sweep(now)
                 if len(self._records) >= self.settings.max_sessions:
-                    raise StoreUnavailable("the memory store is full")
-            self._records[session_id] = _pack(data, now)
-            if owner:
-                live.append(session_id)
-                self._by_owner[owner] = live
+                    raise StoreUnavailable("the memory store is full (session.max_sessions)")
+            self._put(session_id, data, expiry_of(data, now, self.settings))
             return Created(True)
 
     def replace(self, session_id: str, data: Mapping[str, Any], now: float) -> None:
+        expires_at = expiry_of(data, now, self.settings)
         with self._lock:
-            self._records[session_id] = _pack(data, now)
+            if expires_at <= now:
+                self._drop(session_id)  # a tombstone already past its TTL: the id is new again
+            else:
+                self._put(session_id, data, expires_at)
 
     def write_raw(self, session_id: str, data: Mapping[str, Any], now: float) -> None:
         with self._lock:
-            self._records[session_id] = dict(data)
+            self._drop(session_id)
+            self._records[session_id] = _Raw(now + self.settings.ttl, dict(data))
 
     def delete(self, session_id: str) -> bool:
         with self._lock:
-            return self._records.pop(session_id, None) is not None
+            return self._drop(session_id)
 
     def scan(self, limit: int | None = None) -> Iterator[tuple[str, Mapping[str, Any]]]:
-        for count, (session_id, value) in enumerate(list(self._records.items())):
+        now = time.time()
+        with self._lock:
+            items = list(self._records.items())
+        count = 0
+        for session_id, value in items:
             if limit is not None and count >= limit:
                 return
-            yield session_id, _unpack(value)[0]
+            if now >= self._expires_at(value):
+                continue
+            with self._lock:
+                if self._records.get(session_id) is not value:
+                    continue  # changed meanwhile; its slot may have been reused
+                data = self._loaded(value).data
+            count += 1
+            yield session_id, data
 
     def ids_of_owner(self, owner: str) -> list[str]:
-        return [
-            session_id
-            for session_id in self._by_owner.get(owner, [])
-            if (value := self._records.get(session_id)) is not None and _unpack(value)[0].get("owner") == owner
-        ]
+        with self._lock:
+            return self._live_ids(owner, time.time())
 
     def live_count(self) -> int | None:
         return len(self._records)

@@ -117,6 +117,7 @@ def refusal(data: Mapping[str, Any], last_seen: float | None, now: float, ttl: f
     bound = data.get("bound", {})
     if type(created_at) not in (int, float) or type(bound) is not dict:
         return decision.SESSION_LEGACY_FORMAT
+    assert isinstance(created_at, int | float)
     if data.get("terminated", False):
         return _ENDED_REASON.get(str(data.get("ended", "")), decision.SESSION_TERMINATED)
     if now >= created_at + ttl:

@@ -68,9 +68,9 @@ def _span_exporter() -> Any:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
 
         return HttpSpanExporter()
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
+    from gateway.telemetry.otlp_encoding import fast_grpc_span_exporter
 
-    return GrpcSpanExporter()
+    return fast_grpc_span_exporter()
 
 
 def _metric_exporter() -> Any:

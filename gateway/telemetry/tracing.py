@@ -4,9 +4,14 @@ The span starts at the measured start time, once the request is parsed, with its
 taken from the W3C trace context in the gRPC call metadata (Envoy's ext_authz egress
 span), else from the request headers inside the CheckRequest, else none (a new root).
 While the decision runs the span is the current one, so the only child spans, those of
-real I/O (a JWKS fetch, a store round trip), nest under it. The decision's attributes
-are set in one call at the end. A span that does not record (no exporter, or sampled
-out) costs no attribute building at all.
+real I/O (a JWKS fetch, a store round trip), nest under it. A span that does not record
+(no exporter, or sampled out) costs no attribute building at all.
+
+When setup_telemetry installed the SDK (a SpanSink), the Check span takes a lean path:
+its ids and sampling decision come from the provider's own id generator and sampler, and
+at the end one finished ReadableSpan goes straight to the batch processor. The SDK's
+general-purpose span object (locks, limits, validation per attribute) cost more than
+the check itself; the exported span is the same.
 """
 
 from __future__ import annotations
@@ -15,12 +20,18 @@ import hashlib
 import hmac
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace.sampling import Sampler
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from gateway.decision import Decision
@@ -30,6 +41,7 @@ SPAN_NAME = "envoy.service.auth.v3.Authorization/Check"
 _propagator = TraceContextTextMapPropagator()
 _TRACE_KEYS = ("traceparent", "tracestate")
 _ERROR_REASONS = frozenset({"policy_error", "store_unavailable", "internal_error"})
+_UNSET = Status(StatusCode.UNSET)
 # For the exception event of an error that check.py turned into a deny: what failed.
 _ERROR_TYPES = {
     "policy_error": "gateway.policy.PolicyFailure",
@@ -67,6 +79,55 @@ def request_line(request: Any) -> RequestContext | None:
     if not http.method:
         return None
     return RequestContext(method=str(http.method).upper(), path=str(http.path).partition("?")[0], headers={})
+
+
+@dataclass(frozen=True, slots=True)
+class SpanSink:
+    """The SDK parts the lean Check span uses, handed over by setup_telemetry."""
+
+    processor: SpanProcessor
+    sampler: Sampler
+    id_generator: IdGenerator
+    resource: Resource
+    scope: InstrumentationScope
+
+
+_sink: SpanSink | None = None
+
+
+def install_span_sink(sink: SpanSink | None) -> None:
+    global _sink
+    _sink = sink
+
+
+class PendingCheckSpan(trace.NonRecordingSpan):
+    """A Check span in flight on the lean path: its context (for child spans) and start."""
+
+    def __init__(
+        self, context: SpanContext, parent: SpanContext | None, start_ns: int, recording: bool, sampler_attributes: Any
+    ) -> None:
+        super().__init__(context)
+        self.parent = parent
+        self.start_ns = start_ns
+        self.recording = recording
+        self.sampler_attributes = sampler_attributes
+
+    def is_recording(self) -> bool:
+        return self.recording
+
+
+def _redact(text: str, context: RequestContext | None) -> str:
+    """An exception message without the request's own token or session id."""
+    if context is None:
+        return text
+    for header in ("authorization", "mcp-session-id", "cookie"):
+        value = context.headers.get(header)
+        if value:
+            text = text.replace(value, "[redacted]")
+            token = value.partition(" ")[2].strip()
+            if len(token) >= 8:
+                text = text.replace(token, "[redacted]")
+    return text
 
 
 class SubjectHasher:
@@ -115,7 +176,30 @@ class CheckSpans:
         self._hash = hasher
 
     def start(self, parent: Context | None, start_ns: int) -> trace.Span:
-        return self._tracer.start_span(SPAN_NAME, context=parent, kind=SpanKind.SERVER, start_time=start_ns)
+        sink = _sink
+        if sink is None:
+            return self._tracer.start_span(SPAN_NAME, context=parent, kind=SpanKind.SERVER, start_time=start_ns)
+        # What the SDK's Tracer.start_span decides, without building its span object.
+        parent_context: SpanContext | None = trace.get_current_span(parent).get_span_context()
+        if parent_context is None or not parent_context.is_valid:
+            parent_context = None
+            trace_id = sink.id_generator.generate_trace_id()
+            random_trace_id = sink.id_generator.is_trace_id_random()
+        else:
+            trace_id = parent_context.trace_id
+            random_trace_id = parent_context.trace_flags.random_trace_id
+        result = sink.sampler.should_sample(parent, trace_id, SPAN_NAME, SpanKind.SERVER)
+        flags = TraceFlags.SAMPLED if result.decision.is_sampled() else TraceFlags.DEFAULT
+        if random_trace_id:
+            flags |= TraceFlags.RANDOM_TRACE_ID
+        context = SpanContext(
+            trace_id,
+            sink.id_generator.generate_span_id(),
+            is_remote=False,
+            trace_flags=TraceFlags(flags),
+            trace_state=result.trace_state,
+        )
+        return PendingCheckSpan(context, parent_context, start_ns, result.decision.is_recording(), result.attributes)
 
     @staticmethod
     def enter(span: trace.Span) -> object | None:
@@ -139,6 +223,8 @@ class CheckSpans:
     ) -> trace.Span:
         if not span.is_recording():
             return span
+        if isinstance(span, PendingCheckSpan):
+            return self._finish_lean(span, outcome, context, end_ns, error)
         span.set_attributes(decision_attributes(outcome, context))
         mismatch = outcome.mismatch
         if mismatch is not None:
@@ -166,7 +252,7 @@ class CheckSpans:
                 timestamp=end_ns,
             )
         if error is not None:
-            span.record_exception(error, timestamp=end_ns)
+            span.add_event("exception", _exception_attributes(error, context), timestamp=end_ns)
             span.set_status(Status(StatusCode.ERROR, outcome.error or type(error).__name__))
         elif outcome.reason in _ERROR_REASONS:
             message = outcome.error or outcome.reason
@@ -180,6 +266,73 @@ class CheckSpans:
         span.end(end_time=end_ns)
         return span
 
+    def _events(self, outcome: Decision, end_ns: int) -> list[Event]:
+        events = []
+        mismatch = outcome.mismatch
+        if mismatch is not None:
+            bound, presented = mismatch.bound, mismatch.presented
+            if mismatch.claim != "iss":  # the issuer is public; anything else may identify a person
+                bound, presented = self._hash(bound), self._hash(presented)
+            events.append(Event(
+                "authz.binding_mismatch",
+                {"authz.mismatch.claim": mismatch.claim, "authz.bound": str(bound), "authz.presented": str(presented)},
+                end_ns,
+            ))
+        for audited in outcome.audit_denies:
+            events.append(Event(
+                "authz.audit_deny",
+                {
+                    "authz.policy": audited.policy,
+                    "authz.rule": audited.rule,
+                    "authz.reason": audited.reason,
+                    "http.response.status_code": audited.status,
+                },
+                end_ns,
+            ))
+        return events
+
+    def _finish_lean(
+        self,
+        span: PendingCheckSpan,
+        outcome: Decision,
+        context: RequestContext | None,
+        end_ns: int,
+        error: BaseException | None,
+    ) -> trace.Span:
+        sink = _sink
+        if sink is None:  # telemetry shut down while this check ran
+            return span
+        attributes = decision_attributes(outcome, context)
+        if span.sampler_attributes:
+            attributes.update(span.sampler_attributes)
+        events = self._events(outcome, end_ns) if outcome.mismatch or outcome.audit_denies else []
+        status = _UNSET
+        if error is not None:
+            events.append(Event("exception", _exception_attributes(error, context), end_ns))
+            status = Status(StatusCode.ERROR, outcome.error or type(error).__name__)
+        elif outcome.reason in _ERROR_REASONS:
+            message = outcome.error or outcome.reason
+            events.append(Event(
+                "exception", {"exception.type": _ERROR_TYPES[outcome.reason], "exception.message": message}, end_ns
+            ))
+            status = Status(StatusCode.ERROR, message)
+        sink.processor.on_end(
+            ReadableSpan(
+                name=SPAN_NAME,
+                context=span.get_span_context(),
+                parent=span.parent,
+                resource=sink.resource,
+                attributes=attributes,
+                events=events,
+                kind=SpanKind.SERVER,
+                status=status,
+                start_time=span.start_ns,
+                end_time=end_ns,
+                instrumentation_scope=sink.scope,
+            )
+        )
+        return span
+
     def record(
         self,
         outcome: Decision,
@@ -191,3 +344,11 @@ class CheckSpans:
     ) -> trace.Span:
         """Start and finish in one go, for a check whose decision is already known."""
         return self.finish(self.start(parent, start_ns), outcome, context, end_ns, error)
+
+
+def _exception_attributes(error: BaseException, context: RequestContext | None) -> dict[str, Any]:
+    kind = type(error)
+    return {
+        "exception.type": f"{kind.__module__}.{kind.__qualname__}",
+        "exception.message": _redact(str(error), context),
+    }

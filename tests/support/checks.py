@@ -38,8 +38,9 @@ def check_request(
 
 
 class CheckClient:
-    def __init__(self, address: str) -> None:
-        self.channel = grpc.insecure_channel(address)
+    def __init__(self, address: str, options: list[tuple[str, Any]] | None = None) -> None:
+        # options: e.g. ("grpc.use_local_subchannel_pool", 1) for a connection of its own
+        self.channel = grpc.insecure_channel(address, options=options)
         self.stub = external_auth_pb2_grpc.AuthorizationStub(self.channel)
 
     def check(self, request: external_auth_pb2.CheckRequest, metadata: Any = None) -> external_auth_pb2.CheckResponse:

@@ -84,7 +84,9 @@ class McpUpstream:
     def __init__(self, port: int) -> None:
         self.port = port
         self._recorder = _Recorder(asgi_app())
-        config = uvicorn.Config(self._recorder, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        config = uvicorn.Config(
+            self._recorder, host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="mcp-upstream", daemon=True)
         self._thread.start()

@@ -54,6 +54,54 @@ def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.05, wh
     raise TimeoutError(f"{what} not met after {timeout}s")
 
 
+def health_status(address: str, service: str = "", timeout: float = 0.5) -> str:
+    """The gRPC health status (SERVING, NOT_SERVING, ...), or the gRPC error code when none answers."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError as exc:
+            return str(exc.code().name)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+def _proc_net_address(hex_address: str) -> str:
+    words = [hex_address[i : i + 8] for i in range(0, len(hex_address), 8)]
+    # Each 32-bit word is in host (little-endian) order.
+    raw = b"".join(bytes.fromhex(w)[::-1] for w in words)
+    if len(raw) == 4 or raw[:12] == b"\0" * 10 + b"\xff\xff":
+        return ".".join(str(b) for b in raw[-4:])  # IPv4, or IPv4-mapped IPv6 (gRPC's dual-stack sockets)
+    return socket.inet_ntop(socket.AF_INET6, raw)
+
+
+def tcp_sockets(pid: int) -> list[tuple[str, int, str]]:
+    """The TCP sockets a process holds, as (local address, local port, LISTEN|ESTABLISHED|…)."""
+    inodes = set()
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for fd in fd_dir.iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    states = {"01": "ESTABLISHED", "0A": "LISTEN", "06": "TIME_WAIT", "08": "CLOSE_WAIT"}
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] not in inodes:
+                continue
+            address, port = fields[1].split(":")
+            found.append((_proc_net_address(address), int(port, 16), states.get(fields[3], fields[3])))
+    return found
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of a process (Linux /proc)."""
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
 class ManagedProcess:
     """A child process whose stdout/stderr go to a log file, read back on failure."""
 

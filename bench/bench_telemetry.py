@@ -1,0 +1,223 @@
+"""What telemetry costs: the gateway with telemetry off vs on, in one run.
+
+"On" means every Check span sampled (OTEL_TRACES_SAMPLER=always_on) and exported over
+OTLP/gRPC, with the metrics, to a local OTLP receiver; "off" means no OTEL_* settings at
+all (nothing is set up). The rounds alternate (off, on, off, on, ...) so a shared
+machine's drift hits both alike. The request, the pinning (gateway on cpu 0, h2load and
+the receiver on cpu 1) and the h2load harness are those of bench/bench_check.py.
+
+    python bench/bench_telemetry.py                  # 2 rounds of 10 s each
+    python bench/bench_telemetry.py --duration 3 --rounds 1
+
+The receiver counts the spans it gets: a figure for "on" only counts if every answered
+check's span arrived (a dropped span would flatter the throughput).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
+from concurrent import futures
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_check import (  # noqa: E402
+    SUBJECT,
+    LoadResult,
+    build_check_request,
+    clean_env,
+    free_port,
+    gateway_config,
+    make_identity,
+    measure,
+    raw_check,
+    require_allow,
+    run_h2load,
+    start_gateway,
+    stop,
+    wait_answering,
+    write_request_file,
+)
+
+SPAN_NAME = "envoy.service.auth.v3.Authorization/Check"
+
+
+class CountingReceiver:
+    """An OTLP/gRPC receiver that counts Check spans and keeps nothing else."""
+
+    def __init__(self) -> None:
+        self.check_spans = 0
+        self.metric_exports = 0
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Traces(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request: Any, context: Any) -> Any:
+                count = sum(
+                    1
+                    for resource_spans in request.resource_spans
+                    for scope_spans in resource_spans.scope_spans
+                    for span in scope_spans.spans
+                    if span.name == SPAN_NAME
+                )
+                with receiver._lock:
+                    receiver.check_spans += count
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
+            def Export(self, request: Any, context: Any) -> Any:
+                with receiver._lock:
+                    receiver.metric_exports += 1
+                return metrics_service_pb2.ExportMetricsServiceResponse()
+
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Traces(), self._server)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Metrics(), self._server)
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self._server.start()
+
+    def stop(self) -> None:
+        self._server.stop(0)
+
+
+def telemetry_env(receiver_port: int) -> dict[str, str]:
+    return clean_env(
+        OTEL_SDK_DISABLED="false",
+        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{receiver_port}",
+        OTEL_EXPORTER_OTLP_PROTOCOL="grpc",
+        OTEL_TRACES_SAMPLER="always_on",
+    )
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (so the span export thread too)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Round:
+    mode: str
+    result: LoadResult
+    answered: int  # every check the gateway process answered (warm-up, measured, probes)
+    spans_received: int
+    cpu_us_per_check: float  # the gateway's CPU time during the measured run, per check
+
+
+def run_round(
+    mode: str, index: int, work_dir: Path, identity: Any, body_file: Path, receiver: CountingReceiver,
+    load: dict[str, Any], server_cpu: int,
+) -> Round:
+    port = free_port()
+    label = f"{mode}-{index}"
+    round_dir = work_dir / label
+    round_dir.mkdir()
+    env = telemetry_env(receiver.port) if mode == "on" else clean_env()
+    spans_before = receiver.check_spans
+    config = gateway_config(round_dir, identity, port)
+    gateway = start_gateway(config, server_cpu, round_dir / "gateway.log", env)
+    probes = 0
+    try:
+        address = f"127.0.0.1:{port}"
+        wait_answering(address, body_file, gateway)
+        probes += 1
+        require_allow(raw_check(address, body_file), label, subject=SUBJECT)
+        probes += 1
+        warmed = 0
+        if load["warmup"] > 0:
+            warm = run_h2load(
+                port, body_file, duration=load["warmup"], clients=load["clients"],
+                streams=load["streams"], cpu=load["cpu"],
+            )
+            warmed = warm.succeeded
+        cpu_before = cpu_seconds(gateway.pid)
+        result = measure(label, port, body_file, round_dir, **{**load, "warmup": 0})
+        cpu_per_check = (cpu_seconds(gateway.pid) - cpu_before) / max(1, result.succeeded) * 1e6
+    finally:
+        code = stop(gateway)  # SIGTERM: the gateway flushes its spans before it exits
+    if code != 0:
+        raise RuntimeError(f"{label}: the gateway exited with {code}; see {round_dir / 'gateway.log'}")
+    answered = probes + warmed + result.succeeded
+    spans = receiver.check_spans - spans_before
+    if mode == "on" and spans != answered:
+        print(f"warning: {label}: {answered} checks answered but {spans} spans received", file=sys.stderr)
+    return Round(mode, result, answered, spans, cpu_per_check)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per round")
+    parser.add_argument("--warmup", type=float, default=2.0, help="discarded seconds before each (default 2)")
+    parser.add_argument("--rounds", type=int, default=2, help="off/on pairs (default 2)")
+    parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--server-cpu", type=int, default=0)
+    parser.add_argument("--load-cpu", type=int, default=1)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    # The receiver runs in this process, on the load core, away from the gateway's.
+    os.sched_setaffinity(0, {args.load_cpu})
+    work_dir = Path(tempfile.mkdtemp(prefix="bench-telemetry-"))
+    identity = make_identity(work_dir)
+    request = build_check_request(identity.token)
+    body_file = write_request_file(work_dir / "check-request.bin", request)
+    load = {
+        "duration": args.duration, "warmup": args.warmup, "clients": args.clients,
+        "streams": args.streams, "cpu": args.load_cpu,
+    }
+    print(
+        f"CheckRequest {request.ByteSize()} bytes; h2load -c {args.clients} -m {args.streams}; "
+        f"{args.rounds} x (off, on), {args.duration:g}s measured after {args.warmup:g}s warm-up each"
+    )
+    receiver = CountingReceiver()
+    rounds: list[Round] = []
+    try:
+        for index in range(args.rounds):
+            for mode in ("off", "on"):
+                done = run_round(mode, index, work_dir, identity, body_file, receiver, load, args.server_cpu)
+                rounds.append(done)
+                r = done.result
+                extra = f", {done.spans_received}/{done.answered} spans received" if mode == "on" else ""
+                print(f"  {mode:<3} round {index}: {r.checks_per_s:7.0f} checks/s, p50 {r.p50_ms:.2f} ms, "
+                      f"p99 {r.p99_ms:.2f} ms, {done.cpu_us_per_check:.0f} us CPU/check{extra}")
+    finally:
+        receiver.stop()
+
+    off = statistics.mean(r.result.checks_per_s for r in rounds if r.mode == "off")
+    on = statistics.mean(r.result.checks_per_s for r in rounds if r.mode == "on")
+    overhead = 1 - on / off
+    cpu_off = statistics.mean(r.cpu_us_per_check for r in rounds if r.mode == "off")
+    cpu_on = statistics.mean(r.cpu_us_per_check for r in rounds if r.mode == "on")
+    print(f"gateway CPU per check: off {cpu_off:.0f} us, on {cpu_on:.0f} us "
+          f"(+{cpu_on / cpu_off - 1:.1%}; the throughput cost this implies: {1 - cpu_off / cpu_on:.1%})")
+    print(f"telemetry off: {off:.0f} checks/s, on: {on:.0f} checks/s, cost {overhead:.1%} (target <= 15%)")
+    if args.json:
+        args.json.write_text(json.dumps(
+            {
+                "rounds": [asdict(r) for r in rounds], "off": off, "on": on, "overhead": overhead,
+                "cpu_us_per_check": {"off": cpu_off, "on": cpu_on},
+            },
+            indent=2,
+        ))
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

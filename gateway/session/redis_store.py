@@ -1,0 +1,283 @@
+"""The Redis store (`redis://host:port/db`, `rediss://…`, `unix:///path.sock`): shared by
+replicas on many hosts (Redis 6+ or Valkey).
+
+One key per session, `<prefix><session id>`, holding the record's JSON. Expiry is native:
+a bind is `SET NX PX idle_timeout`, a check's load is one `GETEX PX idle_timeout` (one
+round trip in the steady state), and a tombstone is written with the time left until its
+created_at + ttl. The absolute ttl of a live record is judged from its created_at.
+
+The per-identity cap is kept in one sorted set per owner (`<prefix minus its last
+character>|owner:<owner key>`, which no session key can equal), updated by the bind
+script in the same round trip, atomically. Socket timeouts are `session.store_timeout`;
+an error or a timeout fails the check closed, and the next check simply reconnects.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
+
+import redis
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, StatusCode
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from gateway.session.store import (
+    Created,
+    Loaded,
+    SessionStore,
+    StoreSettings,
+    StoreUnavailable,
+    expiry_of,
+    is_tombstone,
+)
+
+T = TypeVar("T")
+_TOMBSTONE_MARK = b'"terminated":true'
+_SCAN_BATCH = 500
+
+# KEYS[1] session key, KEYS[2] owner set (absent for anonymous binds)
+# ARGV: record JSON, idle ms, now ms, max per owner, member deadline ms, session key prefix,
+#       '"owner":"<owner key>"', session id, ttl ms
+# Returns {1} bound, {0, winner's record} another bind won, {2} the owner is at the cap.
+_BIND = """
+local existing = redis.call('GET', KEYS[1])
+if existing then return {0, existing} end
+if #KEYS == 2 then
+  local owners = KEYS[2]
+  local limit = tonumber(ARGV[4])
+  redis.call('ZREMRANGEBYSCORE', owners, '-inf', ARGV[3])
+  if redis.call('ZCARD', owners) >= limit then
+    for _, member in ipairs(redis.call('ZRANGE', owners, 0, -1)) do
+      local value = redis.call('GET', ARGV[6] .. member)
+      if (not value) or string.find(value, '"terminated":true', 1, true)
+          or not string.find(value, ARGV[7], 1, true) then
+        redis.call('ZREM', owners, member)
+      end
+    end
+    if redis.call('ZCARD', owners) >= limit then return {2} end
+  end
+  redis.call('ZADD', owners, ARGV[5], ARGV[8])
+  redis.call('PEXPIRE', owners, ARGV[9])
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return {1}
+"""
+# GETEX before Redis 6.2: the same in one round trip.
+_GET_AND_SLIDE = """
+local value = redis.call('GET', KEYS[1])
+if value then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return value
+"""
+
+
+def _encode(data: Mapping[str, Any]) -> str:
+    # Compact separators: the bind script recognises tombstones and owners by these bytes.
+    return json.dumps(data, separators=(",", ":"))
+
+
+def _decode(raw: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {"unreadable": True}  # no schema: a legacy record, replaced on read
+    return value if isinstance(value, dict) else {"unreadable": True}
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+def owner_set_key(prefix: str, owner: str) -> str:
+    last = prefix[-1:] or ":"
+    return f"{prefix[:-1]}{'!' if last == '|' else '|'}owner:{owner}"
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
+
+
+class RedisStore(SessionStore):
+    def __init__(self, url: str, settings: StoreSettings) -> None:
+        self.settings = settings
+        self._prefix = settings.key_prefix
+        self._idle_ms = str(max(1, _ms(settings.idle_timeout)))
+        self._client = redis.Redis.from_url(
+            url,
+            socket_timeout=settings.timeout,
+            socket_connect_timeout=settings.timeout,
+            # One immediate retry on a broken connection (Redis restarted under a pooled
+            # connection); none on a timeout, so a stalled Redis costs one timeout, not several.
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
+            health_check_interval=0,
+        )
+        # redis-py's execute_command is untyped; one typed handle for every plain command.
+        self._command: Callable[..., Any] = self._client.execute_command
+        self._bind = self._client.register_script(_BIND)
+        self._get_and_slide = self._client.register_script(_GET_AND_SLIDE)
+        self._has_getex = True
+        kwargs = self._client.connection_pool.connection_kwargs
+        self._span_attributes: dict[str, Any] = {"db.system.name": "redis"}
+        if "host" in kwargs:
+            self._span_attributes["server.address"] = str(kwargs["host"])
+            self._span_attributes["server.port"] = int(kwargs.get("port", 6379))
+        self._tracer = trace.get_tracer("authz-gateway")
+
+    def _key(self, session_id: str) -> str:
+        return self._prefix + session_id
+
+    def _round_trip(self, operation: str, call: Callable[[], T]) -> T:
+        """One request to Redis (a client span if the check's span records); errors → StoreUnavailable."""
+        span = None
+        if trace.get_current_span().is_recording():
+            span = self._tracer.start_span(
+                f"redis {operation}",
+                kind=SpanKind.CLIENT,
+                attributes={**self._span_attributes, "db.operation.name": operation},
+            )
+        try:
+            return call()
+        except redis.exceptions.RedisError as exc:
+            if span is not None:
+                span.set_status(StatusCode.ERROR, type(exc).__name__)
+            raise StoreUnavailable(f"Redis {operation}: {type(exc).__name__}: {exc}") from None
+        finally:
+            if span is not None:
+                span.end()
+
+    # ---- the interface ----
+    def load(self, session_id: str, now: float) -> Loaded | None:
+        key = self._key(session_id)
+        try:
+            raw = self._round_trip("GETEX", lambda: self._get(key))
+        except StoreUnavailable as exc:
+            if "WRONGTYPE" in str(exc):
+                # Not a string: no record this gateway wrote. Judged legacy, and replaced.
+                return Loaded({"unreadable": True})
+            raise
+        if raw is None:
+            return None
+        data = _decode(raw)
+        if _TOMBSTONE_MARK in raw and is_tombstone(data):
+            # GETEX slid the tombstone too: give it back the rest of its TTL.
+            left = _ms(expiry_of(data, now, self.settings) - now)
+            self._round_trip("PEXPIRE", lambda: self._command("PEXPIRE", key, max(1, left)))
+        return Loaded(data)
+
+    def _get(self, key: str) -> bytes | None:
+        if self._has_getex:
+            try:
+                value: bytes | None = self._command("GETEX", key, "PX", self._idle_ms)
+                return value
+            except redis.exceptions.ResponseError as exc:
+                if "unknown command" not in str(exc).lower():
+                    raise
+                self._has_getex = False  # Redis 6.0: the script does the same in one round trip
+        result: bytes | None = self._get_and_slide(keys=[key], args=[self._idle_ms])
+        return result
+
+    def create(self, session_id: str, data: Mapping[str, Any], now: float, max_per_owner: int) -> Created:
+        owner = "" if is_tombstone(data) else str(data.get("owner", ""))
+        keys = [self._key(session_id)]
+        if owner:
+            keys.append(owner_set_key(self._prefix, owner))
+        ttl_ms = max(1, _ms(self.settings.ttl))
+        args: list[str | int] = [
+            _encode(data),
+            max(1, _ms(expiry_of(data, now, self.settings) - now)),
+            _ms(now),
+            max_per_owner,
+            _ms(now) + ttl_ms,
+            self._prefix,
+            f'"owner":"{owner}"',
+            session_id,
+            ttl_ms,
+        ]
+        try:
+            result = self._round_trip("EVALSHA", lambda: self._bind(keys=keys, args=args))
+        except StoreUnavailable as exc:
+            if "WRONGTYPE" in str(exc):
+                return Created(False, Loaded({"unreadable": True}))
+            raise
+        outcome = int(result[0])
+        if outcome == 1:
+            return Created(True)
+        if outcome == 2:
+            return Created(False, over_limit=True)
+        return Created(False, Loaded(_decode(result[1])))
+
+    def _write(self, session_id: str, data: Mapping[str, Any], now: float, expires_at: float) -> None:
+        key = self._key(session_id)
+        left = _ms(expires_at - now)
+        if left <= 0:
+            self._round_trip("DEL", lambda: self._command("DEL", key))
+            return
+        self._round_trip("SET", lambda: self._command("SET", key, _encode(data), "PX", left))
+
+    def replace(self, session_id: str, data: Mapping[str, Any], now: float) -> None:
+        self._write(session_id, data, now, expiry_of(data, now, self.settings))
+
+    def write_raw(self, session_id: str, data: Mapping[str, Any], now: float) -> None:
+        self._write(session_id, data, now, now + self.settings.ttl)
+
+    def delete(self, session_id: str) -> bool:
+        key = self._key(session_id)
+        return bool(self._round_trip("DEL", lambda: self._command("DEL", key)))
+
+    def _values(self, ids: list[str]) -> list[bytes | None]:
+        keys = [self._key(i) for i in ids]
+        values: list[bytes | None] = self._round_trip("MGET", lambda: self._command("MGET", *keys))
+        return values
+
+    def scan(self, limit: int | None = None) -> Iterator[tuple[str, Mapping[str, Any]]]:
+        pattern = _glob_escape(self._prefix) + "*"
+        cursor: int | bytes = 0
+        count = 0
+        while True:
+            cursor, keys = self._round_trip(
+                "SCAN", lambda c=cursor: self._command(  # type: ignore[misc]
+                    "SCAN", c, "MATCH", pattern, "COUNT", _SCAN_BATCH, "TYPE", "string"
+                ),
+            )
+            ids = [k.decode("utf-8", "replace")[len(self._prefix):] for k in keys]
+            if ids:
+                for session_id, raw in zip(ids, self._values(ids), strict=True):
+                    if raw is None:
+                        continue
+                    if limit is not None and count >= limit:
+                        return
+                    count += 1
+                    yield session_id, _decode(raw)
+            if int(cursor) == 0:
+                return
+
+    def ids_of_owner(self, owner: str) -> list[str]:
+        key = owner_set_key(self._prefix, owner)
+        members = self._round_trip("ZRANGE", lambda: self._command("ZRANGE", key, 0, -1))
+        ids = [m.decode("utf-8", "replace") for m in members]
+        if not ids:
+            return []
+        now = time.time()
+        live = []
+        for session_id, raw in zip(ids, self._values(ids), strict=True):
+            if raw is None:
+                continue
+            data = _decode(raw)
+            created_at = data.get("created_at")
+            if (
+                not is_tombstone(data)
+                and data.get("owner") == owner
+                and isinstance(created_at, int | float)
+                and now < created_at + self.settings.ttl
+            ):
+                live.append(session_id)
+        return live
+
+    def ping(self) -> None:
+        self._round_trip("PING", lambda: self._command("PING"))
+
+    def close(self) -> None:
+        self._client.close()

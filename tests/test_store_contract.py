@@ -1,0 +1,487 @@
+"""One contract, three stores: memory, SQLite (a file) and Redis (a real redis-server).
+
+Most cases go through the real Authorizer with real signed tokens and the shipped default
+policy, so they prove what a client would see (status and reason code), not just what the
+store returns. Times are real: Redis expires keys on its own clock, so expiry cases use
+sub-second TTLs and sleep.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from gateway import decision
+from gateway.check import Authorizer, PolicyHolder
+from gateway.config import AuthConfig, IssuerConfig, SessionConfig
+from gateway.decision import Decision
+from gateway.identity.verifier import TokenVerifier
+from gateway.policy.loader import default_policy_dir, load_policy_dir
+from gateway.request import from_check_request
+from gateway.session import open_store, operations
+from gateway.session.record import ENDED_LEGACY, new_record, owner_key
+from gateway.session.store import SessionStore, StoreSettings, StoreUnavailable
+from tests.support.checks import check_request
+from tests.support.issuer import AUDIENCE, TestIssuer
+from tests.support.processes import RedisServer
+
+KINDS = ("memory", "sqlite", "redis")
+POLICIES = PolicyHolder(load_policy_dir(default_policy_dir()))
+
+
+@pytest.fixture(scope="module")
+def idp(tmp_path_factory: pytest.TempPathFactory) -> TestIssuer:
+    return TestIssuer(serve=False)
+
+
+@pytest.fixture(scope="module")
+def jwks_file(idp: TestIssuer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return idp.write_jwks(tmp_path_factory.mktemp("jwks") / "jwks.json")
+
+
+@dataclass
+class Harness:
+    """A store of one kind, and an Authorizer over it with the default policy."""
+
+    kind: str
+    store: SessionStore
+    authorizer: Authorizer
+    idp: TestIssuer
+
+    def token(self, subject: str) -> str:
+        return self.idp.token(subject)
+
+    def ask(self, session_id: str | None, subject: str | None = "alice", method: str = "POST") -> Decision:
+        token = self.token(subject) if subject is not None else None
+        context = from_check_request(check_request(method=method, token=token, session_id=session_id))
+        return self.authorizer.check(context, time.time())
+
+
+StoreMaker = Callable[..., Harness]
+
+
+@pytest.fixture
+def opened() -> Iterator[list[SessionStore]]:
+    stores: list[SessionStore] = []
+    yield stores
+    for store in stores:
+        store.close()
+
+
+def _maker(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path, idp: TestIssuer, jwks_file: Path,
+    opened: list[SessionStore],
+) -> StoreMaker:
+    def factory(
+        *, ttl: float = 3600, idle: float = 600, cap: int = 100, max_sessions: int = 1_000_000,
+        max_id_length: int = 64, url: str | None = None,
+    ) -> Harness:
+        if url is None:
+            if kind == "memory":
+                url = "memory://"
+            elif kind == "sqlite":
+                url = f"sqlite:///{tmp_path / f'sessions-{len(opened)}.db'}"
+            else:
+                url = request.getfixturevalue("redis_server").url
+        prefix = f"test:{uuid.uuid4().hex[:8]}:"  # keeps tests apart in the shared redis-server
+        store = open_store(url, StoreSettings(ttl, idle, max_sessions, prefix, 0.25))
+        opened.append(store)
+        auth = AuthConfig(issuers=(IssuerConfig(idp.issuer, (AUDIENCE,), jwks_file=jwks_file),))
+        sessions = SessionConfig(
+            ttl=ttl, idle_timeout=idle, max_per_identity=cap, max_id_length=max_id_length,
+            key_prefix=prefix, store_timeout=0.25, max_sessions=max_sessions,
+        )
+        authorizer = Authorizer(auth, sessions, TokenVerifier(auth), store, POLICIES)
+        return Harness(kind, store, authorizer, idp)
+
+    return factory
+
+
+@pytest.fixture(params=KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def make(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path, idp: TestIssuer, jwks_file: Path,
+    opened: list[SessionStore],
+) -> StoreMaker:
+    """A Harness over the parametrized store kind."""
+    return _maker(kind, request, tmp_path, idp, jwks_file, opened)
+
+
+@pytest.fixture
+def make_redis(
+    request: pytest.FixtureRequest, tmp_path: Path, idp: TestIssuer, jwks_file: Path,
+    opened: list[SessionStore],
+) -> StoreMaker:
+    return _maker("redis", request, tmp_path, idp, jwks_file, opened)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def record_for(subject: str, issuer: str, now: float) -> dict[str, Any]:
+    return new_record(
+        anonymous=False, bound={"iss": issuer, "sub": subject}, owner=owner_key(issuer, subject), now=now
+    )
+
+
+# ---- create-if-absent ----
+
+def test_create_if_absent_keeps_the_first_record(make: StoreMaker) -> None:
+    h = make()
+    now = time.time()
+    first, second = record_for("alice", "i", now), record_for("bob", "i", now)
+    assert h.store.create("s1", first, now, 10).created
+    again = h.store.create("s1", second, now, 10)
+    assert not again.created and again.existing is not None
+    assert again.existing.data["bound"] == {"iss": "i", "sub": "alice"}
+    loaded = h.store.load("s1", now)
+    assert loaded is not None and loaded.data["bound"]["sub"] == "alice"
+    assert h.store.load("never-bound", now) is None
+
+
+def test_one_winner_among_100_concurrent_store_binds(make: StoreMaker) -> None:
+    h = make()
+    now = time.time()
+    barrier = threading.Barrier(100)
+    results: list[Any] = [None] * 100
+
+    def bind(i: int) -> None:
+        barrier.wait()
+        results[i] = h.store.create("raced", record_for(f"user-{i}", "i", now), now, 10)
+
+    threads = [threading.Thread(target=bind, args=(i,)) for i in range(100)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i, r in enumerate(results) if r.created]
+    assert len(winners) == 1
+    winner_sub = f"user-{winners[0]}"
+    assert all(r.existing.data["bound"]["sub"] == winner_sub for r in results if not r.created)
+
+
+def test_100_identities_racing_through_the_authorizer_one_wins_the_rest_mismatch(make: StoreMaker) -> None:
+    h = make()
+    session = new_id()
+    tokens = [h.token(f"user-{i}") for i in range(100)]
+    barrier = threading.Barrier(100)
+    outcomes: list[Decision | None] = [None] * 100
+
+    def attempt(i: int) -> None:
+        context = from_check_request(check_request(token=tokens[i], session_id=session))
+        barrier.wait()
+        outcomes[i] = h.authorizer.check(context, time.time())
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(100)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    allowed = [i for i, d in enumerate(outcomes) if d is not None and d.allowed]
+    assert len(allowed) == 1, [d.reason for d in outcomes if d is not None]
+    assert outcomes[allowed[0]].session_new  # type: ignore[union-attr]
+    losers = [d for i, d in enumerate(outcomes) if i != allowed[0]]
+    assert all(d is not None and (d.status, d.reason) == (404, decision.SUBJECT_MISMATCH) for d in losers)
+    # The winner's binding stands, and holds for the winner.
+    loaded = h.store.load(session, time.time())
+    assert loaded is not None and loaded.data["bound"]["sub"] == f"user-{allowed[0]}"
+    assert h.ask(session, f"user-{allowed[0]}").allowed
+
+
+# ---- binding, refresh, termination ----
+
+def test_a_refreshed_token_keeps_the_session_another_identity_is_refused(make: StoreMaker) -> None:
+    h = make()
+    session = new_id()
+    first = h.ask(session, "alice")
+    assert first.allowed and first.session_new
+    refreshed = h.ask(session, "alice")  # a new token (new jti, iat) for the same iss + sub
+    assert refreshed.allowed and not refreshed.session_new
+    other = h.ask(session, "mallory")
+    assert (other.status, other.reason) == (404, decision.SUBJECT_MISMATCH)
+    assert h.ask(session, "alice").allowed  # a mismatch leaves the session as it was
+
+
+def test_owner_delete_leaves_a_tombstone_that_is_never_rebound(make: StoreMaker) -> None:
+    h = make()
+    session = new_id()
+    assert h.ask(session, "alice").allowed
+    assert h.ask(session, "alice", method="DELETE").allowed  # the owner's DELETE goes through
+    for who in ("alice", "bob"):
+        later = h.ask(session, who)
+        assert (later.status, later.reason) == (404, decision.SESSION_TERMINATED)
+    loaded = h.store.load(session, time.time())
+    assert loaded is not None and loaded.data["terminated"] is True and loaded.data["ended"] == "terminated"
+    assert loaded.data["bound"] == {}
+
+
+def test_delete_by_another_identity_is_refused_and_the_session_stays(make: StoreMaker) -> None:
+    h = make()
+    session = new_id()
+    assert h.ask(session, "alice").allowed
+    refused = h.ask(session, "mallory", method="DELETE")
+    assert (refused.status, refused.reason) == (404, decision.SUBJECT_MISMATCH)
+    loaded = h.store.load(session, time.time())
+    assert loaded is not None and loaded.data["terminated"] is False
+    assert h.ask(session, "alice").allowed
+
+
+def test_a_tombstone_outlives_the_idle_timeout(make: StoreMaker) -> None:
+    h = make(idle=0.3, ttl=30)
+    session = new_id()
+    assert h.ask(session, "alice").allowed
+    assert h.ask(session, "alice", method="DELETE").allowed
+    # Reading a tombstone (which slides a live record in Redis) must not shorten its life.
+    for _ in range(3):
+        assert h.ask(session, "bob").reason == decision.SESSION_TERMINATED
+        time.sleep(0.2)
+    assert h.ask(session, "bob").reason == decision.SESSION_TERMINATED
+
+
+# ---- expiry ----
+
+def test_idle_expiry_slides_with_use_then_the_id_is_new(make: StoreMaker) -> None:
+    h = make(idle=0.5, ttl=30)
+    session = new_id()
+    assert h.ask(session, "alice").allowed
+    for _ in range(4):  # used every 0.2 s for 0.8 s: longer than the idle timeout, never idle
+        time.sleep(0.2)
+        assert h.ask(session, "bob").reason == decision.SUBJECT_MISMATCH
+    time.sleep(0.8)
+    # Idle past the timeout: the record is gone, so the id is simply new (and bob may bind it).
+    assert h.store.load(session, time.time()) is None
+    fresh = h.ask(session, "bob")
+    assert fresh.allowed and fresh.session_new
+
+
+def test_ttl_expiry_answers_session_expired_then_the_id_is_new(make: StoreMaker) -> None:
+    h = make(idle=5, ttl=0.6)
+    session = new_id()
+    assert h.ask(session, "alice").allowed
+    time.sleep(0.3)
+    assert h.ask(session, "alice").allowed
+    time.sleep(0.5)
+    expired = h.ask(session, "alice")
+    assert (expired.status, expired.reason) == (404, decision.SESSION_EXPIRED)
+    fresh = h.ask(session, "alice")
+    assert fresh.allowed and fresh.session_new
+
+
+# ---- legacy records: invalidate on read ----
+
+LEGACY_RECORDS: dict[str, Callable[[float], dict[str, Any]]] = {
+    "no-schema": lambda now: {"anonymous": False, "created_at": now, "bound": {"sub": "alice"}},
+    "vmcp-token-hash": lambda now: {
+        "schema": 1, "anonymous": False, "created_at": now, "terminated": False, "bound": {"sub": "alice"},
+        "metadata": {"vmcp.token.hash": "9f" * 32, "vmcp.token.salt": "ab" * 16},
+    },
+    "token_hash": lambda now: {
+        "schema": 1, "anonymous": False, "created_at": now, "terminated": False,
+        "bound": {"sub": "alice", "token_hash": "0" * 64, "token_salt": "1" * 32},
+    },
+}
+
+
+@pytest.mark.parametrize("shape", sorted(LEGACY_RECORDS))
+def test_legacy_records_are_deleted_on_read_and_never_rebound(make: StoreMaker, shape: str) -> None:
+    h = make()
+    session = new_id()
+    h.store.write_raw(session, LEGACY_RECORDS[shape](time.time()), time.time())
+    first = h.ask(session, "alice")
+    assert (first.status, first.reason) == (404, decision.SESSION_LEGACY_FORMAT)
+    # The old record is gone: a tombstone that carries nothing of it stands in for the TTL.
+    loaded = h.store.load(session, time.time())
+    assert loaded is not None
+    assert loaded.data["terminated"] is True and loaded.data["ended"] == ENDED_LEGACY
+    assert "token" not in repr(loaded.data) and "vmcp" not in repr(loaded.data)
+    for who in ("alice", "bob"):
+        again = h.ask(session, who)
+        assert (again.status, again.reason) == (404, decision.SESSION_LEGACY_FORMAT)
+    assert not h.store.create(session, record_for("bob", "i", time.time()), time.time(), 10).created
+
+
+# ---- session ids ----
+
+@pytest.mark.parametrize(
+    "bad_id",
+    ["has space", "tab\there", "del\x7f", "caf\u00e9", "x" * 65, "\u2028line"],
+    ids=["space", "tab", "del", "non-ascii", "too-long", "line-separator"],
+)
+def test_session_ids_outside_visible_ascii_or_too_long_are_400(make: StoreMaker, bad_id: str) -> None:
+    h = make(max_id_length=64)
+    refused = h.ask(bad_id, "alice")
+    assert (refused.status, refused.reason) == (400, decision.SESSION_ID_INVALID)
+    assert list(h.store.scan()) == []  # nothing was stored
+
+
+def test_the_longest_allowed_id_and_every_visible_character_work(make: StoreMaker) -> None:
+    h = make(max_id_length=94)
+    visible = "".join(chr(c) for c in range(0x21, 0x7F))
+    assert len(visible) == 94
+    assert h.ask(visible, "alice").allowed
+    assert h.ask(visible, "alice").allowed and h.ask(visible, "bob").reason == decision.SUBJECT_MISMATCH
+
+
+# ---- per-identity cap ----
+
+def test_per_identity_cap_429_counts_only_live_sessions(make: StoreMaker) -> None:
+    h = make(cap=3, idle=0.5)
+    ids = [new_id() for _ in range(5)]
+    assert all(h.ask(i, "alice").allowed for i in ids[:3])
+    over = h.ask(ids[3], "alice")
+    assert (over.status, over.reason) == (429, decision.SESSION_LIMIT_EXCEEDED)
+    assert h.store.load(ids[3], time.time()) is None  # nothing stored for the refused bind
+    assert h.ask(new_id(), "bob").allowed  # another identity has its own count
+    assert h.ask(ids[0], "alice").allowed  # existing sessions are not affected by the cap
+    assert h.ask(ids[0], "alice", method="DELETE").allowed  # ending one frees a place
+    assert h.ask(ids[3], "alice").allowed
+    assert h.ask(ids[4], "alice").reason == decision.SESSION_LIMIT_EXCEEDED
+    time.sleep(0.8)  # all idle past the timeout: none counts any more
+    assert h.ask(ids[4], "alice").allowed
+
+
+# ---- operators ----
+
+def test_revoke_and_revoke_subject(make: StoreMaker) -> None:
+    h = make()
+    alice = [new_id() for _ in range(3)]
+    bob = new_id()
+    for session in alice:
+        assert h.ask(session, "alice").allowed
+    assert h.ask(bob, "bob").allowed
+    assert operations.revoke_session(h.store, alice[0], time.time()) == "live"
+    assert h.ask(alice[0], "alice").reason == decision.SESSION_TERMINATED
+    assert operations.revoke_subject(h.store, h.idp.issuer, "alice", time.time()) == 2
+    for session in alice:
+        revoked = h.ask(session, "alice")
+        assert (revoked.status, revoked.reason) == (404, decision.SESSION_TERMINATED)
+    assert h.ask(bob, "bob").allowed
+    states = {s.id: s.state for s in operations.list_sessions(h.store, time.time())[0]}
+    assert states == {alice[0]: "revoked", alice[1]: "revoked", alice[2]: "revoked", bob: "live"}
+    # An unknown id can be blocked before anyone binds it.
+    blocked = new_id()
+    assert operations.revoke_session(h.store, blocked, time.time()) == ""
+    assert h.ask(blocked, "alice").reason == decision.SESSION_TERMINATED
+
+
+# ---- fail closed, then recover ----
+
+def test_store_down_fails_closed_with_503_and_recovers(kind: str, make: StoreMaker, tmp_path: Path) -> None:
+    """Each store's way of not answering: memory full, SQLite locked by another process's
+    transaction, Redis killed (then restarted on the same port). No restart of the gateway side."""
+    live = new_id()
+    if kind == "memory":
+        h = make(max_sessions=3)
+        for subject in ("a", "b", "c"):
+            assert h.ask(new_id(), subject).allowed
+        down = h.ask(live, "alice")
+        assert (down.status, down.reason) == (503, decision.STORE_UNAVAILABLE)
+        h.store.delete(next(iter(h.store.scan()))[0])  # room again
+    elif kind == "sqlite":
+        path = tmp_path / "locked.db"
+        h = make(url=f"sqlite:///{path}")
+        assert h.ask(live, "alice").allowed
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")  # another process's long write transaction
+        started = time.monotonic()
+        down = h.ask(new_id(), "alice")
+        assert (down.status, down.reason) == (503, decision.STORE_UNAVAILABLE)
+        assert time.monotonic() - started < 1.5  # bounded by store_timeout, not hanging
+        assert h.ask(live, "alice").allowed  # WAL: reads go on while another process writes
+        blocker.rollback()
+        blocker.close()
+    else:
+        server = RedisServer(tmp_path)
+        h = make(url=server.url)
+        assert h.ask(live, "alice").allowed
+        server.kill()
+        down = h.ask(live, "alice")
+        assert (down.status, down.reason) == (503, decision.STORE_UNAVAILABLE)
+        assert h.ask(new_id(), "bob").reason == decision.STORE_UNAVAILABLE
+        restarted = RedisServer(tmp_path, port=server.port, name="redis-restarted")
+    try:
+        fresh = new_id()
+        after = h.ask(fresh, "alice")
+        assert after.allowed and after.session_new, after.reason
+        assert h.ask(fresh, "mallory").reason == decision.SUBJECT_MISMATCH  # binding works again
+    finally:
+        if kind == "redis":
+            restarted.stop()
+
+
+# ---- Redis specifics ----
+
+def test_a_stalled_redis_costs_one_store_timeout_then_recovers(
+    tmp_path: Path, make_redis: StoreMaker
+) -> None:
+    """SIGSTOP: the port accepts but nothing answers. The check waits store_timeout, not longer."""
+    server = RedisServer(tmp_path)
+    try:
+        h = make_redis(url=server.url)
+        session = new_id()
+        assert h.ask(session, "alice").allowed
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            stalled = h.ask(session, "alice")
+            elapsed = time.monotonic() - started
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        assert (stalled.status, stalled.reason) == (503, decision.STORE_UNAVAILABLE)
+        assert 0.2 <= elapsed < 0.9, elapsed
+        # The late reply to the timed-out command must not be read as the next answer.
+        assert h.ask(session, "alice").allowed
+        assert h.ask(session, "bob").reason == decision.SUBJECT_MISMATCH
+    finally:
+        server.stop()
+
+
+def test_redis_steady_state_is_one_getex_per_check(redis_server: RedisServer, make_redis: StoreMaker) -> None:
+    h = make_redis()
+    session = new_id()
+    assert h.ask(session, "alice").allowed
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.config_resetstat()
+    for _ in range(20):
+        assert h.ask(session, "alice").allowed
+    stats = admin.info("commandstats")
+    counted = {name: value["calls"] for name, value in stats.items() if not name.startswith("cmdstat_config")}
+    assert counted == {"cmdstat_getex": 20}
+    key = f"{h.store.settings.key_prefix}{session}"
+    assert 0 < admin.pttl(key) <= 600_000  # native idle expiry
+    admin.close()
+
+
+def test_redis_non_string_value_is_legacy(redis_server: RedisServer, make_redis: StoreMaker) -> None:
+    h = make_redis()
+    session = new_id()
+    admin = redis.Redis.from_url(redis_server.url)
+    key = f"{h.store.settings.key_prefix}{session}"
+    admin.hset(key, mapping={"sub": "alice", "token_hash": "00"})
+    refused = h.ask(session, "alice")
+    assert (refused.status, refused.reason) == (404, decision.SESSION_LEGACY_FORMAT)
+    assert admin.type(key) == b"string"  # replaced by a tombstone
+    assert h.ask(session, "alice").reason == decision.SESSION_LEGACY_FORMAT
+    admin.close()
+
+
+def test_a_sqlite_path_that_cannot_be_opened_is_store_unavailable(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("not a directory")
+    with pytest.raises(StoreUnavailable):
+        open_store(f"sqlite:///{tmp_path}/a-file/sessions.db", StoreSettings(10, 10))
