@@ -72,27 +72,38 @@ def _timestamp_value(seconds: float) -> timestamp_pb2.Timestamp:
     return value
 
 
-def _session_variable(key: str, data: Mapping[str, Any], existed: bool) -> dict[str, Any]:
+def _session_variable(
+    key: str, data: Mapping[str, Any], existed: bool, fields: frozenset[str] | None
+) -> dict[str, Any]:
     variable: dict[str, Any] = dict(data.get("bound", {}))
     variable["id"] = key
     variable["exists"] = existed
     variable["anonymous"] = bool(data.get("anonymous", False))
-    variable["created_at"] = _timestamp_value(float(data.get("created_at", 0.0)))
+    if fields is None or "created_at" in fields:
+        variable["created_at"] = _timestamp_value(float(data.get("created_at", 0.0)))
     return variable
 
 
 class _Activations:
-    """Activations holding only the variables the policy set reads: converting a variable
-    into CEL values is most of what an evaluation costs."""
+    """Activations holding only the variables, and fields, that the policy set reads:
+    converting values into CEL is most of what an evaluation costs."""
 
     __slots__ = ("_engine", "_reads")
 
     def __init__(self, policy_set: PolicySet) -> None:
         self._engine = policy_set.engine
-        self._reads = policy_set.variables
+        self._reads = policy_set.reads
 
     def activation(self, variables: Mapping[str, Any]) -> Any:
-        return self._engine.activation({k: v for k, v in variables.items() if k in self._reads})
+        data: dict[str, Any] = {}
+        for name, fields in self._reads.items():
+            value = variables.get(name)
+            if value is None:
+                continue
+            if fields is not None and type(value) is dict:
+                value = {k: value[k] for k in fields if k in value}
+            data[name] = value
+        return self._engine.activation(data)
 
 
 class Authorizer:
@@ -152,7 +163,7 @@ class Authorizer:
     ) -> Decision:
         policy_set = self.policies.current
         engine = _Activations(policy_set)
-        reads = policy_set.variables
+        reads = policy_set.reads
         variables: dict[str, Any] = {
             "claims": identity.claims if identity else {},
             "auth": identity.auth_map if identity else ANONYMOUS_AUTH_MAP,
@@ -160,7 +171,7 @@ class Authorizer:
             "context": context.context_extensions,
         }
         if "request" in reads:
-            variables["request"] = context.request_map(policy_set.request_fields)
+            variables["request"] = context.request_map(reads["request"])
         if "mcp" in reads:
             variables["mcp"] = context.mcp.as_cel()
         if "source" in reads:
@@ -171,9 +182,11 @@ class Authorizer:
         audits: list[AuditDeny] = []
         ending: dict[str, _Session] = {}
         session_new = False
-        # A batch passes only if every call in it passes, each judged on its own.
-        for call in context.mcp_calls:
-            if call is not context.mcp:
+        # A batch passes only if every call in it passes, each judged on its own. Policies
+        # that never read `mcp` judge the request once, and the body is never parsed.
+        calls = context.mcp_calls if "mcp" in reads or trace is not None else (None,)
+        for call in calls:
+            if call is not None and call is not context.mcp:
                 variables["mcp"] = call.as_cel()
             if trace is not None:
                 trace("", "", "mcp", call)
@@ -232,6 +245,9 @@ class Authorizer:
             upstream_headers=self._upstream_headers(identity),
         )
 
+    def _session_fields(self) -> frozenset[str] | None:
+        return self.policies.current.reads.get("session")
+
     def _upstream_headers(self, identity: Identity | None) -> tuple[tuple[str, str], ...]:
         if identity is None or not self._auth.upstream_headers:
             return ()
@@ -272,7 +288,7 @@ class Authorizer:
                 decision.SESSION_LIMIT_EXCEEDED, policy=policy.name, error="too many live sessions"
             )
         if created.created:
-            return _Session(policy, key, record, _session_variable(key, record, False), existed=False)
+            return _Session(policy, key, record, _session_variable(key, record, False, self._session_fields()), existed=False)
         # Another bind won the race: this request is judged against the winner's binding.
         assert created.existing is not None
         return self._existing(policy, key, created.existing.data, created.existing.last_seen, now)
@@ -282,7 +298,7 @@ class Authorizer:
     ) -> _Session | Decision:
         reason = refusal(data, last_seen, now, self._sessions.ttl, self._sessions.idle_timeout)
         if reason is None:
-            return _Session(policy, key, data, _session_variable(key, data, True), existed=True)
+            return _Session(policy, key, data, _session_variable(key, data, True, self._session_fields()), existed=True)
         ended = needs_tombstone(reason, data)
         if ended is not None:
             # Invalidate on read: the old record goes, and the id is never re-bound.

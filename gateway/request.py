@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from gateway import decision
-from gateway.mcp import NOT_MCP, McpCall, McpHeaderMismatch, mcp_view
+from gateway.mcp import McpCall, McpHeaderMismatch, mcp_view
 
 PARTIAL_BODY_HEADER = "x-envoy-auth-partial-body"
 _REQUEST_FIELDS = frozenset({"method", "path", "query", "host", "scheme", "headers", "body", "id"})
@@ -37,7 +37,15 @@ class RequestContext:
     source_address: str = ""
     source_principal: str = ""
     context_extensions: dict[str, str] = field(default_factory=dict)
-    mcp_calls: tuple[McpCall, ...] = (NOT_MCP,)
+    # None: not parsed yet. The body is parsed on first use, as most checks never need it.
+    parsed_mcp: tuple[McpCall, ...] | None = None
+
+    @property
+    def mcp_calls(self) -> tuple[McpCall, ...]:
+        """Every call the request makes (a batch has several); at least one element."""
+        if self.parsed_mcp is None:
+            self.parsed_mcp = mcp_view(self.headers, self.body)
+        return self.parsed_mcp
 
     @property
     def mcp(self) -> McpCall:
@@ -129,10 +137,13 @@ def from_check_request(check_request: Any, max_bytes: int = 64 * 1024) -> Reques
         for key, value in parse_qsl(query_string, keep_blank_values=True):
             # The first value wins, so a repeated parameter cannot override one a policy checked.
             query.setdefault(key, value)
-    try:
-        mcp_calls = mcp_view(headers, body)
-    except McpHeaderMismatch as exc:
-        raise RequestError(decision.MCP_HEADER_MISMATCH, str(exc)) from None
+    mcp_calls = None
+    if "mcp-method" in headers or "mcp-name" in headers:
+        # Headers that must agree with the body are checked now, so a mismatch always denies.
+        try:
+            mcp_calls = mcp_view(headers, body)
+        except McpHeaderMismatch as exc:
+            raise RequestError(decision.MCP_HEADER_MISMATCH, str(exc)) from None
     return RequestContext(
         method=http.method.upper(),
         path=path,
@@ -146,5 +157,5 @@ def from_check_request(check_request: Any, max_bytes: int = 64 * 1024) -> Reques
         source_address=attributes.source.address.socket_address.address,
         source_principal=attributes.source.principal,
         context_extensions=dict(attributes.context_extensions),
-        mcp_calls=mcp_calls,
+        parsed_mcp=mcp_calls,
     )

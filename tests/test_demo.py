@@ -82,6 +82,16 @@ def test_demo_tells_the_whole_story_and_exits_0(tmp_path: Path) -> None:
     assert not re.search(r"eyJ[\w-]+\.[\w-]+", everything)
     assert not re.search(r"[0-9a-f]{32}", everything)
     assert marked_processes(mark) == []
+    # The README shows a real run: the same lines, but for ports, fingerprints and timing.
+    readme = (REPO / "README.md").read_text()
+    shown = readme[readme.index("$ authz-gateway demo\n") :].split("\n", 1)[1].split("\n```", 1)[0]
+    assert normalized(shown) == normalized(stdout.rstrip("\n"))
+
+
+def normalized(output: str) -> str:
+    output = re.sub(r"127\.0\.0\.1:\d+ *", "127.0.0.1:PORT ", output)
+    output = re.sub(r"\[[0-9a-f]{8}\]", "[fingerprint]", output)
+    return re.sub(r"started in \d+\.\ds", "started in N s", output)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

@@ -151,6 +151,17 @@ def test_an_mcp_post_with_a_body_and_a_session(stack: Stack) -> None:
     assert stack.request("POST", token=stack.idp.token("alice"), headers=headers, body=body).status == 200
 
 
+def test_a_subject_with_line_breaks_never_injects_a_header_upstream(stack: Stack) -> None:
+    # The verified sub goes upstream as x-authz-subject; CR/LF/NUL in it must not become a new
+    # header. Envoy refuses such a header value from ext_authz, failing closed (503).
+    before = len(stack.upstream.requests)
+    for subject in ("alice\r\nx-injected: 1", "alice\nx-injected: 1", "al\x00ice"):
+        reply = stack.request(token=stack.idp.token(subject))
+        assert reply.status != 200
+        assert b"x-injected" not in reply.body
+    assert len(stack.upstream.requests) == before
+
+
 def test_an_expired_token_is_401_invalid_token(stack: Stack) -> None:
     reply = stack.request(token=stack.idp.token("alice", ttl=-120))
     assert reply.status == 401

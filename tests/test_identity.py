@@ -568,7 +568,7 @@ def test_rejection_messages_never_contain_the_token(file_issuer: tuple[TestIssue
 def test_jwks_with_symmetric_keys_trusts_none_of_them(tmp_path: Path) -> None:
     idp = TestIssuer("RS256", serve=False)
     document = jwks(idp.key)
-    secret = b"shared-secret"
+    secret = b"shared-secret-of-thirty-two-bytes"
     document["keys"].append({"kty": "oct", "kid": "hmac", "k": _b64(secret), "alg": "HS256"})
     path = tmp_path / "jwks.json"
     path.write_text(json.dumps(document))

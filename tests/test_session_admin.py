@@ -94,7 +94,7 @@ def test_sessions_cli_on_the_store_and_through_the_admin_api(
         client.close()
     # Log lines carry no session id and no token.
     log = gateway.log_text()
-    assert "admin: revoked 1 sessions of one identity" in log
+    assert "admin: revoked 1 session(s) of one identity" in log
     assert not any(session in log for session in ids) and alice_token not in log
 
 

@@ -485,3 +485,19 @@ def test_a_sqlite_path_that_cannot_be_opened_is_store_unavailable(tmp_path: Path
     (tmp_path / "a-file").write_text("not a directory")
     with pytest.raises(StoreUnavailable):
         open_store(f"sqlite:///{tmp_path}/a-file/sessions.db", StoreSettings(10, 10))
+
+
+def test_redis_over_a_unix_socket_and_another_db(tmp_path: Path, make_redis: StoreMaker) -> None:
+    server = RedisServer(tmp_path, unix_socket=tmp_path / "redis.sock")
+    try:
+        assert server.unix_url is not None
+        h = make_redis(url=f"{server.unix_url}?db=3")
+        session = new_id()
+        assert h.ask(session, "alice").allowed
+        assert h.ask(session, "bob").reason == decision.SUBJECT_MISMATCH
+        in_db3 = redis.Redis.from_url(server.url.replace("/0", "/3"))
+        assert in_db3.exists(f"{h.store.settings.key_prefix}{session}") == 1
+        assert redis.Redis.from_url(server.url).dbsize() == 0
+        in_db3.close()
+    finally:
+        server.stop()

@@ -49,6 +49,9 @@ def test_two_workers_share_the_port_and_the_sessions(tmp_path: Path, issuer: Tes
         served_by = {pid: tcp_sockets(pid).count(connection) for pid in workers}
         assert all(count > 0 for count in served_by.values()), served_by
         assert sum(served_by.values()) == 16
+        # SIGHUP to the parent reaches every worker: each reloads its policies.
+        gateway.send(signal.SIGHUP)
+        wait_until(lambda: gateway.log_text().count("policies reloaded") == 2, what="both workers reloaded")
     finally:
         for client in clients:
             client.close()

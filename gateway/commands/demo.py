@@ -126,8 +126,8 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         ok = anyio.run(story.run)
         print("")
         if ok:
-            print("All 5 steps went as expected: the refresh kept the session, the hijack got a 404 that")
-            print("looks like any unknown session, and the ended session stayed ended.")
+            print("All 5 steps went as expected: the refresh kept the session, the hijack got a 404")
+            print("and alice kept her session, and the ended session stayed ended.")
         else:
             print(f"FAILED: {len(story.failures)} expectation(s) not met:")
             for failure in story.failures:

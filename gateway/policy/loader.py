@@ -388,26 +388,37 @@ def _whole_request(match: re.Match[str]) -> bool:
     return match.group(1) == "request" and (match.group(3) is None or match.group(4) is not None)
 
 
-def _reads(policies: Iterable[Policy]) -> tuple[frozenset[str], frozenset[str] | None]:
-    """The variables, and fields of `request`, that any expression may read.
+def _reads(policies: Iterable[Policy]) -> dict[str, frozenset[str] | None]:
+    """Each variable any expression may read, with the fields read of it (None: all of it).
 
     String literals are blanked first. When in doubt it over-approximates, never under:
-    a variable left out of the activation would turn a valid expression into an error.
+    a variable or field left out of the activation would turn a valid expression into an
+    error. `variable.field(` is a method or macro on the whole map, not a field.
     """
-    variables: set[str] = set()
-    request_fields: set[str] | None = set()
+    fields: dict[str, set[str] | None] = {}
+
+    def add(variable: str, field: str | None) -> None:
+        known = fields.setdefault(variable, set())
+        if known is None:
+            return
+        if field is None:
+            fields[variable] = None
+        else:
+            known.add(field)
+
     for policy in policies:
         for expr in _expressions(policy.when, policy.session, policy.rules):
             if policy.session is not None and policy.session.header and expr is policy.session.key:
                 continue  # read straight from the headers, not through CEL
             for match in _VARIABLE_REFERENCE.finditer(_STRING_LITERAL.sub('""', expr.source)):
-                variables.add(match.group(1))
-                if match.group(1) == "request" and request_fields is not None:
-                    if _whole_request(match):
-                        request_fields = None
-                    else:
-                        request_fields.add(match.group(3))
-    return frozenset(variables), frozenset(request_fields) if request_fields is not None else None
+                whole = match.group(3) is None or match.group(4) is not None
+                add(match.group(1), None if whole else match.group(3))
+        for rule in policy.rules:
+            if rule.deny.claim:
+                # The mismatch event reports the bound and the presented value of this claim.
+                add("claims", rule.deny.claim)
+                add("session", rule.deny.claim)
+    return {name: frozenset(known) if known is not None else None for name, known in fields.items()}
 
 
 def load_documents(path: str, text: str, engine: Engine, problems: list[Problem]) -> list[Policy]:
@@ -451,8 +462,7 @@ def load_policy_set(
             policies.append(policy)
     if problems:
         raise PolicyLoadError(problems)
-    variables, request_fields = _reads(policies)
-    return PolicySet(tuple(policies), engine, tuple(files), variables, request_fields)
+    return PolicySet(tuple(policies), engine, tuple(files), _reads(policies))
 
 
 def read_policy_dir(directory: Path) -> list[tuple[str, str]]:

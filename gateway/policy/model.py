@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
-from gateway.policy.engines import CompiledExpression, Engine
+from gateway.policy.engines import VARIABLES, CompiledExpression, Engine
 
 
 ALL_ALLOW = -1
@@ -74,9 +75,6 @@ class PolicySet:
     policies: tuple[Policy, ...]
     engine: Engine
     files: tuple[str, ...] = ()
-    # What the expressions read, so each request's activation holds nothing more:
-    # the top-level variables, and the fields of `request` (None: the whole map).
-    variables: frozenset[str] = frozenset(
-        ("request", "mcp", "claims", "auth", "session", "context", "source", "now")
-    )
-    request_fields: frozenset[str] | None = None
+    # What the expressions read, so each request's activation holds nothing more: each
+    # variable read, with the fields read of it (None: the whole value).
+    reads: Mapping[str, frozenset[str] | None] = field(default_factory=lambda: dict.fromkeys(VARIABLES))

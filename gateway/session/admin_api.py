@@ -95,7 +95,7 @@ class SessionAdminService(admin_pb2_grpc.SessionAdminServicer):  # type: ignore[
             revoked = operations.revoke_subject(self._store, request.issuer, request.subject, time.time())
         except StoreUnavailable as exc:
             return self._fail(context, exc)
-        log.info("admin: revoked %d sessions of one identity", revoked)
+        log.info("admin: revoked %d session(s) of one identity", revoked)
         return admin_pb2.RevokeSubjectResponse(revoked=revoked)
 
 

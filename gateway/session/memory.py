@@ -1,10 +1,10 @@
 """The in-process store (`memory://`): one process, bounded, compact.
 
-Each record is one small bytes object: its expiry, creation time, flags, and the slot of
-its identity. An identity (owner key + bound values) is kept once, however many sessions
-it holds, so a million sessions cost a few hundred MB (see bench/bench_store.py).
-Records that are not current-schema records (legacy data written by write_raw) are kept
-as they are, with their expiry.
+Each record is one small bytes object (13 bytes of data): its expiry and creation time in
+centiseconds from the store's start, flags, and the slot of its identity. An identity
+(owner key + bound values) is kept once, however many sessions it holds, so a million
+sessions cost a few hundred MB (see bench/bench_store.py). Records that are not
+current-schema records (legacy data written by write_raw) are kept as they are.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from gateway.session.store import (
     slide_interval,
 )
 
-_HEADER = struct.Struct("<ddBI")  # expires_at, created_at, flags, identity slot
+_HEADER = struct.Struct("<iiBI")  # expires_at, created_at (centiseconds from the epoch), flags, slot
+_CS_MIN, _CS_MAX = -(2**31), 2**31 - 1  # about ±248 days around the store's start
 _ANONYMOUS, _TERMINATED = 1, 2
 _ENDED_CODES = ("", "terminated", "revoked", "expired", "legacy")
 # A futile sweep of a full store is not repeated sooner than this.
@@ -86,6 +87,7 @@ class MemoryStore(SessionStore):
         self._owner_ids: dict[str, list[str]] = {}
         self._lock = threading.Lock()
         self._next_sweep = 0.0
+        self._epoch = float(int(time.time()))
 
     # ---- packing ----
     def _identity(self, owner: str, bound: Mapping[str, Any]) -> _Identity:
@@ -103,29 +105,37 @@ class MemoryStore(SessionStore):
         self._variants.setdefault(identity.owner, []).append(identity)
         return identity
 
+    def _cs(self, seconds: float) -> int:
+        return round((seconds - self._epoch) * 100)
+
+    def _seconds(self, cs: int) -> float:
+        return self._epoch + cs / 100
+
     def _pack(self, data: Mapping[str, Any], expires_at: float) -> bytes | _Raw:
-        if not _packable(data):
-            return _Raw(expires_at, dict(data))
+        expires_cs = self._cs(expires_at)
+        created_cs = self._cs(float(data.get("created_at", 0))) if _packable(data) else 0
+        if not _packable(data) or not (_CS_MIN <= expires_cs <= _CS_MAX and _CS_MIN <= created_cs <= _CS_MAX):
+            return _Raw(expires_at, dict(data))  # unusual data, or times too far from now to pack
         identity = self._identity(str(data.get("owner", "")), data.get("bound", {}))
         identity.records += 1
         flags = (_ANONYMOUS if data.get("anonymous") else 0) | (_TERMINATED if data.get("terminated") else 0)
         flags |= _ENDED_CODES.index(str(data.get("ended", ""))) << 2
-        return _HEADER.pack(expires_at, float(data["created_at"]), flags, identity.slot)
+        return _HEADER.pack(expires_cs, created_cs, flags, identity.slot)
 
     def _data(self, value: bytes) -> tuple[dict[str, Any], float]:
-        expires_at, created_at, flags, slot = _HEADER.unpack(value)
+        expires_cs, created_cs, flags, slot = _HEADER.unpack(value)
         identity = self._identities[slot]
         assert identity is not None
         data = {
             "schema": SCHEMA_VERSION,
             "anonymous": bool(flags & _ANONYMOUS),
-            "created_at": created_at,
+            "created_at": self._seconds(created_cs),
             "terminated": bool(flags & _TERMINATED),
             "ended": _ENDED_CODES[flags >> 2],
             "owner": identity.owner,
             "bound": identity.bound,
         }
-        return data, expires_at
+        return data, self._seconds(expires_cs)
 
     def _owner_of(self, value: bytes) -> tuple[_Identity, bool]:
         _, _, flags, slot = _HEADER.unpack(value)
@@ -165,9 +175,8 @@ class MemoryStore(SessionStore):
                     del self._variants[identity.owner]
         return True
 
-    @staticmethod
-    def _expires_at(value: bytes | _Raw) -> float:
-        return value.expires_at if isinstance(value, _Raw) else float(_HEADER.unpack_from(value)[0])
+    def _expires_at(self, value: bytes | _Raw) -> float:
+        return value.expires_at if isinstance(value, _Raw) else self._seconds(_HEADER.unpack_from(value)[0])
 
     def _live(self, session_id: str, now: float) -> bytes | _Raw | None:
         value = self._records.get(session_id)
@@ -190,10 +199,13 @@ class MemoryStore(SessionStore):
             if isinstance(value, _Raw):
                 return Loaded(dict(value.data))
             data, expires_at = self._data(value)
-            if not data["terminated"] and now - (expires_at - self.settings.idle_timeout) >= self._slide:
-                self._records[session_id] = _HEADER.pack(
-                    now + self.settings.idle_timeout, *_HEADER.unpack(value)[1:]
-                )
+            expires_cs = self._cs(now + self.settings.idle_timeout)
+            if (
+                not data["terminated"]
+                and now - (expires_at - self.settings.idle_timeout) >= self._slide
+                and expires_cs <= _CS_MAX
+            ):
+                self._records[session_id] = _HEADER.pack(expires_cs, *_HEADER.unpack(value)[1:])
             return Loaded(data)
 
     def _live_ids(self, owner: str, now: float) -> list[str]:
@@ -219,8 +231,8 @@ class MemoryStore(SessionStore):
                 if now >= value.expires_at:
                     stale.append(session_id)
                 continue
-            expires_at, created_at, _, _ = _HEADER.unpack(value)
-            if now >= expires_at or now >= created_at + ttl:
+            expires_cs, created_cs, _, _ = _HEADER.unpack(value)
+            if now >= self._seconds(expires_cs) or now >= self._seconds(created_cs) + ttl:
                 stale.append(session_id)
         for session_id in stale:
             self._drop(session_id)

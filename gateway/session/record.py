@@ -105,7 +105,9 @@ def is_live(data: Mapping[str, Any], now: float, ttl: float) -> bool:
     )
 
 
-def refusal(data: Mapping[str, Any], last_seen: float | None, now: float, ttl: float, idle: float) -> str | None:
+def refusal(
+    data: Mapping[str, Any], last_seen: float | None, now: float, ttl: float, idle: float
+) -> str | None:
     """Why a stored record cannot be used (a reason code), or None when it is live."""
     # Stores hand back plain dicts (decoded JSON); anything else is not a record of ours.
     if type(data) is not dict or "schema" not in data or has_legacy_fields(data):

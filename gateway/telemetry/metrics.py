@@ -1,7 +1,9 @@
 """The gateway's OTel instruments, created once at import.
 
-They come from the global meter provider: before telemetry is set up (or when it is
-disabled) they are the API's no-ops, so recording costs next to nothing. Prometheus
+The rare ones come from the global meter provider: before telemetry is set up (or when
+it is disabled) they are the API's no-ops. The three recorded on every check are local
+instruments (gateway.telemetry.local_metrics), aggregated without the SDK's per-call
+cost and handed to the same readers when they collect. Prometheus
 sees them as `authz_checks_total`, `authz_check_duration_seconds_*`,
 `authz_policy_reloads_total`, `authz_store_operation_duration_seconds_*`,
 `authz_store_errors_total`, `authz_jwks_refreshes_total` and `authz_sessions_live`.
@@ -15,6 +17,8 @@ from collections.abc import Callable, Iterable
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
+from gateway.telemetry.local_metrics import LocalCounter, LocalHistogram
+
 _meter = metrics.get_meter("authz-gateway")
 
 # Seconds. The SDK's default buckets (0, 5, 10, … 10000) suit milliseconds: every check
@@ -23,23 +27,13 @@ LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 )
 
-checks = _meter.create_counter(
-    "authz_checks", unit="1", description="Checks answered, by decision, reason and policy"
-)
-check_duration = _meter.create_histogram(
-    "authz_check_duration",
-    unit="s",
-    description="Time to answer one Check",
-    explicit_bucket_boundaries_advisory=LATENCY_BUCKETS,
-)
+checks = LocalCounter("authz_checks", "1", "Checks answered, by decision, reason and policy")
+check_duration = LocalHistogram("authz_check_duration", "s", "Time to answer one Check", LATENCY_BUCKETS)
 policy_reloads = _meter.create_counter(
     "authz_policy_reloads", unit="1", description="Policy set (re)loads, by result"
 )
-store_operation_duration = _meter.create_histogram(
-    "authz_store_operation_duration",
-    unit="s",
-    description="Session store operations, by store and operation",
-    explicit_bucket_boundaries_advisory=LATENCY_BUCKETS,
+store_operation_duration = LocalHistogram(
+    "authz_store_operation_duration", "s", "Session store operations, by store and operation", LATENCY_BUCKETS
 )
 store_errors = _meter.create_counter(
     "authz_store_errors", unit="1", description="Session store operations that failed, by store and operation"

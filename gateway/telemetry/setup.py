@@ -93,6 +93,10 @@ class Telemetry:
 
     def shutdown(self) -> None:
         """Flush and stop: no span or metric point is lost at exit."""
+        if self.tracer_provider is not None:
+            from gateway.telemetry.tracing import install_span_sink
+
+            install_span_sink(None)  # after this, a late check's span goes nowhere, not to a closed queue
         for provider in (self.tracer_provider, self.meter_provider):
             if provider is None:
                 continue
@@ -108,32 +112,49 @@ def setup_telemetry(*, metrics_http: bool = False) -> Telemetry:
     if sdk_disabled():
         return Telemetry()
     from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+    from opentelemetry.sdk.metrics.export import MetricReader
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from gateway.telemetry import local_metrics
+    from gateway.telemetry.local_metrics import readers_with_local_metrics
+    from gateway.telemetry.tracing import TRACER_NAME, SpanSink, install_span_sink
 
     resource = service_resource()
     telemetry = Telemetry()
 
     if _endpoint_configured("TRACES"):
         tracer_provider = TracerProvider(resource=resource)  # the sampler comes from OTEL_TRACES_SAMPLER
-        tracer_provider.add_span_processor(BatchSpanProcessor(_span_exporter()))
+        processor = BatchSpanProcessor(_span_exporter())
+        tracer_provider.add_span_processor(processor)
         trace.set_tracer_provider(tracer_provider)
+        # The Check span's lean path: the same sampler, ids, resource and processor.
+        install_span_sink(
+            SpanSink(
+                processor=processor,
+                sampler=tracer_provider.sampler,
+                id_generator=tracer_provider.id_generator,
+                resource=resource,
+                scope=InstrumentationScope(TRACER_NAME),
+            )
+        )
         telemetry.tracer_provider = tracer_provider
         telemetry.exporting = True
 
+    # Readers that also collect the per-check local instruments (local_metrics.py).
+    periodic_reader, prometheus_reader = readers_with_local_metrics()
     readers: list[MetricReader] = []
     if _endpoint_configured("METRICS"):
-        readers.append(PeriodicExportingMetricReader(_metric_exporter()))
+        readers.append(periodic_reader(_metric_exporter()))
     if metrics_http:
-        from opentelemetry.exporter.prometheus import PrometheusMetricReader
-
-        telemetry.prometheus_reader = PrometheusMetricReader()
+        telemetry.prometheus_reader = prometheus_reader()
         readers.append(telemetry.prometheus_reader)
     if readers:
         meter_provider = MeterProvider(resource=resource, metric_readers=readers)
         metrics.set_meter_provider(meter_provider)
         telemetry.meter_provider = meter_provider
+        local_metrics.enable(resource)
     # Once at start, so an operator sees where telemetry goes (endpoints hold no secrets;
     # OTLP headers, which may, are not logged).
     log.info(

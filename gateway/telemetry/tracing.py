@@ -29,6 +29,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace.sampling import Decision as Decision_
 from opentelemetry.sdk.trace.sampling import Sampler
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
@@ -38,6 +39,7 @@ from gateway.decision import Decision
 from gateway.request import RequestContext
 
 SPAN_NAME = "envoy.service.auth.v3.Authorization/Check"
+TRACER_NAME = "authz-gateway"
 _propagator = TraceContextTextMapPropagator()
 _TRACE_KEYS = ("traceparent", "tracestate")
 _ERROR_REASONS = frozenset({"policy_error", "store_unavailable", "internal_error"})
@@ -104,7 +106,12 @@ class PendingCheckSpan(trace.NonRecordingSpan):
     """A Check span in flight on the lean path: its context (for child spans) and start."""
 
     def __init__(
-        self, context: SpanContext, parent: SpanContext | None, start_ns: int, recording: bool, sampler_attributes: Any
+        self,
+        context: SpanContext,
+        parent: SpanContext | None,
+        start_ns: int,
+        recording: bool,
+        sampler_attributes: Any,
     ) -> None:
         super().__init__(context)
         self.parent = parent
@@ -172,13 +179,15 @@ def decision_attributes(outcome: Decision, context: RequestContext | None) -> di
 
 class CheckSpans:
     def __init__(self, hasher: SubjectHasher, tracer: trace.Tracer | None = None) -> None:
-        self._tracer = tracer or trace.get_tracer("authz-gateway")
+        self._tracer = tracer or trace.get_tracer(TRACER_NAME)
         self._hash = hasher
 
     def start(self, parent: Context | None, start_ns: int) -> trace.Span:
         sink = _sink
         if sink is None:
-            return self._tracer.start_span(SPAN_NAME, context=parent, kind=SpanKind.SERVER, start_time=start_ns)
+            return self._tracer.start_span(
+                SPAN_NAME, context=parent, kind=SpanKind.SERVER, start_time=start_ns
+            )
         # What the SDK's Tracer.start_span decides, without building its span object.
         parent_context: SpanContext | None = trace.get_current_span(parent).get_span_context()
         if parent_context is None or not parent_context.is_valid:
@@ -189,7 +198,8 @@ class CheckSpans:
             trace_id = parent_context.trace_id
             random_trace_id = parent_context.trace_flags.random_trace_id
         result = sink.sampler.should_sample(parent, trace_id, SPAN_NAME, SpanKind.SERVER)
-        flags = TraceFlags.SAMPLED if result.decision.is_sampled() else TraceFlags.DEFAULT
+        decision = result.decision
+        flags = TraceFlags.SAMPLED if decision == Decision_.RECORD_AND_SAMPLE else TraceFlags.DEFAULT
         if random_trace_id:
             flags |= TraceFlags.RANDOM_TRACE_ID
         context = SpanContext(
@@ -199,7 +209,8 @@ class CheckSpans:
             trace_flags=TraceFlags(flags),
             trace_state=result.trace_state,
         )
-        return PendingCheckSpan(context, parent_context, start_ns, result.decision.is_recording(), result.attributes)
+        recording = decision != Decision_.DROP
+        return PendingCheckSpan(context, parent_context, start_ns, recording, result.attributes)
 
     @staticmethod
     def enter(span: trace.Span) -> object | None:
@@ -213,6 +224,43 @@ class CheckSpans:
         if token is not None:
             otel_context.detach(token)  # type: ignore[arg-type]
 
+    def _events(
+        self, outcome: Decision, context: RequestContext | None, end_ns: int, error: BaseException | None
+    ) -> tuple[list[Event], Status]:
+        """The span's events (binding mismatch, audit denies, exception) and its status."""
+        events = []
+        attributes: dict[str, Any]
+        mismatch = outcome.mismatch
+        if mismatch is not None:
+            bound, presented = mismatch.bound, mismatch.presented
+            if mismatch.claim != "iss":  # the issuer is public; anything else may identify a person
+                bound, presented = self._hash(bound), self._hash(presented)
+            attributes = {
+                "authz.mismatch.claim": mismatch.claim,
+                "authz.bound": str(bound),
+                "authz.presented": str(presented),
+            }
+            events.append(Event("authz.binding_mismatch", attributes, end_ns))
+        for audited in outcome.audit_denies:
+            attributes = {
+                "authz.policy": audited.policy,
+                "authz.rule": audited.rule,
+                "authz.reason": audited.reason,
+                "http.response.status_code": audited.status,
+            }
+            events.append(Event("authz.audit_deny", attributes, end_ns))
+        status = _UNSET
+        if error is not None:
+            events.append(Event("exception", _exception_attributes(error, context), end_ns))
+            status = Status(StatusCode.ERROR, outcome.error or type(error).__name__)
+        elif outcome.reason in _ERROR_REASONS:
+            # check.py caught the exception and kept its (scrubbed) message: record it as one.
+            message = outcome.error or outcome.reason
+            attributes = {"exception.type": _ERROR_TYPES[outcome.reason], "exception.message": message}
+            events.append(Event("exception", attributes, end_ns))
+            status = Status(StatusCode.ERROR, message)
+        return events, status
+
     def finish(
         self,
         span: trace.Span,
@@ -223,114 +271,36 @@ class CheckSpans:
     ) -> trace.Span:
         if not span.is_recording():
             return span
-        if isinstance(span, PendingCheckSpan):
-            return self._finish_lean(span, outcome, context, end_ns, error)
-        span.set_attributes(decision_attributes(outcome, context))
-        mismatch = outcome.mismatch
-        if mismatch is not None:
-            bound, presented = mismatch.bound, mismatch.presented
-            if mismatch.claim != "iss":  # the issuer is public; anything else may identify a person
-                bound, presented = self._hash(bound), self._hash(presented)
-            span.add_event(
-                "authz.binding_mismatch",
-                {
-                    "authz.mismatch.claim": mismatch.claim,
-                    "authz.bound": str(bound),
-                    "authz.presented": str(presented),
-                },
-                timestamp=end_ns,
-            )
-        for audited in outcome.audit_denies:
-            span.add_event(
-                "authz.audit_deny",
-                {
-                    "authz.policy": audited.policy,
-                    "authz.rule": audited.rule,
-                    "authz.reason": audited.reason,
-                    "http.response.status_code": audited.status,
-                },
-                timestamp=end_ns,
-            )
-        if error is not None:
-            span.add_event("exception", _exception_attributes(error, context), timestamp=end_ns)
-            span.set_status(Status(StatusCode.ERROR, outcome.error or type(error).__name__))
-        elif outcome.reason in _ERROR_REASONS:
-            message = outcome.error or outcome.reason
-            # check.py caught the exception and kept its (scrubbed) message: record it as one.
-            span.add_event(
-                "exception",
-                {"exception.type": _ERROR_TYPES[outcome.reason], "exception.message": message},
-                timestamp=end_ns,
-            )
-            span.set_status(Status(StatusCode.ERROR, message))
-        span.end(end_time=end_ns)
-        return span
-
-    def _events(self, outcome: Decision, end_ns: int) -> list[Event]:
-        events = []
-        mismatch = outcome.mismatch
-        if mismatch is not None:
-            bound, presented = mismatch.bound, mismatch.presented
-            if mismatch.claim != "iss":  # the issuer is public; anything else may identify a person
-                bound, presented = self._hash(bound), self._hash(presented)
-            events.append(Event(
-                "authz.binding_mismatch",
-                {"authz.mismatch.claim": mismatch.claim, "authz.bound": str(bound), "authz.presented": str(presented)},
-                end_ns,
-            ))
-        for audited in outcome.audit_denies:
-            events.append(Event(
-                "authz.audit_deny",
-                {
-                    "authz.policy": audited.policy,
-                    "authz.rule": audited.rule,
-                    "authz.reason": audited.reason,
-                    "http.response.status_code": audited.status,
-                },
-                end_ns,
-            ))
-        return events
-
-    def _finish_lean(
-        self,
-        span: PendingCheckSpan,
-        outcome: Decision,
-        context: RequestContext | None,
-        end_ns: int,
-        error: BaseException | None,
-    ) -> trace.Span:
-        sink = _sink
-        if sink is None:  # telemetry shut down while this check ran
-            return span
         attributes = decision_attributes(outcome, context)
-        if span.sampler_attributes:
-            attributes.update(span.sampler_attributes)
-        events = self._events(outcome, end_ns) if outcome.mismatch or outcome.audit_denies else []
-        status = _UNSET
-        if error is not None:
-            events.append(Event("exception", _exception_attributes(error, context), end_ns))
-            status = Status(StatusCode.ERROR, outcome.error or type(error).__name__)
-        elif outcome.reason in _ERROR_REASONS:
-            message = outcome.error or outcome.reason
-            events.append(Event(
-                "exception", {"exception.type": _ERROR_TYPES[outcome.reason], "exception.message": message}, end_ns
-            ))
-            status = Status(StatusCode.ERROR, message)
-        sink.processor.on_end(
-            ReadableSpan(
-                name=SPAN_NAME,
-                context=span.get_span_context(),
-                parent=span.parent,
-                resource=sink.resource,
-                attributes=attributes,
-                events=events,
-                kind=SpanKind.SERVER,
-                status=status,
-                start_time=span.start_ns,
-                end_time=end_ns,
-                instrumentation_scope=sink.scope,
+        events, status = self._events(outcome, context, end_ns, error)
+        if isinstance(span, PendingCheckSpan):
+            sink = _sink
+            if sink is None:  # telemetry was shut down while this check ran
+                return span
+            if span.sampler_attributes:
+                attributes.update(span.sampler_attributes)
+            sink.processor.on_end(
+                ReadableSpan(
+                    name=SPAN_NAME,
+                    context=span.get_span_context(),
+                    parent=span.parent,
+                    resource=sink.resource,
+                    attributes=attributes,
+                    events=events,
+                    kind=SpanKind.SERVER,
+                    status=status,
+                    start_time=span.start_ns,
+                    end_time=end_ns,
+                    instrumentation_scope=sink.scope,
+                )
             )
-        )
+            return span
+        span.set_attributes(attributes)
+        for event in events:
+            span.add_event(event.name, event.attributes, timestamp=event.timestamp)
+        if status is not _UNSET:
+            span.set_status(status)
+        span.end(end_time=end_ns)
         return span
 
     def record(

@@ -257,16 +257,21 @@ def start_envoy(work_dir: Path, gateway_ports: list[int], upstream_port: int, **
 class RedisServer(ManagedProcess):
     """A real redis-server on a free loopback port, no persistence."""
 
-    def __init__(self, work_dir: Path, port: int | None = None, name: str = "redis") -> None:
+    def __init__(
+        self, work_dir: Path, port: int | None = None, name: str = "redis", unix_socket: Path | None = None
+    ) -> None:
         self.port = port or free_port()
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                 "--dir", str(work_dir)]
+        if unix_socket is not None:  # also listen on a unix socket (the unix:// store URL)
+            argv += ["--unixsocket", str(unix_socket), "--unixsocketperm", "700"]
         super().__init__(f"{name}-{self.port}", argv, work_dir)
         wait_for_port(self.port, 10)
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.unix_url = f"unix://{unix_socket}" if unix_socket is not None else None
 
 
 class RecordingUpstream:
