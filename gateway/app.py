@@ -67,14 +67,16 @@ class Gateway:
         hasher = SubjectHasher(config.telemetry.record_subject, config.telemetry.subject_hash_key)
         self.service = CheckService(
             self.authorizer,
-            ResponseBuilder(config.auth, UPSTREAM_HEADERS),
+            ResponseBuilder(config.auth, UPSTREAM_HEADERS, config.responses),
             CheckSpans(hasher),
             config.max_request_bytes,
             listeners,
         )
         self.health = health.HealthServicer()
         set_serving(self.health, False)
-        self.server: grpc.Server = build_server(self.service, self.health, max_workers=16, reuse_port=reuse_port)
+        self.server: grpc.Server = build_server(
+            self.service, self.health, max_workers=16, reuse_port=reuse_port
+        )
         self.port = 0
         self._reload_lock = threading.Lock()
         self._stopped = threading.Event()

@@ -5,6 +5,7 @@ Every error names the file and the dotted key, and is raised before anything ser
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -59,6 +60,35 @@ class SessionConfig:
     max_sessions: int = 1_000_000
 
 
+# What the official MCP Python SDK (mcp 2.3, streamable HTTP) answers, with HTTP 404, for a
+# session id it does not know: a JSON-RPC error without a request id. The gateway's session
+# refusals default to these exact bytes, so that through Envoy a session that belongs to someone
+# else cannot be told from one that never existed (the MCP server answers that one itself).
+MCP_SDK_SESSION_NOT_FOUND_BODY = (
+    '{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"Session not found"}}'
+)
+MAX_RESPONSE_BODY_BYTES = 4096
+# RFC 9110 media type: type "/" subtype, then optional parameters.
+_MEDIA_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+( *; *[ -~]*)?")
+
+
+@dataclass(frozen=True, slots=True)
+class FixedResponse:
+    """A response the gateway always answers with the same bytes."""
+
+    content_type: str
+    body: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResponsesConfig:
+    # Every 404 the gateway sends for a session (ended, expired, legacy, or bound to another
+    # identity). Match it to what your MCP server answers for an unknown Mcp-Session-Id.
+    session_not_found: FixedResponse = field(
+        default_factory=lambda: FixedResponse("application/json", MCP_SDK_SESSION_NOT_FOUND_BODY)
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class TelemetryConfig:
     metrics_listen: str | None = None
@@ -86,6 +116,7 @@ class Config:
     session: SessionConfig = field(default_factory=SessionConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    responses: ResponsesConfig = field(default_factory=ResponsesConfig)
     source: Path | None = None
 
     def with_overrides(self, **changes: Any) -> Config:
@@ -278,6 +309,36 @@ def _telemetry(reader: _Reader) -> TelemetryConfig:
     return telemetry
 
 
+def _fixed_response(reader: _Reader, default: FixedResponse) -> FixedResponse:
+    content_type = reader.string("content_type", default.content_type)
+    body = reader.string("body", default.body)
+    if content_type is None:
+        raise reader.error("must be a string", "content_type")
+    if body is None:
+        raise reader.error("must be a string (use '' for an empty body)", "body")
+    if not _MEDIA_TYPE.fullmatch(content_type) or content_type != content_type.strip():
+        raise reader.error(f"not a media type for a content-type header: {content_type!r}", "content_type")
+    if len(body.encode("utf-8")) > MAX_RESPONSE_BODY_BYTES:
+        raise reader.error(f"must be at most {MAX_RESPONSE_BODY_BYTES} bytes", "body")
+    media_type = content_type.partition(";")[0].strip().lower()
+    if media_type == "application/json" or media_type.endswith("+json"):
+        try:
+            json.loads(body)
+        except ValueError as exc:
+            raise reader.error(f"is not valid JSON, but content_type says it is: {exc}", "body") from None
+    reader.finish()
+    return FixedResponse(content_type, body)
+
+
+def _responses(reader: _Reader) -> ResponsesConfig:
+    d = ResponsesConfig()
+    responses = ResponsesConfig(
+        session_not_found=_fixed_response(reader.child("session_not_found"), d.session_not_found),
+    )
+    reader.finish()
+    return responses
+
+
 def _admin(reader: _Reader) -> AdminConfig:
     admin = AdminConfig(listen=reader.string("listen"))
     if admin.listen:
@@ -315,6 +376,7 @@ def config_from_mapping(data: object, source: str = "<config>", base: Path | Non
         session=_session(top.child("session")),
         telemetry=_telemetry(top.child("telemetry")),
         admin=_admin(top.child("admin")),
+        responses=_responses(top.child("responses")),
         source=Path(source) if source != "<config>" else None,
     )
     top.finish()

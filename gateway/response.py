@@ -1,8 +1,9 @@
 """A decision as Envoy's CheckResponse.
 
-Bodies are small JSON and never carry tokens, claims or binding details. Every 404 is
-the same bytes, whatever the reason: a session that belongs to someone else looks
-exactly like one that does not exist.
+Bodies are small and never carry tokens, claims or binding details. Every 404 for a
+built-in reason is the same bytes, `responses.session_not_found` (by default what the MCP
+SDK's server answers for an unknown session id): a session that belongs to someone else
+looks exactly like one that does not exist, even when the MCP server answered that one.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
 from gateway import decision
-from gateway.config import AuthConfig
+from gateway.config import AuthConfig, ResponsesConfig
 from gateway.decision import Decision
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-_JSON = ("content-type", "application/json")
+_JSON = "application/json"
 _NO_STORE = ("cache-control", "no-store")
 
 # What the client reads; the precise reason goes to telemetry only.
@@ -49,8 +50,14 @@ def _quoted(value: str) -> str:
 
 
 class ResponseBuilder:
-    def __init__(self, auth: AuthConfig, strip_headers: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        auth: AuthConfig,
+        strip_headers: tuple[str, ...] = (),
+        responses: ResponsesConfig | None = None,
+    ) -> None:
         self._auth = auth
+        self._not_found = (responses or ResponsesConfig()).session_not_found
         self._strip_headers = list(strip_headers)
         self._denied: dict[tuple[str, int], external_auth_pb2.CheckResponse] = {}
         # Responses are immutable once built: one per identity serves all its allows.
@@ -69,7 +76,15 @@ class ResponseBuilder:
             parts.append(f'resource_metadata="{_quoted(self._auth.resource_metadata)}"')
         return "Bearer " + ", ".join(parts)
 
+    def _session_refusal(self, reason: str, status: int) -> bool:
+        return status == 404 and reason in _BUILT_IN_REASONS
+
+    def content_type(self, reason: str, status: int) -> str:
+        return self._not_found.content_type if self._session_refusal(reason, status) else _JSON
+
     def body(self, reason: str, status: int) -> str:
+        if self._session_refusal(reason, status):
+            return self._not_found.body
         if status == 401 and reason == decision.TOKEN_MISSING:
             error = "unauthorized"
         elif reason not in _BUILT_IN_REASONS:
@@ -101,7 +116,9 @@ class ResponseBuilder:
                     self._denied[key] = cached
         return cached
 
-    def _allowed_response(self, upstream_headers: tuple[tuple[str, str], ...]) -> external_auth_pb2.CheckResponse:
+    def _allowed_response(
+        self, upstream_headers: tuple[tuple[str, str], ...]
+    ) -> external_auth_pb2.CheckResponse:
         # Overwriting replaces any client-sent copy; Envoy applies removals after additions,
         # so the names set here must not also be removed.
         names = {name for name, _ in upstream_headers}
@@ -116,7 +133,16 @@ class ResponseBuilder:
     def _denied_response(
         self, reason: str, status: int, extra_headers: tuple[tuple[str, str], ...]
     ) -> external_auth_pb2.CheckResponse:
-        headers = [_JSON, _NO_STORE]
+        body = self.body(reason, status)
+        # Envoy fills in content-length itself (in place), then appends date and server. Listing
+        # content-length first gives a denial the header order of an upstream response after
+        # the example Envoy config's normalization (content-length, content-type, cache-control,
+        # date, server), so a session refusal matches the MCP server's own 404 in order too.
+        headers = [
+            ("content-length", str(len(body.encode("utf-8")))),
+            ("content-type", self.content_type(reason, status)),
+            _NO_STORE,
+        ]
         if status == 401:
             headers.append(("www-authenticate", self.challenge(reason)))
         headers.extend((k.lower(), v) for k, v in extra_headers)
@@ -126,6 +152,6 @@ class ResponseBuilder:
             denied_response=external_auth_pb2.DeniedHttpResponse(
                 status=http_status_pb2.HttpStatus(code=status),
                 headers=[_header(k, v) for k, v in headers],
-                body=self.body(reason, status),
+                body=body,
             ),
         )

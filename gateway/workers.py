@@ -46,6 +46,11 @@ def _worker_main(config: Config, log_level: int, index: int) -> None:
     from gateway.commands.serve import serve
 
     try:
+        if config.telemetry.metrics_listen:  # one admin port per worker: port + index
+            from gateway.telemetry.admin import worker_listen
+
+            listen = worker_listen(config.telemetry.metrics_listen, index)
+            config = replace(config, telemetry=replace(config.telemetry, metrics_listen=listen))
         code = serve(replace(config, workers=1), reuse_port=True, admin=False)
     except Exception as exc:  # the same one-line message `serve` prints, from each worker
         print(f"authz-gateway: {exc}", file=sys.stderr)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.config import MCP_SDK_SESSION_NOT_FOUND_BODY
 from tests.support.processes import REPO, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -59,9 +60,9 @@ def test_demo_tells_the_whole_story_and_exits_0(tmp_path: Path) -> None:
         "1. alice opens an MCP session, with access token AT1 [",
         "2. alice's token is refreshed: AT2 [",
         "3. mallory replays alice's session id, with a valid token of her own",
-        'mallory  tools/call whoami -> HTTP 404 {"error":"not_found"}',
+        f"mallory  tools/call whoami -> HTTP 404 {MCP_SDK_SESSION_NOT_FOUND_BODY}",
         "4. alice ends the session (an MCP DELETE); her client still holds the old id",
-        "client   tools/call echo on the old id -> SDK error 'Session terminated'",
+        "client   tools/call echo on the old id -> SDK error 'Session not found'",
         "5. alice's client starts a new session and carries on",
         "All 5 steps went as expected",
         "Stopped Envoy, authz-gateway and the MCP server.",

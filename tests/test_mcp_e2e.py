@@ -29,6 +29,7 @@ from mcp.client.auth.utils import extract_field_from_www_auth, extract_scope_fro
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
+from gateway.config import MCP_SDK_SESSION_NOT_FOUND_BODY
 from gateway.demo.client import BearerAuth, SentRequests, mcp_session, new_trace_id
 from gateway.policy.loader import default_policy_dir
 from gateway.telemetry.tracing import SPAN_NAME
@@ -49,8 +50,8 @@ from tests.support.processes import (
 
 pytestmark = pytest.mark.timeout(90)
 
-# Every 404 the gateway sends is these bytes, whatever the reason.
-NOT_FOUND_BODY = b'{"error":"not_found"}'
+# Every 404 the gateway sends is these bytes, whatever the reason: the MCP SDK server's own.
+NOT_FOUND_BODY = MCP_SDK_SESSION_NOT_FOUND_BODY.encode()
 
 
 @dataclass
@@ -312,7 +313,8 @@ def test_owner_delete_ends_the_session_and_the_client_starts_a_new_one(stack: St
     old, new = seen["old"], seen["new"]
     assert seen["delete"].status_code == 200  # the upstream ended its session too
     assert seen["reuse"].status_code == 404 and seen["reuse"].content == NOT_FOUND_BODY
-    assert "Session terminated" in str(seen["sdk_error"])
+    # The SDK client surfaces the 404's JSON-RPC error: the same as for a server-side unknown id.
+    assert "Session not found" in str(seen["sdk_error"])
     assert seen["carried_on"] == "three" and new != old
     assert seen["reuse_new"].status_code == 404 and seen["reuse_new"].content == NOT_FOUND_BODY
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.config import MCP_SDK_SESSION_NOT_FOUND_BODY
 from gateway.policy.loader import default_policy_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -151,7 +152,7 @@ def test_explain_shows_each_policy_and_rule_and_the_decision() -> None:
         "   rule same-subject                     when true, allow false -> DENY 404 subject_mismatch" in out
     )
     assert "decision  deny 404 subject_mismatch  [policy=mcp-session-binding rule=same-subject]" in out
-    assert 'response  404 {"error":"not_found"}' in out
+    assert f"response  404 {MCP_SDK_SESSION_NOT_FOUND_BODY}" in out
     assert "session   s-1: live after the check" in out
     assert "expected  as expected" in out
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2
 
+from gateway.config import MCP_SDK_SESSION_NOT_FOUND_BODY
 from gateway.policy.loader import default_policy_dir
 from tests.support.checks import check_request, denied_headers, http_status
 from tests.support.inprocess import InProcessGateway
@@ -131,8 +132,12 @@ def test_every_404_is_the_same_bytes(env: Env) -> None:
     assert len(set(serialized.values())) == 1, serialized
     terminated = responses["session_terminated"]
     assert http_status(terminated) == 404
-    assert terminated.denied_response.body == '{"error":"not_found"}'
-    assert denied_headers(terminated) == {"content-type": "application/json", "cache-control": "no-store"}
+    assert terminated.denied_response.body == MCP_SDK_SESSION_NOT_FOUND_BODY
+    assert denied_headers(terminated) == {
+        "content-length": str(len(MCP_SDK_SESSION_NOT_FOUND_BODY)),
+        "content-type": "application/json",
+        "cache-control": "no-store",
+    }
 
 
 def test_delete_by_someone_else_does_not_end_the_session(env: Env) -> None:

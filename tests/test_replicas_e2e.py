@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.config import MCP_SDK_SESSION_NOT_FOUND_BODY
 from tests.support.issuer import TestIssuer
 from tests.support.processes import (
     EnvoyProcess,
@@ -109,7 +110,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
 
 
 UNAVAILABLE = json.dumps({"error": "unavailable"}, separators=(",", ":")).encode()
-NOT_FOUND = json.dumps({"error": "not_found"}, separators=(",", ":")).encode()
+NOT_FOUND = MCP_SDK_SESSION_NOT_FOUND_BODY.encode()
 
 
 def test_two_replicas_share_sessions_and_fail_closed_together(stack: Stack, tmp_path: Path) -> None:

@@ -501,3 +501,36 @@ def test_redis_over_a_unix_socket_and_another_db(tmp_path: Path, make_redis: Sto
         in_db3.close()
     finally:
         server.stop()
+
+
+def _bind_from_another_process(url: str, index: int, start: Any, results: Any) -> None:
+    store = open_store(url, StoreSettings(3600, 600, timeout=5.0))
+    start.wait(30)
+    now = time.time()
+    outcome = store.create("raced-across-processes", record_for(f"user-{index}", "i", now), now, 10)
+    winner = None if outcome.existing is None else outcome.existing.data["bound"]["sub"]
+    results.put((index, outcome.created, winner))
+    store.close()
+
+
+def test_sqlite_binds_race_across_processes(tmp_path: Path) -> None:
+    """Worker processes of one host share the file: one bind wins across processes too."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    open_store(url, StoreSettings(3600, 600)).close()  # the schema exists before the race
+    start, results = context.Event(), context.Queue()
+    processes = [
+        context.Process(target=_bind_from_another_process, args=(url, i, start, results)) for i in range(6)
+    ]
+    for process in processes:
+        process.start()
+    time.sleep(1.5)  # let every process import and open the store
+    start.set()
+    outcomes = [results.get(timeout=30) for _ in processes]
+    for process in processes:
+        process.join(10)
+    winners = [index for index, created, _ in outcomes if created]
+    assert len(winners) == 1
+    assert {winner for _, created, winner in outcomes if not created} == {f"user-{winners[0]}"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -105,5 +106,35 @@ def test_not_ready_until_keys_load(tmp_path: Path, issuer: TestIssuer) -> None:
         issuer.fail_jwks = False  # the IdP is back: the gateway becomes ready
         wait_until(lambda: get(admin_port, "/readyz")[0] == 200, timeout=10, what="ready once keys load")
         assert jwks_fetches("success") == 1
+    finally:
+        gateway.stop()
+
+
+def two_free_ports() -> int:
+    """A port P with P + 1 free too (for two workers' admin ports)."""
+    for _ in range(50):
+        port = free_port()
+        try:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no two adjacent free ports")
+
+
+def test_each_worker_serves_its_own_admin_port(tmp_path: Path, issuer: TestIssuer) -> None:
+    admin_port = two_free_ports()
+    config = {
+        "store": f"sqlite:///{tmp_path / 'sessions.db'}",
+        "auth": {"issuers": [issuer.issuer_config(jwks_file=issuer.write_jwks(tmp_path / "jwks.json"))]},
+        "telemetry": {"metrics_listen": f"127.0.0.1:{admin_port}"},
+    }
+    gateway = GatewayProcess(config, tmp_path, env=NO_EXPORT, extra_args=["--workers", "2"], wait=False)
+    try:
+        for port in (admin_port, admin_port + 1):
+            wait_for_port(port, 30)
+            wait_until(lambda port=port: get(port, "/readyz")[0] == 200, timeout=20, what=f"ready on {port}")
+            assert "authz_policy_reloads_total" in get(port, "/metrics")[1]
     finally:
         gateway.stop()

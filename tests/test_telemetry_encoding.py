@@ -37,7 +37,8 @@ def varied_spans() -> list[ReadableSpan]:
     parent = TraceContextTextMapPropagator().extract(
         {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "tracestate": "a=1,b=two"}
     )
-    context = RequestContext(method="POST", path="/mcp/ü", headers={}, parsed_mcp=(McpCall("tools/call", "x"),))
+    calls = (McpCall("tools/call", "x"),)
+    context = RequestContext(method="POST", path="/mcp/ü", headers={}, parsed_mcp=calls)
     checks.record(Decision(True, "allowed", session_new=True), context, parent, 1_000, 2_000)
     checks.record(
         Decision(False, "subject_mismatch", 404, "p", "r", mismatch=Mismatch("sub", "alice", "bob")),

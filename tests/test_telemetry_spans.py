@@ -354,3 +354,18 @@ def test_nothing_secret_in_anything_exported(rig: Rig) -> None:
     for secret in (token, token.split(".")[2], session, "secret-subject-x"):
         assert secret.encode() not in exported
         assert secret not in rig.gateway.log_text()
+
+
+def test_unsampled_parent_means_no_span(rig: Rig) -> None:
+    dropped, kept = unique_path(), unique_path()
+    token = rig.idp.token("alice")
+    unsampled = [("traceparent", f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-00")]
+    assert http_status(rig.client.check(check_request(path=dropped, token=token), metadata=unsampled)) == 200
+    sampled_trace = uuid.uuid4().hex
+    sampled = [("traceparent", f"00-{sampled_trace}-{uuid.uuid4().hex[:16]}-01")]
+    rig.client.check(check_request(path=kept, token=token), metadata=sampled)
+    assert rig.span_for_path(kept).trace_id == sampled_trace
+    # Spans leave in order: once the later one arrived, the earlier one would have too.
+    assert not [s for s in rig.receiver.spans(name=SPAN_NAME) if s.attributes.get("url.path") == dropped]
+    line = next(entry for entry in rig.decision_lines() if entry["path"] == dropped)
+    assert line["trace_id"] == unsampled[0][1][3:35]  # the decision log still names the trace

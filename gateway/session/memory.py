@@ -39,13 +39,19 @@ _SWEEP_BACKOFF = 1.0
 class _Identity:
     """Who a record belongs to, shared by all of that identity's records."""
 
-    __slots__ = ("slot", "owner", "bound", "records")
+    __slots__ = ("slot", "owner", "keys", "values", "records")
 
-    def __init__(self, slot: int, owner: str, bound: dict[str, Any]) -> None:
+    def __init__(self, slot: int, owner: str, keys: tuple[str, ...], values: tuple[Any, ...]) -> None:
         self.slot = slot
         self.owner = owner
-        self.bound = bound
+        # The bound values as a tuple under a key tuple shared by all identities: a dict per
+        # identity would cost ~130 bytes more. Loads build the dict (a fraction of a µs).
+        self.keys = keys
+        self.values = values
         self.records = 0
+
+    def holds(self, bound: Mapping[str, Any]) -> bool:
+        return tuple(bound) == self.keys and tuple(bound.values()) == self.values
 
 
 @dataclass(slots=True)
@@ -70,9 +76,9 @@ def _packable(data: Mapping[str, Any]) -> bool:
     )
 
 
-def _interned(bound: Mapping[str, Any]) -> dict[str, Any]:
+def _interned(values: Any) -> tuple[Any, ...]:
     # Issuers (and other shared values) are then held once for all identities.
-    return {sys.intern(k): sys.intern(v) if isinstance(v, str) else v for k, v in bound.items()}
+    return tuple(sys.intern(v) if type(v) is str else v for v in values)
 
 
 class MemoryStore(SessionStore):
@@ -85,6 +91,7 @@ class MemoryStore(SessionStore):
         # owner key -> the identities (usually one) with that owner, and its live session ids
         self._variants: dict[str, list[_Identity]] = {}
         self._owner_ids: dict[str, list[str]] = {}
+        self._key_tuples: dict[tuple[str, ...], tuple[str, ...]] = {}  # shared key tuples
         self._lock = threading.Lock()
         self._next_sweep = 0.0
         self._epoch = float(int(time.time()))
@@ -94,10 +101,11 @@ class MemoryStore(SessionStore):
         variants = self._variants.get(owner)
         if variants is not None:
             for identity in variants:
-                if identity.bound == bound:
+                if identity.holds(bound):
                     return identity
         slot = self._free_slots.pop() if self._free_slots else len(self._identities)
-        identity = _Identity(slot, sys.intern(owner) if owner else "", _interned(bound))
+        keys = self._key_tuples.setdefault(tuple(bound), _interned(bound))
+        identity = _Identity(slot, sys.intern(owner) if owner else "", keys, _interned(bound.values()))
         if slot == len(self._identities):
             self._identities.append(identity)
         else:
@@ -133,7 +141,7 @@ class MemoryStore(SessionStore):
             "terminated": bool(flags & _TERMINATED),
             "ended": _ENDED_CODES[flags >> 2],
             "owner": identity.owner,
-            "bound": identity.bound,
+            "bound": dict(zip(identity.keys, identity.values, strict=True)),
         }
         return data, self._seconds(expires_cs)
 

@@ -2,9 +2,11 @@
 replicas on many hosts (Redis 6+ or Valkey).
 
 One key per session, `<prefix><session id>`, holding the record's JSON. Expiry is native:
-a bind is `SET NX PX idle_timeout`, a check's load is one `GETEX PX idle_timeout` (one
-round trip in the steady state), and a tombstone is written with the time left until its
-created_at + ttl. The absolute ttl of a live record is judged from its created_at.
+a bind is one EVALSHA of a script that sets the key with `PX idle_timeout` only if it is
+absent (atomic, like SET NX) and keeps the per-identity cap in the same step; a check's
+load is one `GETEX PX idle_timeout` (one round trip in the steady state); a tombstone is
+written with the time left until its created_at + ttl. The absolute ttl of a live record
+is judged from its created_at.
 
 The per-identity cap is kept in one sorted set per owner (`<prefix minus its last
 character>|owner:<owner key>`, which no session key can equal), updated by the bind

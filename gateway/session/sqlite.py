@@ -30,6 +30,7 @@ from gateway.session.store import (
     is_tombstone,
     slide_interval,
 )
+from gateway.telemetry import metrics
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ CREATE TABLE IF NOT EXISTS sessions (
 CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions (owner) WHERE owner != '';
 CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions (expires_at);
 """
+_SLIDE_LABELS = {"store": "sqlite", "operation": "slide"}
 # Each bind also removes up to this many expired rows, so the table does not grow forever.
 _CLEANUP_BATCH = 32
 
@@ -148,8 +150,10 @@ class SQLiteStore(SessionStore):
                     (now + self.settings.idle_timeout, session_id, seen_expiry),
                 )
         except StoreUnavailable as exc:
-            # The record was read; only its idle expiry did not move. The check goes on.
-            log.warning("SQLite store: the idle expiry was not extended: %s", exc)
+            # The record was read; only its idle expiry did not move, so the check goes on.
+            # Counted rather than logged: under write contention this could repeat per check.
+            metrics.store_errors.add(1, _SLIDE_LABELS)
+            log.debug("SQLite store: the idle expiry was not extended: %s", exc)
 
     def _live_count_of(self, connection: sqlite3.Connection, owner: str, now: float) -> int:
         row = connection.execute(

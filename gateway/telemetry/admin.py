@@ -106,6 +106,18 @@ class AdminServer:
         self._server.server_close()
 
 
+def worker_listen(listen: str, index: int) -> str:
+    """The admin address of worker `index` under --workers: the port plus the index (0 stays 0).
+
+    Each worker process has its own metrics and readiness, so each serves its own port.
+    """
+    host, port = parse_hostport(listen)
+    if port == 0:
+        return listen
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{port + index}"
+
+
 def start_admin(listen: str, target: Readiness) -> AdminServer:
     server = AdminServer(listen, lambda: readiness_problems(target), prometheus_text)
     server.start()

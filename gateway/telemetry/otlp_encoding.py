@@ -26,6 +26,14 @@ _CACHE_LIMIT = 4096
 _HAS_IS_REMOTE, _IS_REMOTE = 0x100, 0x200
 
 
+_KINDS = tuple(bytes((value + 1,)) for value in range(5))
+# Status with no message, by code (UNSET, OK, ERROR); span flags field, by value.
+_STATUS_FIELDS = (b"\x7a\x00", b"\x7a\x02\x18\x01", b"\x7a\x02\x18\x02")
+_FLAGS_FIELDS = {
+    flags: b"\x85\x01" + struct.pack("<I", flags) for flags in (_HAS_IS_REMOTE, _HAS_IS_REMOTE | _IS_REMOTE)
+}
+
+
 class Unsupported(Exception):
     """A span this encoder does not cover; the batch goes to the SDK's encoder."""
 
@@ -66,27 +74,37 @@ def _any_value(value: Any) -> bytes:
 
 class SpanEncoder:
     def __init__(self) -> None:
-        self._pairs: dict[tuple[str, type, Any], bytes] = {}
+        # (field tag, key, value type, value) -> the whole encoded attribute field.
+        self._fields: dict[tuple[bytes, str, type, Any], bytes] = {}
+        self._names: dict[str, bytes] = {}
 
-    def _key_value(self, key: str, value: Any) -> bytes:
+    def _attribute(self, tag: bytes, key: str, value: Any) -> bytes:
         kind = type(value)
-        cacheable = kind is not list
-        if cacheable:
-            found = self._pairs.get((key, kind, value))
-            if found is not None:
-                return found
-        encoded = _field(b"\x0a", key.encode()) + _field(b"\x12", _any_value(value))
-        if cacheable:
-            if len(self._pairs) >= _CACHE_LIMIT:
-                self._pairs.clear()  # high-cardinality values (paths) must not grow it forever
-            self._pairs[(key, kind, value)] = encoded
-        return encoded
+        if kind is list:  # not hashable
+            return _field(tag, _field(b"\x0a", key.encode()) + _field(b"\x12", _any_value(value)))
+        cache_key = (tag, key, kind, value)
+        found = self._fields.get(cache_key)
+        if found is None:
+            found = _field(tag, _field(b"\x0a", key.encode()) + _field(b"\x12", _any_value(value)))
+            if len(self._fields) >= _CACHE_LIMIT:
+                self._fields.clear()  # high-cardinality values (paths) must not grow it forever
+            self._fields[cache_key] = found
+        return found
 
     def _attributes(self, tag: bytes, attributes: Mapping[str, Any] | None) -> list[bytes]:
         if not attributes:
             return []
-        pair = self._key_value
-        return [_field(tag, pair(key, value)) for key, value in attributes.items()]
+        attribute = self._attribute
+        return [attribute(tag, key, value) for key, value in attributes.items()]
+
+    def _name(self, name: str) -> bytes:
+        found = self._names.get(name)
+        if found is None:
+            found = _field(b"\x2a", name.encode()) + b"\x30"
+            if len(self._names) >= _CACHE_LIMIT:
+                self._names.clear()
+            self._names[name] = found
+        return found
 
     def span(self, span: ReadableSpan) -> bytes:
         if span.links:
@@ -105,8 +123,8 @@ class SpanEncoder:
             parts += (b"\x22\x08", parent.span_id.to_bytes(8, "big"))
             if parent.is_remote:
                 flags |= _IS_REMOTE
-        parts.append(_field(b"\x2a", span.name.encode()))
-        parts += (b"\x30", _varint(span.kind.value + 1))  # SpanKind.INTERNAL (0) is OTLP's 1
+        # The name field, then the kind's tag; SpanKind.INTERNAL (0) is OTLP's 1.
+        parts += (self._name(span.name), _KINDS[span.kind.value])
         if span.start_time is not None:
             parts += (b"\x39", _PACK_Q(span.start_time))
         if span.end_time is not None:
@@ -125,13 +143,14 @@ class SpanEncoder:
         if span.dropped_links:
             parts += (b"\x70", _varint(span.dropped_links))
         status = span.status
-        status_parts = b""
         if status.description:
-            status_parts += _field(b"\x12", status.description.encode())
-        if status.status_code.value:
-            status_parts += b"\x18" + _varint(status.status_code.value)
-        parts.append(_field(b"\x7a", status_parts))
-        parts += (b"\x85\x01", _PACK_I(flags))
+            status_parts = _field(b"\x12", status.description.encode())
+            if status.status_code.value:
+                status_parts += b"\x18" + _varint(status.status_code.value)
+            parts.append(_field(b"\x7a", status_parts))
+        else:
+            parts.append(_STATUS_FIELDS[status.status_code.value])
+        parts.append(_FLAGS_FIELDS[flags])
         return b"".join(parts)
 
     def _scope(self, scope: Any) -> bytes:

@@ -125,6 +125,10 @@ def setup_telemetry(*, metrics_http: bool = False) -> Telemetry:
     telemetry = Telemetry()
 
     if _endpoint_configured("TRACES"):
+        # When the collector is down the span queue fills, and the SDK builds a "Queue full"
+        # warning record for every dropped span: per request, and costly. Exporter failures
+        # are still logged (once per batch) by the exporter's own logger.
+        logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)
         tracer_provider = TracerProvider(resource=resource)  # the sampler comes from OTEL_TRACES_SAMPLER
         processor = BatchSpanProcessor(_span_exporter())
         tracer_provider.add_span_processor(processor)

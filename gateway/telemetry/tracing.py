@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,8 @@ SPAN_NAME = "envoy.service.auth.v3.Authorization/Check"
 TRACER_NAME = "authz-gateway"
 _propagator = TraceContextTextMapPropagator()
 _TRACE_KEYS = ("traceparent", "tracestate")
+# W3C traceparent, version 00, exactly as the propagator accepts it (it also takes other forms).
+_TRACEPARENT_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _ERROR_REASONS = frozenset({"policy_error", "store_unavailable", "internal_error"})
 _UNSET = Status(StatusCode.UNSET)
 # For the exception event of an error that check.py turned into a deny: what failed.
@@ -66,7 +69,23 @@ def parent_from(
                 carrier[key] = headers[key]
     if "traceparent" not in carrier:
         return None
+    if "tracestate" not in carrier:
+        fast = _version_00_parent(carrier["traceparent"])
+        if fast is not None:
+            return fast
     return _propagator.extract(carrier)
+
+
+def _version_00_parent(traceparent: str) -> Context | None:
+    """The common case (what Envoy sends) without the general propagator's work; None: use it."""
+    match = _TRACEPARENT_00.fullmatch(traceparent)
+    if match is None:
+        return None
+    trace_id, span_id = int(match.group(1), 16), int(match.group(2), 16)
+    if not trace_id or not span_id:
+        return None  # invalid ids: the propagator decides (it ignores them)
+    flags = TraceFlags(int(match.group(3), 16))
+    return trace.set_span_in_context(trace.NonRecordingSpan(SpanContext(trace_id, span_id, True, flags)))
 
 
 def request_line(request: Any) -> RequestContext | None:
@@ -95,10 +114,17 @@ class SpanSink:
 
 
 _sink: SpanSink | None = None
+# The SDK's default sampler, ParentBased(ALWAYS_ON): its decision is simple enough to inline.
+_DEFAULT_SAMPLER = (
+    "ParentBased{root:AlwaysOnSampler,remoteParentSampled:AlwaysOnSampler,remoteParentNotSampled:"
+    "AlwaysOffSampler,localParentSampled:AlwaysOnSampler,localParentNotSampled:AlwaysOffSampler}"
+)
+_default_sampling = False
 
 
 def install_span_sink(sink: SpanSink | None) -> None:
-    global _sink
+    global _sink, _default_sampling
+    _default_sampling = sink is not None and sink.sampler.get_description() == _DEFAULT_SAMPLER
     _sink = sink
 
 
@@ -197,9 +223,18 @@ class CheckSpans:
         else:
             trace_id = parent_context.trace_id
             random_trace_id = parent_context.trace_flags.random_trace_id
-        result = sink.sampler.should_sample(parent, trace_id, SPAN_NAME, SpanKind.SERVER)
-        decision = result.decision
-        flags = TraceFlags.SAMPLED if decision == Decision_.RECORD_AND_SAMPLE else TraceFlags.DEFAULT
+        if _default_sampling:
+            # ParentBased(ALWAYS_ON): sample a root, follow a parent's sampled flag, keep its state.
+            sampled = parent_context is None or parent_context.trace_flags.sampled
+            recording, trace_state, sampler_attributes = sampled, None, None
+            if parent_context is not None:
+                trace_state = parent_context.trace_state
+        else:
+            result = sink.sampler.should_sample(parent, trace_id, SPAN_NAME, SpanKind.SERVER)
+            sampled = result.decision == Decision_.RECORD_AND_SAMPLE
+            recording = result.decision != Decision_.DROP
+            trace_state, sampler_attributes = result.trace_state, result.attributes
+        flags = TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT
         if random_trace_id:
             flags |= TraceFlags.RANDOM_TRACE_ID
         context = SpanContext(
@@ -207,10 +242,9 @@ class CheckSpans:
             sink.id_generator.generate_span_id(),
             is_remote=False,
             trace_flags=TraceFlags(flags),
-            trace_state=result.trace_state,
+            trace_state=trace_state,
         )
-        recording = decision != Decision_.DROP
-        return PendingCheckSpan(context, parent_context, start_ns, recording, result.attributes)
+        return PendingCheckSpan(context, parent_context, start_ns, recording, sampler_attributes)
 
     @staticmethod
     def enter(span: trace.Span) -> object | None:
