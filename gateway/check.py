@@ -24,7 +24,14 @@ from gateway.identity.verifier import ANONYMOUS_AUTH_MAP, Identity, TokenRejecte
 from gateway.policy.evaluate import PolicyFailure, Tracer, applies, bind_values, judge, session_key
 from gateway.policy.model import Policy, PolicySet
 from gateway.request import RequestContext
-from gateway.session.record import ENDED_TERMINATED, needs_tombstone, new_record, owner_key, refusal, tombstone
+from gateway.session.record import (
+    ENDED_TERMINATED,
+    needs_tombstone,
+    new_record,
+    owner_key,
+    refusal,
+    tombstone,
+)
 from gateway.session.store import SessionStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -268,7 +275,9 @@ class Authorizer:
         if not key:
             return None
         if len(key) > self._sessions.max_id_length or not _VISIBLE_ASCII.match(key):
-            return decision.deny(decision.SESSION_ID_INVALID, policy=policy.name, error="malformed session id")
+            return decision.deny(
+                decision.SESSION_ID_INVALID, policy=policy.name, error="malformed session id"
+            )
         loaded = self._store.load(key, now)
         if loaded is not None:
             return self._existing(policy, key, loaded.data, loaded.last_seen, now)
@@ -288,7 +297,13 @@ class Authorizer:
                 decision.SESSION_LIMIT_EXCEEDED, policy=policy.name, error="too many live sessions"
             )
         if created.created:
-            return _Session(policy, key, record, _session_variable(key, record, False, self._session_fields()), existed=False)
+            return _Session(
+                policy,
+                key,
+                record,
+                _session_variable(key, record, False, self._session_fields()),
+                existed=False,
+            )
         # Another bind won the race: this request is judged against the winner's binding.
         assert created.existing is not None
         return self._existing(policy, key, created.existing.data, created.existing.last_seen, now)
@@ -298,7 +313,9 @@ class Authorizer:
     ) -> _Session | Decision:
         reason = refusal(data, last_seen, now, self._sessions.ttl, self._sessions.idle_timeout)
         if reason is None:
-            return _Session(policy, key, data, _session_variable(key, data, True, self._session_fields()), existed=True)
+            return _Session(
+                policy, key, data, _session_variable(key, data, True, self._session_fields()), existed=True
+            )
         ended = needs_tombstone(reason, data)
         if ended is not None:
             # Invalidate on read: the old record goes, and the id is never re-bound.

@@ -16,7 +16,9 @@ COMMANDS = ("serve", "token", "policy", "demo", "sessions")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="authz-gateway",
-        description="Envoy ext_authz gateway: JWT identity, sessions bound to iss+sub, CEL policies as files.",
+        description=(
+            "Envoy ext_authz gateway: JWT identity, sessions bound to iss+sub, CEL policies as files."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"authz-gateway {__version__}")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")

@@ -74,7 +74,9 @@ class CheckService:
         self._max_request_bytes = max_request_bytes
         self._listeners = listeners
 
-    def decide(self, request: external_auth_pb2.CheckRequest | None, now: float) -> tuple[Decision, RequestContext | None]:
+    def decide(
+        self, request: external_auth_pb2.CheckRequest | None, now: float
+    ) -> tuple[Decision, RequestContext | None]:
         if request is None or request is UNPARSABLE:
             return decision.deny(decision.REQUEST_INVALID, error="the CheckRequest does not parse"), None
         try:

@@ -67,7 +67,9 @@ class SigningKeyPair:
         return dict(jwk)
 
     def sign(self, claims: Mapping[str, Any], headers: Mapping[str, Any] | None = None) -> str:
-        return jwt.encode(dict(claims), self.private_key, algorithm=self.alg, headers={"kid": self.kid, **(headers or {})})
+        return jwt.encode(
+            dict(claims), self.private_key, algorithm=self.alg, headers={"kid": self.kid, **(headers or {})}
+        )
 
 
 def jwks(*keys: SigningKeyPair) -> dict[str, Any]:
@@ -75,13 +77,23 @@ def jwks(*keys: SigningKeyPair) -> dict[str, Any]:
 
 
 def claims_for(
-    *, issuer: str, audience: str, subject: str, ttl: float = 3600, scope: str | None = None,
-    now: float | None = None, **extra: Any,
+    *,
+    issuer: str,
+    audience: str,
+    subject: str,
+    ttl: float = 3600,
+    scope: str | None = None,
+    now: float | None = None,
+    **extra: Any,
 ) -> dict[str, Any]:
     issued = int(time.time() if now is None else now)
     claims: dict[str, Any] = {
-        "iss": issuer, "aud": audience, "sub": subject,
-        "iat": issued, "exp": issued + int(ttl), "jti": uuid.uuid4().hex,
+        "iss": issuer,
+        "aud": audience,
+        "sub": subject,
+        "iat": issued,
+        "exp": issued + int(ttl),
+        "jti": uuid.uuid4().hex,
     }
     if scope is not None:
         claims["scope"] = scope

@@ -22,7 +22,9 @@ def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser("serve", help="serve Envoy's ext_authz Check over gRPC")
     parser.add_argument("--config", type=Path, help="YAML config file")
     parser.add_argument("--listen", help="HOST:PORT for the Check server (default 127.0.0.1:9191)")
-    parser.add_argument("--policies", type=Path, help="policy directory (default ./policies, else the built-in)")
+    parser.add_argument(
+        "--policies", type=Path, help="policy directory (default ./policies, else the built-in)"
+    )
     parser.add_argument("--store", help="session store URL (default memory://)")
     parser.add_argument("--workers", type=int, help="processes sharing the port (SO_REUSEPORT)")
     parser.set_defaults(run=run)
@@ -54,8 +56,13 @@ def serve(config: Config, *, reuse_port: bool = False, admin: bool = True) -> in
     admin_server = start_session_admin(config, gateway.store) if admin else None
     watcher = PolicyWatcher(gateway.policy_dir, gateway.reload_policies, debounce=config.reload_debounce)
     watcher.start()
-    log.info("authz-gateway listening on %s (port %d), policies from %s, store %s",
-             config.listen, port, gateway.policy_dir, config.store.split("://")[0] + "://")
+    log.info(
+        "authz-gateway listening on %s (port %d), policies from %s, store %s",
+        config.listen,
+        port,
+        gateway.policy_dir,
+        config.store.split("://")[0] + "://",
+    )
     stop = threading.Event()
 
     def on_stop(signum: int, _frame: Any) -> None:

@@ -13,7 +13,9 @@ EXAMPLE_KEY = Path("examples/keys/issuer-rs256.pem")
 
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser("token", help="mint a signed test token (examples and demos only)")
-    parser.add_argument("--key", type=Path, default=EXAMPLE_KEY, help="PEM private key (default: the example key)")
+    parser.add_argument(
+        "--key", type=Path, default=EXAMPLE_KEY, help="PEM private key (default: the example key)"
+    )
     parser.add_argument("--kid", default="example-rs256", help="key id in the JWT header")
     parser.add_argument("--alg", default="RS256")
     parser.add_argument("--iss", default="https://idp.example.com")
@@ -26,5 +28,9 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     key = SigningKeyPair.from_pem(args.key, args.alg, args.kid)
-    print(key.sign(claims_for(issuer=args.iss, audience=args.aud, subject=args.sub, ttl=args.ttl, scope=args.scope)))
+    print(
+        key.sign(
+            claims_for(issuer=args.iss, audience=args.aud, subject=args.sub, ttl=args.ttl, scope=args.scope)
+        )
+    )
     return 0

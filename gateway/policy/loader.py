@@ -115,7 +115,8 @@ class _FileLoader:
                 self.problem(key_node, f"duplicate key {key!r}")
                 continue
             if key not in allowed:
-                self.problem(key_node, f"unknown key {key!r} in {what} (allowed: {', '.join(sorted(allowed))})")
+                known = ", ".join(sorted(allowed))
+                self.problem(key_node, f"unknown key {key!r} in {what} (allowed: {known})")
                 continue
             result[key] = (key_node, value_node)
         return result
@@ -454,9 +455,9 @@ def load_policy_set(
         files.append(path)
         for policy in load_documents(path, text, engine, problems):
             if policy.name in seen:
-                problems.append(
-                    Problem(policy.location, f"duplicate policy name {policy.name!r} (first at {seen[policy.name]})")
-                )
+                first = seen[policy.name]
+                message = f"duplicate policy name {policy.name!r} (first at {first})"
+                problems.append(Problem(policy.location, message))
                 continue
             seen[policy.name] = policy.location
             policies.append(policy)

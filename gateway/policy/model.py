@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 from gateway.policy.engines import VARIABLES, CompiledExpression, Engine
 
-
 ALL_ALLOW = -1
 ALL_ALLOW_TERMINATE = -2
 

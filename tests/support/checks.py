@@ -26,7 +26,13 @@ def check_request(
     if session_id is not None:
         all_headers["mcp-session-id"] = session_id
     http = attrs.AttributeContext.HttpRequest(
-        id="req-1", method=method, path=path, host=host, scheme="http", headers=all_headers, body=body,
+        id="req-1",
+        method=method,
+        path=path,
+        host=host,
+        scheme="http",
+        headers=all_headers,
+        body=body,
         protocol="HTTP/1.1",
     )
     return external_auth_pb2.CheckRequest(
@@ -43,7 +49,9 @@ class CheckClient:
         self.channel = grpc.insecure_channel(address, options=options)
         self.stub = external_auth_pb2_grpc.AuthorizationStub(self.channel)
 
-    def check(self, request: external_auth_pb2.CheckRequest, metadata: Any = None) -> external_auth_pb2.CheckResponse:
+    def check(
+        self, request: external_auth_pb2.CheckRequest, metadata: Any = None
+    ) -> external_auth_pb2.CheckResponse:
         return self.stub.Check(request, timeout=5, metadata=metadata)
 
     def status(self, **kwargs: Any) -> int:

@@ -101,7 +101,9 @@ class TestIssuer:
         now: float | None = None,
         **claims: Any,
     ) -> str:
-        body = claims_for(issuer=self.issuer, audience=audience, subject=subject, ttl=ttl, now=now or time.time())
+        body = claims_for(
+            issuer=self.issuer, audience=audience, subject=subject, ttl=ttl, now=now or time.time()
+        )
         body.update(claims)
         return (key or self.key).sign(body, headers)
 

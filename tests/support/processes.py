@@ -159,7 +159,15 @@ class GatewayProcess(ManagedProcess):
         self.config_path = work_dir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         base_env = {"OTEL_SDK_DISABLED": "true", "PYTHONUNBUFFERED": "1"}
-        argv = [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path), *(extra_args or [])]
+        argv = [
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--config",
+            str(self.config_path),
+            *(extra_args or []),
+        ]
         super().__init__(name, argv, work_dir, {**base_env, **(env or {})})
         self.address = f"127.0.0.1:{self.port}"
         if wait:
@@ -199,8 +207,16 @@ class EnvoyProcess(ManagedProcess):
         self.config_path = work_dir / f"{name}.yaml"
         self.config_path.write_text(config_text)
         argv = [
-            envoy_binary(), "-c", str(self.config_path), "--base-id", str(next(_BASE_ID)),
-            "--log-level", "warn", "--concurrency", "1", "--disable-hot-restart",
+            envoy_binary(),
+            "-c",
+            str(self.config_path),
+            "--base-id",
+            str(next(_BASE_ID)),
+            "--log-level",
+            "warn",
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
         ]
         super().__init__(name, argv, work_dir)
 
@@ -230,7 +246,7 @@ def envoy_config(
         endpoint_start = text.rfind("- endpoint:", 0, text.index(line))
         endpoint_block = text[endpoint_start : text.index(line) + len(line)]
         blocks = [endpoint_block.replace(marker, f"port_value: {p}") for p in gateway_ports]
-        indent = " " * (len(text[: endpoint_start]) - len(text[: endpoint_start].rstrip(" ")))
+        indent = " " * (len(text[:endpoint_start]) - len(text[:endpoint_start].rstrip(" ")))
         text = text.replace(endpoint_block, ("\n" + indent).join(blocks))
     else:
         text = text.replace(marker, f"port_value: {first}")
@@ -239,11 +255,16 @@ def envoy_config(
     return text
 
 
-def start_envoy(work_dir: Path, gateway_ports: list[int], upstream_port: int, **kwargs: Any) -> tuple[EnvoyProcess, int]:
+def start_envoy(
+    work_dir: Path, gateway_ports: list[int], upstream_port: int, **kwargs: Any
+) -> tuple[EnvoyProcess, int]:
     listener_port, admin_port = free_port(), free_port()
     text = envoy_config(
-        listener_port=listener_port, admin_port=admin_port, gateway_ports=gateway_ports,
-        upstream_port=upstream_port, **kwargs,
+        listener_port=listener_port,
+        admin_port=admin_port,
+        gateway_ports=gateway_ports,
+        upstream_port=upstream_port,
+        **kwargs,
     )
     envoy = EnvoyProcess(text, work_dir)
     try:
@@ -264,8 +285,19 @@ class RedisServer(ManagedProcess):
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--dir", str(work_dir)]
+        argv = [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(work_dir),
+        ]
         if unix_socket is not None:  # also listen on a unix socket (the unix:// store URL)
             argv += ["--unixsocket", str(unix_socket), "--unixsocketperm", "700"]
         super().__init__(f"{name}-{self.port}", argv, work_dir)
