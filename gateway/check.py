@@ -11,8 +11,9 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 from google.protobuf import timestamp_pb2
@@ -41,6 +42,7 @@ NO_SESSION: Mapping[str, Any] = {"id": "", "exists": False, "anonymous": False}
 UPSTREAM_SUBJECT = "x-authz-subject"
 UPSTREAM_ISSUER = "x-authz-issuer"
 UPSTREAM_HEADERS = (UPSTREAM_SUBJECT, UPSTREAM_ISSUER)
+_ALLOW_CACHE_SIZE = 10_000
 
 
 class PolicyHolder:
@@ -91,6 +93,22 @@ def _session_variable(
     return variable
 
 
+class _Once:
+    """Calls `make` the first time it is called, and returns that result ever after."""
+
+    __slots__ = ("_make", "_value")
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make: Callable[[], Any] | None = make
+        self._value: Any = None
+
+    def __call__(self) -> Any:
+        if self._make is not None:
+            self._value = self._make()
+            self._make = None
+        return self._value
+
+
 class _Activations:
     """Activations holding only the variables, and fields, that the policy set reads:
     converting values into CEL is most of what an evaluation costs."""
@@ -127,6 +145,7 @@ class Authorizer:
         self._verifier = verifier
         self._store = store
         self.policies = policies
+        self._allows: dict[tuple[str, str] | None, Decision] = {}
 
     @property
     def store(self) -> SessionStore:
@@ -198,8 +217,8 @@ class Authorizer:
             if trace is not None:
                 trace("", "", "mcp", call)
             # Building an activation is most of what CEL costs here: build it only when an
-            # expression needs the variables without a session.
-            activation: Any = None
+            # expression needs the variables without a session, and then once.
+            shared = _Once(partial(engine.activation, variables))
             for policy in policy_set.policies:
                 # Before `when`: a `when` that reads a cut-short body could skip the policy.
                 if context.body_partial and policy.uses_body:
@@ -208,11 +227,8 @@ class Authorizer:
                         policy=policy.name,
                         error="the policy reads the body, and Envoy sent only part of it",
                     )
-                if policy.when is not None:
-                    if activation is None:
-                        activation = engine.activation(variables)
-                    if not applies(policy, activation, trace):
-                        continue
+                if policy.when is not None and not applies(policy, shared(), trace):
+                    continue
                 session: _Session | None = None
                 if policy.session is not None:
                     if policy.name not in sessions:
@@ -226,12 +242,10 @@ class Authorizer:
                     session = sessions[policy.name]
                 if session is not None:
                     rule_variables = {**variables, "session": session.variable}
-                    rule_activation = engine.activation(rule_variables)
+                    make_activation: Callable[[], Any] = _Once(partial(engine.activation, rule_variables))
                 else:
-                    if activation is None:
-                        activation = engine.activation(variables)
-                    rule_variables, rule_activation = variables, activation
-                verdict = judge(policy, rule_activation, rule_variables, trace)
+                    rule_variables, make_activation = variables, shared
+                verdict = judge(policy, make_activation, rule_variables, trace, policy_set.memo)
                 if verdict.enforced is not None:
                     return replace(verdict.enforced, audit_denies=tuple(audits))
                 if verdict.audited is not None:
@@ -244,13 +258,26 @@ class Authorizer:
         # Only a request that passes every policy may end a session (the owner's DELETE).
         for session in ending.values():
             self._store.replace(session.key, tombstone(session.data, ENDED_TERMINATED, now), now)
-        return Decision(
-            allowed=True,
-            reason=decision.ALLOWED,
-            audit_denies=tuple(audits),
-            session_new=session_new,
-            upstream_headers=self._upstream_headers(identity),
-        )
+        if audits or session_new:
+            return Decision(
+                allowed=True,
+                reason=decision.ALLOWED,
+                audit_denies=tuple(audits),
+                session_new=session_new,
+                upstream_headers=self._upstream_headers(identity),
+            )
+        return self._plain_allow(identity)
+
+    def _plain_allow(self, identity: Identity | None) -> Decision:
+        """The allow of an identity's ordinary request: one immutable Decision per identity."""
+        key = (identity.issuer, identity.subject) if identity is not None else None
+        allowed = self._allows.get(key)
+        if allowed is None:
+            allowed = Decision(True, decision.ALLOWED, upstream_headers=self._upstream_headers(identity))
+            if len(self._allows) >= _ALLOW_CACHE_SIZE:
+                self._allows.clear()
+            self._allows[key] = allowed
+        return allowed
 
     def _session_fields(self) -> frozenset[str] | None:
         return self.policies.current.reads.get("session")

@@ -17,6 +17,7 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry.trace import INVALID_SPAN
 
 from gateway import decision
 from gateway.check import Authorizer
@@ -103,9 +104,11 @@ class CheckService:
             context = parsed if isinstance(parsed, RequestContext) else None
             # The span starts once its parent is known (metadata, else the request's headers),
             # and is current during the decision so I/O child spans (JWKS, store) nest under it.
-            span = self._spans.start(
-                parent_from(rpc.invocation_metadata(), context.headers if context else None), start_ns
-            )
+            if self._spans.active():
+                headers = context.headers if context else None
+                span = self._spans.start(parent_from(rpc.invocation_metadata(), headers), start_ns)
+            else:
+                span = INVALID_SPAN  # no tracer: no parent to parse, no span to build
             if isinstance(parsed, Decision):
                 outcome = parsed
             else:
@@ -122,7 +125,7 @@ class CheckService:
             outcome = _with_error(outcome, scrub(outcome.error, context))
         end_ns = time.time_ns()
         if span is None:  # failed before the span began
-            span = self._spans.start(None, start_ns)
+            span = self._spans.start(None, start_ns) if self._spans.active() else INVALID_SPAN
         if context is None:
             context = request_line(request)
         self._spans.finish(span, outcome, context, end_ns, error)

@@ -79,7 +79,10 @@ def _number(claims: Mapping[str, Any], name: str) -> float | None:
 
 
 # identity, issuer, kid, and the key set it was verified with
-_CacheEntry = tuple[Identity, str, str | None, KeySet]
+# identity, issuer, kid, the key set that verified it, and the window [valid_from,
+# valid_until] in which its time claims pass (leeway included), so a cache hit is two
+# comparisons.
+_CacheEntry = tuple[Identity, str, str | None, KeySet, float, float]
 
 
 @dataclass(slots=True)
@@ -111,17 +114,27 @@ class TokenVerifier:
         digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
         cached = self._cache.get(digest)
         if cached is not None:
-            identity, issuer, kid, verified_with = cached
+            identity, issuer, kid, verified_with, valid_from, valid_until = cached
             keys = self._issuers[issuer].keys.current()
             # A key removed from the JWKS revokes the tokens it signed, cached or not. A token
             # without a kid cannot be traced to its key: it is re-verified when the key set changes.
             if keys is verified_with or (kid is not None and keys.has_kid(kid)):
-                self._check_times(identity.claims, now)
+                if not valid_from <= now <= valid_until:
+                    self._check_times(identity.claims, now)  # raises the precise reason
                 return identity
             self._cache.pop(digest, None)
         identity, kid, verified_with = self._verify_uncached(token, now)
-        self._remember(digest, (identity, identity.issuer, kid, verified_with))
+        valid_from, valid_until = self._validity(identity.claims)
+        self._remember(digest, (identity, identity.issuer, kid, verified_with, valid_from, valid_until))
         return identity
+
+    def _validity(self, claims: Mapping[str, Any]) -> tuple[float, float]:
+        """The times at which _check_times passes, as one closed interval."""
+        leeway = self._auth.leeway
+        starts = [t - leeway for t in (_number(claims, "nbf"), _number(claims, "iat")) if t is not None]
+        exp = _number(claims, "exp")
+        assert exp is not None  # _verify_uncached required it
+        return max(starts, default=-float("inf")), exp + leeway
 
     def _remember(self, digest: bytes, entry: _CacheEntry) -> None:
         if self._cache_size <= 0:

@@ -125,32 +125,96 @@ PASSED = Verdict()
 PASSED_TERMINATE = Verdict(terminate=True)
 
 
-def _fused_verdict(policy: Policy, activation: Any, variables: Mapping[str, Any]) -> Verdict | None:
-    """One evaluation for all rules; None when it failed, so the caller replays rule by rule."""
+_SCALARS = (str, int, float, bool, type(None))
+_MISSING = object()
+
+
+class FusedMemo:
+    """Remembers what each policy's fused expression returned for the fields it read.
+
+    CEL is pure: the same values of the fields read give the same result. When every
+    variable read is read field by field (the loader knows), those values are the whole
+    input, so steady traffic (the same person, the same session) costs a dict lookup
+    instead of an evaluation. Bounded; cleared when full.
+    """
+
+    def __init__(self, fields: tuple[tuple[str, str], ...] | None, size: int = 4096) -> None:
+        self._fields = fields
+        self._size = size
+        self._results: dict[tuple[Any, ...], int] = {}
+
+    def key(self, policy: str, variables: Mapping[str, Any]) -> tuple[Any, ...] | None:
+        if self._fields is None:
+            return None
+        values: list[Any] = [policy]
+        for name, field in self._fields:
+            value = variables[name].get(field, _MISSING) if name in variables else _MISSING
+            if value is not _MISSING and type(value) not in _SCALARS:
+                return None  # lists and maps: not worth hashing
+            values.append(value)
+        return tuple(values)
+
+    def get(self, key: tuple[Any, ...]) -> int | None:
+        return self._results.get(key)
+
+    def put(self, key: tuple[Any, ...], outcome: int) -> None:
+        if len(self._results) >= self._size:
+            self._results.clear()
+        self._results[key] = outcome
+
+
+def _fused_outcome(
+    policy: Policy, activation: Callable[[], Any], variables: Mapping[str, Any], memo: FusedMemo | None
+) -> int | None:
+    """The fused expression's result: a rule index or ALL_ALLOW(_TERMINATE); None on error."""
     assert policy.fused is not None
+    key = memo.key(policy.name, variables) if memo is not None else None
+    if key is not None:
+        remembered = memo.get(key) if memo is not None else None
+        if remembered is not None:
+            return remembered
     try:
-        outcome = policy.fused.evaluate(activation)
+        outcome = int(policy.fused.evaluate(activation()))
     except EvaluationError:
+        return None  # errors are not remembered: the replay names the failing rule
+    if key is not None and memo is not None:
+        memo.put(key, outcome)
+    return outcome
+
+
+def _fused_verdict(
+    policy: Policy, activation: Callable[[], Any], variables: Mapping[str, Any], memo: FusedMemo | None
+) -> Verdict | None:
+    """One evaluation (or none) for all rules; None when it failed: replay rule by rule."""
+    outcome = _fused_outcome(policy, activation, variables, memo)
+    if outcome is None:
         return None
     if outcome == ALL_ALLOW:
         return PASSED
     if outcome == ALL_ALLOW_TERMINATE:
         return PASSED_TERMINATE
-    denial = _deny_for(policy, policy.rules[outcome], activation, variables)
+    denial = _deny_for(policy, policy.rules[outcome], activation(), variables)
     return Verdict(audited=denial) if policy.audit else Verdict(enforced=denial)
 
 
 def judge(
-    policy: Policy, activation: Any, variables: Mapping[str, Any], trace: Tracer | None = None
+    policy: Policy,
+    activation: Callable[[], Any],
+    variables: Mapping[str, Any],
+    trace: Tracer | None = None,
+    memo: FusedMemo | None = None,
 ) -> Verdict:
+    """The rules' verdict. `activation()` is called only when an expression must run; it
+    should build the activation once and return the same one when called again."""
     if policy.fused is not None and trace is None:
-        fast = _fused_verdict(policy, activation, variables)
+        fast = _fused_verdict(policy, activation, variables, memo)
         if fast is not None:
             return fast
+    activation_now = activation()
     try:
-        denial = first_denial(policy, activation, variables, trace)
+        denial = first_denial(policy, activation_now, variables, trace)
         if denial is None:
-            return PASSED_TERMINATE if terminates(policy, activation) else PASSED
+            return PASSED_TERMINATE if terminates(policy, activation_now) else PASSED
     except PolicyFailure as failure:
         denial = failure.denial
         if trace:

@@ -7,7 +7,7 @@ file. A set with any problem is rejected whole, so a half-right directory never 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from gateway.policy.engines import CompiledExpression, CompileError, Engine, Expect, make_engine
+from gateway.policy.evaluate import FusedMemo
 from gateway.policy.model import (
     ALL_ALLOW,
     ALL_ALLOW_TERMINATE,
@@ -389,6 +390,14 @@ def _whole_request(match: re.Match[str]) -> bool:
     return match.group(1) == "request" and (match.group(3) is None or match.group(4) is not None)
 
 
+def _memo_fields(reads: Mapping[str, frozenset[str] | None]) -> tuple[tuple[str, str], ...] | None:
+    """The (variable, field) pairs that make up every input of the rules; None when some
+    input is read whole (a map walked by a macro, `now`), and results cannot be remembered."""
+    if any(fields is None for fields in reads.values()):
+        return None
+    return tuple((name, field) for name in sorted(reads) for field in sorted(reads[name] or ()))
+
+
 def _reads(policies: Iterable[Policy]) -> dict[str, frozenset[str] | None]:
     """Each variable any expression may read, with the fields read of it (None: all of it).
 
@@ -463,7 +472,8 @@ def load_policy_set(
             policies.append(policy)
     if problems:
         raise PolicyLoadError(problems)
-    return PolicySet(tuple(policies), engine, tuple(files), _reads(policies))
+    reads = _reads(policies)
+    return PolicySet(tuple(policies), engine, tuple(files), reads, FusedMemo(_memo_fields(reads)))
 
 
 def read_policy_dir(directory: Path) -> list[tuple[str, str]]:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from gateway.policy.engines import VARIABLES, CompiledExpression, Engine
+
+if TYPE_CHECKING:
+    from gateway.policy.evaluate import FusedMemo
 
 ALL_ALLOW = -1
 ALL_ALLOW_TERMINATE = -2
@@ -77,3 +81,5 @@ class PolicySet:
     # What the expressions read, so each request's activation holds nothing more: each
     # variable read, with the fields read of it (None: the whole value).
     reads: Mapping[str, frozenset[str] | None] = field(default_factory=lambda: dict.fromkeys(VARIABLES))
+    # Fused-expression results by the values of the fields read (see evaluate.FusedMemo).
+    memo: FusedMemo | None = None

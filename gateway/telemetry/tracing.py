@@ -208,6 +208,11 @@ class CheckSpans:
         self._tracer = tracer or trace.get_tracer(TRACER_NAME)
         self._hash = hasher
 
+    @staticmethod
+    def active() -> bool:
+        """Whether anything would record a span: the lean path, or another SDK provider."""
+        return _sink is not None or not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
     def start(self, parent: Context | None, start_ns: int) -> trace.Span:
         sink = _sink
         if sink is None:
