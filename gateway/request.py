@@ -82,6 +82,23 @@ class RequestContext:
         return result
 
 
+_SECRET_HEADERS = ("authorization", "mcp-session-id", "cookie")
+
+
+def redact_secrets(text: str, context: RequestContext | None) -> str:
+    """`text` without the request's own secrets (its token, session id, cookies), for telemetry."""
+    if context is None:
+        return text
+    for header in _SECRET_HEADERS:
+        value = context.headers.get(header)
+        if value:
+            text = text.replace(value, "[redacted]")
+            token = value.partition(" ")[2].strip()
+            if len(token) >= 8:
+                text = text.replace(token, "[redacted]")
+    return text
+
+
 def _header_dict(http: Any, max_bytes: int) -> dict[str, str]:
     headers: dict[str, str] = dict(http.headers)
     names = "".join(headers)

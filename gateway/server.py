@@ -22,7 +22,7 @@ from opentelemetry.trace import INVALID_SPAN
 from gateway import decision
 from gateway.check import Authorizer
 from gateway.decision import Decision
-from gateway.request import RequestContext, RequestError, from_check_request
+from gateway.request import RequestContext, RequestError, from_check_request, redact_secrets
 from gateway.response import ResponseBuilder
 from gateway.telemetry import metrics
 from gateway.telemetry.tracing import CheckSpans, parent_from, request_line
@@ -44,20 +44,6 @@ def _lenient_parse(data: bytes) -> external_auth_pb2.CheckRequest:
         return external_auth_pb2.CheckRequest.FromString(data)
     except (DecodeError, ValueError):
         return UNPARSABLE
-
-
-def scrub(text: str, context: RequestContext | None) -> str:
-    """Remove the request's own secrets (token, session id) from a message bound for telemetry."""
-    if context is None:
-        return text
-    for header in ("authorization", "mcp-session-id", "cookie"):
-        value = context.headers.get(header)
-        if value:
-            text = text.replace(value, "[redacted]")
-            token = value.partition(" ")[2].strip()
-            if len(token) >= 8:
-                text = text.replace(token, "[redacted]")
-    return text
 
 
 class CheckService:
@@ -122,7 +108,7 @@ class CheckService:
             error = exc
             outcome = decision.deny(decision.INTERNAL_ERROR, error=type(exc).__name__)
         if outcome.error:
-            outcome = _with_error(outcome, scrub(outcome.error, context))
+            outcome = _with_error(outcome, redact_secrets(outcome.error, context))
         end_ns = time.time_ns()
         if span is None:  # failed before the span began
             span = self._spans.start(None, start_ns) if self._spans.active() else INVALID_SPAN

@@ -10,6 +10,7 @@ invalidated on read and never re-bound.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +30,22 @@ _ENDED_REASON = {
     ENDED_EXPIRED: decision.SESSION_EXPIRED,
     ENDED_LEGACY: decision.SESSION_LEGACY_FORMAT,
 }
+
+
+def encode(data: Mapping[str, Any]) -> str:
+    """A record as stored JSON text. Compact separators: the Redis bind script recognises
+    tombstones and owners by these bytes."""
+    return json.dumps(data, separators=(",", ":"))
+
+
+def decode(text: str | bytes) -> dict[str, Any]:
+    """Stored JSON text as a record; anything unreadable has no schema, so it is judged a
+    legacy record and replaced on read."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {"unreadable": True}
+    return value if isinstance(value, dict) else {"unreadable": True}
 
 
 def owner_key(issuer: str, subject: str) -> str:

@@ -16,7 +16,6 @@ an error or a timeout fails the check closed, and the next check simply reconnec
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
@@ -27,6 +26,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from gateway.session.record import decode as decode_record
+from gateway.session.record import encode as encode_record
 from gateway.session.store import (
     Created,
     Loaded,
@@ -74,19 +75,6 @@ local value = redis.call('GET', KEYS[1])
 if value then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return value
 """
-
-
-def _encode(data: Mapping[str, Any]) -> str:
-    # Compact separators: the bind script recognises tombstones and owners by these bytes.
-    return json.dumps(data, separators=(",", ":"))
-
-
-def _decode(raw: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return {"unreadable": True}  # no schema: a legacy record, replaced on read
-    return value if isinstance(value, dict) else {"unreadable": True}
 
 
 def _ms(seconds: float) -> int:
@@ -162,7 +150,7 @@ class RedisStore(SessionStore):
             raise
         if raw is None:
             return None
-        data = _decode(raw)
+        data = decode_record(raw)
         if _TOMBSTONE_MARK in raw and is_tombstone(data):
             # GETEX slid the tombstone too: give it back the rest of its TTL.
             left = _ms(expiry_of(data, now, self.settings) - now)
@@ -188,7 +176,7 @@ class RedisStore(SessionStore):
             keys.append(owner_set_key(self._prefix, owner))
         ttl_ms = max(1, _ms(self.settings.ttl))
         args: list[str | int] = [
-            _encode(data),
+            encode_record(data),
             max(1, _ms(expiry_of(data, now, self.settings) - now)),
             _ms(now),
             max_per_owner,
@@ -209,7 +197,7 @@ class RedisStore(SessionStore):
             return Created(True)
         if outcome == 2:
             return Created(False, over_limit=True)
-        return Created(False, Loaded(_decode(result[1])))
+        return Created(False, Loaded(decode_record(result[1])))
 
     def _write(self, session_id: str, data: Mapping[str, Any], now: float, expires_at: float) -> None:
         key = self._key(session_id)
@@ -217,7 +205,7 @@ class RedisStore(SessionStore):
         if left <= 0:
             self._round_trip("DEL", lambda: self._command("DEL", key))
             return
-        self._round_trip("SET", lambda: self._command("SET", key, _encode(data), "PX", left))
+        self._round_trip("SET", lambda: self._command("SET", key, encode_record(data), "PX", left))
 
     def replace(self, session_id: str, data: Mapping[str, Any], now: float) -> None:
         self._write(session_id, data, now, expiry_of(data, now, self.settings))
@@ -240,11 +228,12 @@ class RedisStore(SessionStore):
         count = 0
         while True:
             cursor, keys = self._round_trip(
-                "SCAN", lambda c=cursor: self._command(  # type: ignore[misc]
+                "SCAN",
+                lambda c=cursor: self._command(  # type: ignore[misc]
                     "SCAN", c, "MATCH", pattern, "COUNT", _SCAN_BATCH, "TYPE", "string"
                 ),
             )
-            ids = [k.decode("utf-8", "replace")[len(self._prefix):] for k in keys]
+            ids = [k.decode("utf-8", "replace")[len(self._prefix) :] for k in keys]
             if ids:
                 for session_id, raw in zip(ids, self._values(ids), strict=True):
                     if raw is None:
@@ -252,7 +241,7 @@ class RedisStore(SessionStore):
                     if limit is not None and count >= limit:
                         return
                     count += 1
-                    yield session_id, _decode(raw)
+                    yield session_id, decode_record(raw)
             if int(cursor) == 0:
                 return
 
@@ -267,7 +256,7 @@ class RedisStore(SessionStore):
         for session_id, raw in zip(ids, self._values(ids), strict=True):
             if raw is None:
                 continue
-            data = _decode(raw)
+            data = decode_record(raw)
             created_at = data.get("created_at")
             if (
                 not is_tombstone(data)

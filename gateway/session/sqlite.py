@@ -10,7 +10,6 @@ by `session.store_timeout`: a store that does not answer in time fails the check
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import sqlite3
 import threading
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from gateway.session.record import decode as decode_record
+from gateway.session.record import encode as encode_record
 from gateway.session.store import (
     Created,
     Loaded,
@@ -57,18 +58,6 @@ def sqlite_path(url: str) -> Path:
     if not raw:
         raise ValueError(f"no database path in {url!r} (use sqlite:///path/to/sessions.db)")
     return Path(raw)
-
-
-def _encode(data: Mapping[str, Any]) -> str:
-    return json.dumps(data, separators=(",", ":"))
-
-
-def _decode(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return {"unreadable": True}  # no schema: judged a legacy record, replaced on read
-    return value if isinstance(value, dict) else {"unreadable": True}
 
 
 def _owner_column(data: Mapping[str, Any]) -> str:
@@ -135,7 +124,7 @@ class SQLiteStore(SessionStore):
         text, expires_at = rows[0]
         if now >= expires_at:
             return None
-        data = _decode(text)
+        data = decode_record(text)
         last_slide = expires_at - self.settings.idle_timeout
         if not is_tombstone(data) and "schema" in data and now - last_slide >= self._slide:
             self._slide_expiry(session_id, expires_at, now)
@@ -169,7 +158,7 @@ class SQLiteStore(SessionStore):
                 "SELECT data, expires_at FROM sessions WHERE id = ?", (session_id,)
             ).fetchone()
             if row is not None and now < row[1]:
-                return Created(False, Loaded(_decode(row[0])))
+                return Created(False, Loaded(decode_record(row[0])))
             if owner and self._live_count_of(connection, owner, now) >= max_per_owner:
                 return Created(False, over_limit=True)
             connection.execute(
@@ -183,12 +172,12 @@ class SQLiteStore(SessionStore):
             inserted = connection.execute(
                 "INSERT INTO sessions (id, data, owner, created_at, expires_at) VALUES (?, ?, ?, ?, ?)"
                 " ON CONFLICT (id) DO NOTHING",
-                (session_id, _encode(data), owner, _created_column(data, now), self._expiry(data, now)),
+                (session_id, encode_record(data), owner, _created_column(data, now), self._expiry(data, now)),
             ).rowcount
             if inserted == 1:
                 return Created(True)
             winner = connection.execute("SELECT data FROM sessions WHERE id = ?", (session_id,)).fetchone()
-            return Created(False, Loaded(_decode(winner[0])))
+            return Created(False, Loaded(decode_record(winner[0])))
 
     def _expiry(self, data: Mapping[str, Any], now: float) -> float:
         return expiry_of(data, now, self.settings)
@@ -202,7 +191,13 @@ class SQLiteStore(SessionStore):
                 "INSERT INTO sessions (id, data, owner, created_at, expires_at) VALUES (?, ?, ?, ?, ?)"
                 " ON CONFLICT (id) DO UPDATE SET data = excluded.data, owner = excluded.owner,"
                 " created_at = excluded.created_at, expires_at = excluded.expires_at",
-                (session_id, _encode(data), _owner_column(data), _created_column(data, now), expires_at),
+                (
+                    session_id,
+                    encode_record(data),
+                    _owner_column(data),
+                    _created_column(data, now),
+                    expires_at,
+                ),
             )
 
     def replace(self, session_id: str, data: Mapping[str, Any], now: float) -> None:
@@ -221,7 +216,7 @@ class SQLiteStore(SessionStore):
             (time.time(), -1 if limit is None else limit),
         )
         for session_id, text in rows:
-            yield session_id, _decode(text)
+            yield session_id, decode_record(text)
 
     def ids_of_owner(self, owner: str) -> list[str]:
         now = time.time()

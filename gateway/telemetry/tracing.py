@@ -37,7 +37,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from gateway.decision import Decision
-from gateway.request import RequestContext
+from gateway.request import RequestContext, redact_secrets
 
 SPAN_NAME = "envoy.service.auth.v3.Authorization/Check"
 TRACER_NAME = "authz-gateway"
@@ -147,20 +147,6 @@ class PendingCheckSpan(trace.NonRecordingSpan):
 
     def is_recording(self) -> bool:
         return self.recording
-
-
-def _redact(text: str, context: RequestContext | None) -> str:
-    """An exception message without the request's own token or session id."""
-    if context is None:
-        return text
-    for header in ("authorization", "mcp-session-id", "cookie"):
-        value = context.headers.get(header)
-        if value:
-            text = text.replace(value, "[redacted]")
-            token = value.partition(" ")[2].strip()
-            if len(token) >= 8:
-                text = text.replace(token, "[redacted]")
-    return text
 
 
 class SubjectHasher:
@@ -359,5 +345,5 @@ def _exception_attributes(error: BaseException, context: RequestContext | None) 
     kind = type(error)
     return {
         "exception.type": f"{kind.__module__}.{kind.__qualname__}",
-        "exception.message": _redact(str(error), context),
+        "exception.message": redact_secrets(str(error), context),
     }
