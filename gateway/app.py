@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 from pathlib import Path
@@ -103,10 +102,6 @@ class Gateway:
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.listen}")
         self.server.start()
-        # Everything built so far (modules, policies, keys) lives as long as the process:
-        # keep it out of the cyclic collector's way, so a check's garbage is cheap to collect.
-        gc.collect()
-        gc.freeze()
         if self.config.telemetry.metrics_listen:
             self.admin = start_admin(self.config.telemetry.metrics_listen, self)
         if self.keys_loaded():

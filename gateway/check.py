@@ -10,7 +10,6 @@ import datetime
 import json
 import logging
 import re
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from functools import partial
@@ -37,7 +36,9 @@ from gateway.session.store import SessionStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-_VISIBLE_ASCII = re.compile(r"^[\x21-\x7e]+$")
+# Visible ASCII (MCP's rule for session ids) without the comma: HTTP joins a repeated header
+# with commas, and an upstream may read only the first value of "victim-id,other".
+_SESSION_ID = re.compile(r"[\x21-\x2b\x2d-\x7e]+")
 NO_SESSION: Mapping[str, Any] = {"id": "", "exists": False, "anonymous": False}
 UPSTREAM_SUBJECT = "x-authz-subject"
 UPSTREAM_ISSUER = "x-authz-issuer"
@@ -50,15 +51,13 @@ class PolicyHolder:
 
     def __init__(self, policies: PolicySet) -> None:
         self._current = policies
-        self._lock = threading.Lock()
 
     @property
     def current(self) -> PolicySet:
         return self._current
 
     def swap(self, policies: PolicySet) -> None:
-        with self._lock:
-            self._current = policies
+        self._current = policies
 
 
 @dataclass(slots=True)
@@ -155,6 +154,11 @@ class Authorizer:
         """The verified identity, None for an allowed anonymous request, or a deny."""
         token = bearer_token(context.headers)
         if token is None:
+            if "authorization" in context.headers:
+                # Credentials that are not a usable Bearer token are refused, never taken for
+                # an anonymous request (the upstream would still receive them).
+                message = "the Authorization header is not a Bearer token"
+                return decision.deny(decision.TOKEN_INVALID, error=message)
             if self._auth.allow_anonymous:
                 return None
             return decision.deny(decision.TOKEN_MISSING, error="no bearer token")
@@ -197,7 +201,11 @@ class Authorizer:
             "context": context.context_extensions,
         }
         if "request" in reads:
-            variables["request"] = context.request_map(reads["request"])
+            fields = reads["request"]
+            if context.query_repeated and (fields is None or "query" in fields):
+                message = "a query parameter is repeated, and a policy reads the query"
+                return decision.deny(decision.REQUEST_INVALID, error=message)
+            variables["request"] = context.request_map(fields)
         if "mcp" in reads:
             variables["mcp"] = context.mcp.as_cel()
         if "source" in reads:
@@ -227,19 +235,29 @@ class Authorizer:
                         policy=policy.name,
                         error="the policy reads the body, and Envoy sent only part of it",
                     )
-                if policy.when is not None and not applies(policy, shared(), trace):
-                    continue
                 session: _Session | None = None
-                if policy.session is not None:
-                    if policy.name not in sessions:
-                        found = self._session(policy, context, variables, identity, now)
-                        if trace is not None:
-                            trace(policy.name, "", "session", found)
-                        if isinstance(found, Decision):
-                            return found
-                        sessions[policy.name] = found
-                        session_new = session_new or (found is not None and not found.existed)
-                    session = sessions[policy.name]
+                try:
+                    if policy.when is not None and not applies(policy, shared(), trace):
+                        continue
+                    if policy.session is not None:
+                        if policy.name not in sessions:
+                            found = self._session(policy, policy_set, context, variables, identity, now)
+                            if trace is not None:
+                                trace(policy.name, "", "session", found)
+                            if isinstance(found, Decision):
+                                raise PolicyFailure(found)
+                            sessions[policy.name] = found
+                            session_new = session_new or (found is not None and not found.existed)
+                        session = sessions[policy.name]
+                except PolicyFailure as failure:
+                    # An audit policy only records what it would refuse, errors and session
+                    # refusals included; an enforcing one refuses.
+                    if not policy.audit:
+                        return replace(failure.denial, audit_denies=tuple(audits))
+                    denied = failure.denial
+                    audits.append(AuditDeny(policy.name, denied.rule, denied.reason, denied.status))
+                    sessions.setdefault(policy.name, None)
+                    continue
                 if session is not None:
                     rule_variables = {**variables, "session": session.variable}
                     make_activation: Callable[[], Any] = _Once(partial(engine.activation, rule_variables))
@@ -279,9 +297,6 @@ class Authorizer:
             self._allows[key] = allowed
         return allowed
 
-    def _session_fields(self) -> frozenset[str] | None:
-        return self.policies.current.reads.get("session")
-
     def _upstream_headers(self, identity: Identity | None) -> tuple[tuple[str, str], ...]:
         if identity is None or not self._auth.upstream_headers:
             return ()
@@ -290,24 +305,28 @@ class Authorizer:
     def _session(
         self,
         policy: Policy,
+        policy_set: PolicySet,
         context: RequestContext,
         variables: Mapping[str, Any],
         identity: Identity | None,
         now: float,
     ) -> _Session | Decision | None:
+        """The request's session for a policy with `session` (bound now if new), None when the
+        request names none, or a refusal. Uses the policy set the check started with."""
         assert policy.session is not None
-        engine = _Activations(self.policies.current)
+        engine = _Activations(policy_set)
+        fields = policy_set.reads.get("session")
         header = policy.session.header
         key = context.headers.get(header, "") if header else session_key(policy, engine.activation(variables))
         if not key:
             return None
-        if len(key) > self._sessions.max_id_length or not _VISIBLE_ASCII.match(key):
+        if len(key) > self._sessions.max_id_length or not _SESSION_ID.fullmatch(key):
             return decision.deny(
                 decision.SESSION_ID_INVALID, policy=policy.name, error="malformed session id"
             )
         loaded = self._store.load(key, now)
         if loaded is not None:
-            return self._existing(policy, key, loaded.data, loaded.last_seen, now)
+            return self._existing(policy, key, loaded.data, loaded.last_seen, now, fields)
         anonymous = identity is None
         bound = {} if identity is None else bind_values(policy, engine.activation(variables))
         try:
@@ -328,21 +347,25 @@ class Authorizer:
                 policy,
                 key,
                 record,
-                _session_variable(key, record, False, self._session_fields()),
+                _session_variable(key, record, False, fields),
                 existed=False,
             )
         # Another bind won the race: this request is judged against the winner's binding.
         assert created.existing is not None
-        return self._existing(policy, key, created.existing.data, created.existing.last_seen, now)
+        return self._existing(policy, key, created.existing.data, created.existing.last_seen, now, fields)
 
     def _existing(
-        self, policy: Policy, key: str, data: Mapping[str, Any], last_seen: float | None, now: float
+        self,
+        policy: Policy,
+        key: str,
+        data: Mapping[str, Any],
+        last_seen: float | None,
+        now: float,
+        fields: frozenset[str] | None,
     ) -> _Session | Decision:
         reason = refusal(data, last_seen, now, self._sessions.ttl, self._sessions.idle_timeout)
         if reason is None:
-            return _Session(
-                policy, key, data, _session_variable(key, data, True, self._session_fields()), existed=True
-            )
+            return _Session(policy, key, data, _session_variable(key, data, True, fields), existed=True)
         ended = needs_tombstone(reason, data)
         if ended is not None:
             # Invalidate on read: the old record goes, and the id is never re-bound.

@@ -26,7 +26,7 @@ SESSION_LIMIT_EXCEEDED = "session_limit_exceeded"
 POLICY_ERROR = "policy_error"
 STORE_UNAVAILABLE = "store_unavailable"
 INTERNAL_ERROR = "internal_error"
-# Added by this implementation; documented in README and DESIGN.md.
+# Added by this implementation (README, Responses): DESIGN.md §4 does not list them.
 REQUEST_INVALID = "request_invalid"
 REQUEST_BODY_PARTIAL = "request_body_partial"
 MCP_HEADER_MISMATCH = "mcp_header_mismatch"
@@ -53,7 +53,6 @@ STATUS_OF: dict[str, int] = {
     MCP_HEADER_MISMATCH: 400,
 }
 
-TOKEN_REASONS = frozenset({TOKEN_MISSING, TOKEN_INVALID, TOKEN_EXPIRED, ISSUER_UNTRUSTED, AUDIENCE_MISMATCH})
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,9 +86,6 @@ class Decision:
     # For telemetry only: never sent to the client.
     error: str | None = None
     upstream_headers: tuple[tuple[str, str], ...] = field(default=())
-
-
-ALLOW = Decision(True, ALLOWED)
 
 
 def deny(

@@ -39,7 +39,12 @@ def _call_from_message(message: Any, protocol_version: str) -> McpCall | None:
     params = message.get("params")
     name = ""
     if isinstance(params, dict):
-        candidate = params.get("name", params.get("uri", ""))
+        # What the server acts on: resources are named by uri (a `name` beside it is ignored
+        # by the SDKs, so it must not be what a policy sees); tools and prompts by name.
+        if method.startswith("resources/"):
+            candidate = params.get("uri", "")
+        else:
+            candidate = params.get("name", params.get("uri", ""))
         name = candidate if isinstance(candidate, str) else ""
         if method == "initialize" and not protocol_version:
             version = params.get("protocolVersion", "")
@@ -56,16 +61,15 @@ def parse_body(body: str, protocol_version: str) -> tuple[McpCall, ...]:
         # Duplicate keys resolve last-wins here, as in the MCP SDKs' parsers (pydantic/jiter,
         # JSON.parse), so both sides read the same method and name.
         message = json.loads(stripped)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         return ()
-    messages = message if isinstance(message, list) else [message]
-    calls = []
-    for item in messages:
-        call = _call_from_message(item, protocol_version)
-        if call is None:
-            return ()
-        calls.append(call)
-    return tuple(calls)
+    if not isinstance(message, list):
+        call = _call_from_message(message, protocol_version)
+        return () if call is None else (call,)
+    # In a batch, an element that is not JSON-RPC must not hide the others: each valid call
+    # is judged, and the invalid ones count as calls that are not MCP.
+    calls = tuple(_call_from_message(item, protocol_version) or NOT_MCP for item in message)
+    return calls if any(call is not NOT_MCP for call in calls) else ()
 
 
 def mcp_view(headers: dict[str, str], body: str) -> tuple[McpCall, ...]:

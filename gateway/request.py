@@ -29,6 +29,9 @@ class RequestContext:
     path: str
     headers: dict[str, str]
     query: dict[str, str] = field(default_factory=dict)
+    # A parameter given twice: servers disagree on which value counts (first or last), so a
+    # policy that reads the query must not judge it (see check.py).
+    query_repeated: bool = False
     host: str = ""
     scheme: str = ""
     body: str = ""
@@ -150,10 +153,11 @@ def from_check_request(check_request: Any, max_bytes: int = 64 * 1024) -> Reques
     body = _body(http, max_bytes)
     path, _, query_string = (http.path or headers.get(":path", "/")).partition("?")
     query: dict[str, str] = {}
+    query_repeated = False
     if query_string:
-        for key, value in parse_qsl(query_string, keep_blank_values=True):
-            # The first value wins, so a repeated parameter cannot override one a policy checked.
-            query.setdefault(key, value)
+        pairs = parse_qsl(query_string, keep_blank_values=True)
+        query = dict(pairs)
+        query_repeated = len(query) != len(pairs)
     mcp_calls = None
     if "mcp-method" in headers or "mcp-name" in headers:
         # Headers that must agree with the body are checked now, so a mismatch always denies.
@@ -166,6 +170,7 @@ def from_check_request(check_request: Any, max_bytes: int = 64 * 1024) -> Reques
         path=path,
         headers=headers,
         query=query,
+        query_repeated=query_repeated,
         host=http.host,
         scheme=http.scheme,
         body=body,

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from collections.abc import Callable
 from concurrent import futures
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -61,17 +63,6 @@ class CheckService:
         self._max_request_bytes = max_request_bytes
         self._listeners = listeners
 
-    def decide(
-        self, request: external_auth_pb2.CheckRequest | None, now: float
-    ) -> tuple[Decision, RequestContext | None]:
-        if request is None or request is UNPARSABLE:
-            return decision.deny(decision.REQUEST_INVALID, error="the CheckRequest does not parse"), None
-        try:
-            context = from_check_request(request, self._max_request_bytes)
-        except RequestError as exc:
-            return decision.deny(exc.reason, error=str(exc)), None
-        return self.authorizer.check(context, now), context
-
     def _parse(self, request: external_auth_pb2.CheckRequest | None) -> RequestContext | Decision:
         if request is None or request is UNPARSABLE:
             return decision.deny(decision.REQUEST_INVALID, error="the CheckRequest does not parse")
@@ -104,11 +95,29 @@ class CheckService:
                 finally:
                     self._spans.leave(token)
         except Exception as exc:  # fail closed on anything unforeseen
-            log.exception("check failed")
+            # The stack, not the message: a message may quote request data.
+            stack = "".join(traceback.format_tb(exc.__traceback__))
+            log.error("check failed with %s\n%s", type(exc).__name__, stack)
             error = exc
             outcome = decision.deny(decision.INTERNAL_ERROR, error=type(exc).__name__)
         if outcome.error:
-            outcome = _with_error(outcome, redact_secrets(outcome.error, context))
+            outcome = replace(outcome, error=redact_secrets(outcome.error, context))
+        try:
+            self._record(outcome, context, request, span, start_ns, error)
+        except Exception as exc:  # telemetry must never change, or lose, the decided answer
+            log.error("recording a decision failed with %s", type(exc).__name__)
+        return self._responses.build(outcome)
+
+    def _record(
+        self,
+        outcome: Decision,
+        context: RequestContext | None,
+        request: external_auth_pb2.CheckRequest | None,
+        span: Any,
+        start_ns: int,
+        error: BaseException | None,
+    ) -> None:
+        """The decision's span, metrics and listeners (the decision log)."""
         end_ns = time.time_ns()
         if span is None:  # failed before the span began
             span = self._spans.start(None, start_ns) if self._spans.active() else INVALID_SPAN
@@ -116,18 +125,10 @@ class CheckService:
             context = request_line(request)
         self._spans.finish(span, outcome, context, end_ns, error)
         verdict = "allow" if outcome.allowed else "deny"
-        labels = {"decision": verdict, "reason": outcome.reason, "policy": outcome.policy}
-        metrics.checks.add(1, labels)
-        metrics.check_duration.record((end_ns - start_ns) / 1e9, {"decision": labels["decision"]})
+        metrics.checks.add(1, {"decision": verdict, "reason": outcome.reason, "policy": outcome.policy})
+        metrics.check_duration.record((end_ns - start_ns) / 1e9, {"decision": verdict})
         for listener in self._listeners:
             listener(outcome, context, span)
-        return self._responses.build(outcome)
-
-
-def _with_error(outcome: Decision, text: str) -> Decision:
-    from dataclasses import replace
-
-    return replace(outcome, error=text)
 
 
 def build_server(

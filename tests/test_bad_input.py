@@ -226,9 +226,9 @@ def test_token_reasons_through_the_server(gw: InProcessGateway, idp: TestIssuer)
     ]
     for token, reason in cases:
         assert_denied(gw, gw.client.check(check_request(token=token)), reason)
-    # A scheme other than Bearer is no token at all.
+    # Credentials of another scheme are refused as such, never taken for an anonymous request.
     basic = check_request(headers={"authorization": "Basic YWxpY2U6cHc="})
-    assert_denied(gw, gw.client.check(basic), decision.TOKEN_MISSING)
+    assert_denied(gw, gw.client.check(basic), decision.TOKEN_INVALID)
     assert_still_serving(gw, idp)
 
 

@@ -74,7 +74,30 @@ rules:
 def test_a_map_valued_field_is_never_a_key() -> None:
     memo = FusedMemo((("request", "headers"),))
     assert memo.key("p", {"request": {"headers": {"a": "b"}}}) is None
-    assert memo.key("p", {"request": {"headers": "a"}}) == ("p", "a")
+    assert memo.key("p", {"request": {"headers": "a"}}) == ("p", str, "a")
+
+
+def test_true_one_and_one_point_zero_are_different_keys() -> None:
+    memo = FusedMemo((("claims", "admin"),))
+    keys = {memo.key("p", {"claims": {"admin": value}}) for value in (True, 1, 1.0)}
+    assert len(keys) == 3
+
+
+def test_root_qualified_names_and_comments_are_reads() -> None:
+    text = """
+name: p
+rules:
+  - name: a
+    allow: claims.iss == 'a'
+    deny: { status: 403, reason: nope }
+  - name: b
+    allow: ALLOW
+    deny: { status: 403, reason: blocked }
+"""
+    commented = '"claims.iss == \'a\' // \'\'\'\\n && !has(claims.blocked) // \'\'\'"'
+    for allow in ("'!has(.claims.blocked)'", commented):
+        reads = load_policy_set([("p.yaml", text.replace("ALLOW", allow))]).reads
+        assert reads["claims"] == frozenset({"iss", "blocked"}), allow
 
 
 # One set for every example: its memo fills up across examples, as it would across requests.

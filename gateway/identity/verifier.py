@@ -9,6 +9,7 @@ hash of their bytes until `exp`: a repeated token costs no signature check.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -73,8 +74,8 @@ def _number(claims: Mapping[str, Any], name: str) -> float | None:
     value = claims.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TokenRejected(decision.TOKEN_INVALID, f"the {name} claim is not a number")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise TokenRejected(decision.TOKEN_INVALID, f"the {name} claim is not a finite number")
     return float(value)
 
 

@@ -6,6 +6,7 @@ runtime error denies with `policy_error`; its message goes to telemetry, not to 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,13 +28,22 @@ class PolicyFailure(Exception):
         self.denial = denial
 
 
+_QUOTED = re.compile(r'"([^"]*)"')
+
+
+def _error_message(exc: EvaluationError, expr: CompiledExpression) -> str:
+    """The CEL error, without quoted values that came from the request: a key named in the
+    expression (`claims.tier`) stays, a looked-up value (`claims[request.headers.x]`) goes."""
+    return _QUOTED.sub(lambda m: m.group(0) if m.group(1) in expr.source else '"[redacted]"', str(exc))
+
+
 def _evaluate(expr: CompiledExpression, activation: Any, policy: str, rule: str, step: str) -> Any:
     try:
         return expr.evaluate(activation)
     except EvaluationError as exc:
-        raise PolicyFailure(
-            decision.deny(decision.POLICY_ERROR, policy=policy, rule=rule, error=f"{step}: {exc}")
-        ) from None
+        message = f"{step}: {_error_message(exc, expr)}"
+        denial = decision.deny(decision.POLICY_ERROR, policy=policy, rule=rule, error=message)
+        raise PolicyFailure(denial) from None
 
 
 def applies(policy: Policy, activation: Any, trace: Tracer | None = None) -> bool:
@@ -149,8 +159,11 @@ class FusedMemo:
         values: list[Any] = [policy]
         for name, field in self._fields:
             value = variables[name].get(field, _MISSING) if name in variables else _MISSING
-            if value is not _MISSING and type(value) not in _SCALARS:
+            kind = type(value)
+            if value is not _MISSING and kind not in _SCALARS:
                 return None  # lists and maps: not worth hashing
+            # With its type: Python has True == 1 == 1.0, CEL does not.
+            values.append(kind)
             values.append(value)
         return tuple(values)
 

@@ -39,17 +39,44 @@ _STRING_LITERAL = re.compile(
     + "|".join(("'''[\\s\\S]*?'''", r'"""[\s\S]*?"""', r"'(?:\\.|[^'\\\n])*'", r'"(?:\\.|[^"\\\n])*"'))
     + ")"
 )
-_BODY_REFERENCE = re.compile(r"(?<![\w.])mcp\b|\bbody\b")
+# Strings and `//` comments, matched in one left-to-right pass, so that quotes inside a
+# comment, or `//` inside a string, cannot hide code from the analysis below.
+_STRING_OR_COMMENT = re.compile(f"(?P<string>{_STRING_LITERAL.pattern})|(?P<comment>//[^\n]*)")
+# `.mcp` counts too: a root-qualified name (`.mcp.name`) is the same variable.
+_BODY_REFERENCE = re.compile(r"(?<!\w)mcp\b|\bbody\b")
 _HEADER_LOOKUP = re.compile(
     r'^\s*"([a-z0-9-]+)"\s+in\s+request\.headers\s*\?\s*request\.headers\s*\[\s*"([a-z0-9-]+)"\s*\]\s*:\s*""\s*$'
 )
 
 
+_HEADER_NAME_LITERAL = re.compile(
+    r"""request\s*\.\s*headers\s*\[\s*(["'])(.*?)\1|(["'])([^"']*)\3\s+in\s+request\s*\.\s*headers"""
+)
+
+
+def _header_names(source: str) -> list[str]:
+    """Header names an expression looks up in request.headers by a string literal."""
+    matches = _HEADER_NAME_LITERAL.finditer(source)
+    return [m.group(2) if m.group(2) is not None else m.group(4) for m in matches]
+
+
+def _code_and_literals(source: str) -> tuple[str, list[str]]:
+    """The expression with string literals blanked and comments removed, and the literals."""
+    literals: list[str] = []
+
+    def blank(match: re.Match[str]) -> str:
+        if match.group("comment") is not None:
+            return " "
+        literals.append(match.group("string"))
+        return '""'
+
+    return _STRING_OR_COMMENT.sub(blank, source), literals
+
+
 def _reads_body(source: str) -> bool:
     """Whether an expression reads the body: the `mcp` variable, a `body` field or key, or
     the whole `request` map (which holds the body)."""
-    literals = _STRING_LITERAL.findall(source)
-    code = _STRING_LITERAL.sub('""', source)
+    code, literals = _code_and_literals(source)
     whole_request = any(_whole_request(m) for m in _VARIABLE_REFERENCE.finditer(code))
     return (
         whole_request
@@ -139,11 +166,18 @@ class _FileLoader:
             self.problem(node, f"{what} is empty")
             return None
         try:
-            return self.engine.compile(source, expect)
+            compiled = self.engine.compile(source, expect)
         except CompileError as exc:
             line, column = self._locate(node, exc.line, exc.column)
             self.problems.append(Problem(Location(self.path, line, column), f"{what}: {exc.message}"))
             return None
+        for name in _header_names(source):
+            if name != name.lower():
+                # Header names arrive lower-case: this lookup could never match, and a session
+                # key built on it would silently bind nothing.
+                self.problem(node, f"{what}: header names are lower-case in request.headers: {name!r}")
+                return None
+        return compiled
 
     def _locate(self, node: ScalarNode, line: int, column: int) -> tuple[int, int]:
         """Map a position inside the expression to a position in the file.
@@ -275,6 +309,8 @@ class _FileLoader:
             return None
         lookup = _HEADER_LOOKUP.match(key.source)
         header = lookup.group(1) if lookup and lookup.group(1) == lookup.group(2) else None
+        if header == "authorization":
+            header = None  # not in request.headers for CEL either: never a session id
         return SessionSpec(key, tuple(bind), terminate, header)
 
     def policy(self, node: Node) -> Policy | None:
@@ -381,7 +417,7 @@ def _expressions(
 
 
 _VARIABLE_REFERENCE = re.compile(
-    r"(?<![\w.])(request|mcp|claims|auth|session|context|source|now)\b(\s*\.\s*(\w+)(\s*\()?)?"
+    r"(?<!\w)(request|mcp|claims|auth|session|context|source|now)\b(\s*\.\s*(\w+)(\s*\()?)?"
 )
 
 
@@ -420,7 +456,7 @@ def _reads(policies: Iterable[Policy]) -> dict[str, frozenset[str] | None]:
         for expr in _expressions(policy.when, policy.session, policy.rules):
             if policy.session is not None and policy.session.header and expr is policy.session.key:
                 continue  # read straight from the headers, not through CEL
-            for match in _VARIABLE_REFERENCE.finditer(_STRING_LITERAL.sub('""', expr.source)):
+            for match in _VARIABLE_REFERENCE.finditer(_code_and_literals(expr.source)[0]):
                 whole = match.group(3) is None or match.group(4) is not None
                 add(match.group(1), None if whole else match.group(3))
         for rule in policy.rules:
