@@ -101,26 +101,43 @@ def test_delete_by_another_identity_is_404_and_the_session_stays(start: Start) -
     assert c.ask(session, "alice", method="DELETE") == (200, decision.ALLOWED)
 
 
-def test_ttl_expiry_is_404_session_expired(start: Start) -> None:
-    c = start(ttl="600ms", idle_timeout="10s")
+def test_ttl_expiry_is_404_session_expired_for_a_whole_further_ttl(start: Start) -> None:
+    c = start(ttl="1s", idle_timeout="10s")
     session = new_id()
     assert c.ask(session, "alice") == (200, decision.ALLOWED)
-    time.sleep(0.3)
+    time.sleep(0.4)
     assert c.ask(session, "alice") == (200, decision.ALLOWED)
-    time.sleep(0.5)
+    time.sleep(0.8)
     assert c.ask(session, "alice") == (404, decision.SESSION_EXPIRED)
-    assert c.ask(session, "alice") == (200, decision.ALLOWED)  # gone: simply a new id
+    written = time.time()
+    # Past the session's own created_at + ttl, the id is still refused to everyone.
+    for who in ("bob", "alice", "bob"):
+        time.sleep(0.2)
+        assert c.ask(session, who) == (404, decision.SESSION_EXPIRED), who
+    assert time.time() - written < 1.0
+    time.sleep(max(0.0, written + 1.3 - time.time()))
+    assert c.ask(session, "bob") == (200, decision.ALLOWED)  # a ttl after the 404: a new id
     assert c.gateway.last.session_new
 
 
-def test_idle_expiry_makes_the_id_new(start: Start) -> None:
+def test_idle_expiry_refuses_the_id_instead_of_binding_it_to_someone_else(start: Start) -> None:
+    """F6: someone who once saw alice's session id waits until she is idle, then presents it."""
     c = start(ttl="1h", idle_timeout="400ms")
-    session = new_id()
+    session, other = new_id(), new_id()
     assert c.ask(session, "alice") == (200, decision.ALLOWED)
+    assert c.ask(other, "alice") == (200, decision.ALLOWED)
     time.sleep(0.7)
-    assert c.ask(session, "bob") == (200, decision.ALLOWED)
+    assert c.ask(session, "mallory") == (404, decision.SESSION_EXPIRED)
+    assert not c.gateway.last.session_new
+    assert c.ask(session, "mallory") == (404, decision.SESSION_EXPIRED)
+    assert c.ask(session, "alice") == (404, decision.SESSION_EXPIRED)
+    # The owner first: the same.
+    assert c.ask(other, "alice") == (404, decision.SESSION_EXPIRED)
+    assert c.ask(other, "mallory") == (404, decision.SESSION_EXPIRED)
+    # A new id works as ever.
+    fresh = new_id()
+    assert c.ask(fresh, "alice") == (200, decision.ALLOWED)
     assert c.gateway.last.session_new
-    assert c.ask(session, "alice") == (404, decision.SUBJECT_MISMATCH)
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ sub-second TTLs and sleep.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -30,7 +31,15 @@ from gateway.identity.verifier import TokenVerifier
 from gateway.policy.loader import default_policy_dir, load_policy_dir
 from gateway.request import from_check_request
 from gateway.session import open_store, operations
-from gateway.session.record import ENDED_LEGACY, new_record, owner_key
+from gateway.session.record import (
+    ENDED_EXPIRED,
+    ENDED_LEGACY,
+    ENDED_REVOKED,
+    ENDED_TERMINATED,
+    new_record,
+    owner_key,
+    tombstone,
+)
 from gateway.session.store import SessionStore, StoreSettings, StoreUnavailable
 from tests.support.checks import check_request
 from tests.support.issuer import AUDIENCE, TestIssuer
@@ -256,7 +265,7 @@ def test_a_tombstone_outlives_the_idle_timeout(make: StoreMaker) -> None:
 
 # ---- expiry ----
 
-def test_idle_expiry_slides_with_use_then_the_id_is_new(make: StoreMaker) -> None:
+def test_idle_expiry_slides_with_use_then_the_id_is_refused_not_rebound(make: StoreMaker) -> None:
     h = make(idle=0.5, ttl=30)
     session = new_id()
     assert h.ask(session, "alice").allowed
@@ -264,23 +273,100 @@ def test_idle_expiry_slides_with_use_then_the_id_is_new(make: StoreMaker) -> Non
         time.sleep(0.2)
         assert h.ask(session, "bob").reason == decision.SUBJECT_MISMATCH
     time.sleep(0.8)
-    # Idle past the timeout: the record is gone, so the id is simply new (and bob may bind it).
-    assert h.store.load(session, time.time()) is None
+    # Idle past the timeout: no longer a live session (not listed, not counted), but the id
+    # is not free either: whoever presents it next, an attacker who once saw it included,
+    # gets 404 session_expired instead of a binding of their own (F6).
+    assert session not in {s.id for s in operations.list_sessions(h.store, time.time())[0]}
+    assert h.store.ids_of_owner(owner_key(h.idp.issuer, "alice")) == []
+    shown = operations.show_session(h.store, session, time.time())
+    if h.kind == "redis":
+        assert shown is None  # the key expired natively; only the marker is left
+    else:
+        assert shown is not None and shown.state == "expired"  # kept, and a load did not revive it
+    taken = h.ask(session, "bob")
+    assert (taken.status, taken.reason) == (404, decision.SESSION_EXPIRED)
+    assert not taken.session_new
+    for who in ("alice", "bob"):
+        again = h.ask(session, who)
+        assert (again.status, again.reason) == (404, decision.SESSION_EXPIRED), who
+    # What stands in for it now: an `expired` tombstone, a whole ttl from now.
+    now = time.time()
+    loaded = h.store.load(session, now)
+    assert loaded is not None and loaded.data["terminated"] is True and loaded.data["ended"] == "expired"
+    assert loaded.data["bound"] == {} and now - 5 < loaded.data["created_at"] <= now
+    assert not h.store.create(session, record_for("bob", "i", now), now, 10).created
+    # An operator's outright delete frees the id (the only way to, before the tombstone ends).
+    assert h.store.delete(session)
     fresh = h.ask(session, "bob")
     assert fresh.allowed and fresh.session_new
 
 
-def test_ttl_expiry_answers_session_expired_then_the_id_is_new(make: StoreMaker) -> None:
-    h = make(idle=5, ttl=0.6)
+def test_the_first_request_after_idle_expiry_is_refused_whoever_sends_it(make: StoreMaker) -> None:
+    """Straight at the store as well: a bind of an id that is idle past its timeout binds nothing."""
+    h = make(idle=0.3, ttl=30)
+    owner_first, someone_else_first = new_id(), new_id()
+    for session in (owner_first, someone_else_first):
+        assert h.ask(session, "alice").allowed
+    time.sleep(0.6)
+    assert h.ask(owner_first, "alice").reason == decision.SESSION_EXPIRED
+    now = time.time()
+    taken = h.store.create(someone_else_first, record_for("mallory", "i", now), now, 10)
+    assert not taken.created and not taken.over_limit and taken.existing is not None
+    # What the check makes of it: the same 404, and the id is still not mallory's.
+    assert h.ask(someone_else_first, "mallory").reason == decision.SESSION_EXPIRED
+    assert h.ask(someone_else_first, "alice").reason == decision.SESSION_EXPIRED
+    # A new id still binds, and the idle sessions do not count towards alice's cap.
+    assert h.ask(new_id(), "alice").allowed
+
+
+def test_ttl_expiry_answers_session_expired_for_a_whole_further_ttl(make: StoreMaker) -> None:
+    h = make(idle=5, ttl=1.0)
     session = new_id()
     assert h.ask(session, "alice").allowed
-    time.sleep(0.3)
+    time.sleep(0.4)
     assert h.ask(session, "alice").allowed
-    time.sleep(0.5)
+    time.sleep(0.8)
     expired = h.ask(session, "alice")
     assert (expired.status, expired.reason) == (404, decision.SESSION_EXPIRED)
-    fresh = h.ask(session, "alice")
+    written = time.time()
+    # The `expired` tombstone lives a full ttl from when it was written, past the session's
+    # own created_at + ttl, for the owner and for anyone else.
+    for who in ("bob", "alice", "bob"):
+        time.sleep(0.2)
+        again = h.ask(session, who)
+        assert (again.status, again.reason) == (404, decision.SESSION_EXPIRED), (who, time.time() - written)
+    assert time.time() - written < 1.0
+    loaded = h.store.load(session, time.time())
+    assert loaded is not None and loaded.data["ended"] == "expired"
+    assert loaded.data["created_at"] >= written - 1  # a new tombstone, not the session's created_at
+    time.sleep(max(0.0, written + 1.3 - time.time()))
+    # Only after that is the id new again.
+    fresh = h.ask(session, "bob")
     assert fresh.allowed and fresh.session_new
+
+
+def test_a_revocation_blocks_the_id_for_a_whole_ttl_even_near_the_sessions_end(make: StoreMaker) -> None:
+    """A revocation does not reach the upstream, so the id stays blocked a ttl from the revocation,
+    not just until the session's own created_at + ttl (here 0.2 s away)."""
+    h = make(idle=5, ttl=1.0)
+    session = new_id()
+    now = time.time()
+    assert h.store.create(session, record_for("alice", h.idp.issuer, now - 0.8), now, 10).created
+    assert operations.revoke_session(h.store, session, time.time()) == "live"
+    time.sleep(0.5)
+    for who in ("alice", "bob"):
+        refused = h.ask(session, who)
+        assert (refused.status, refused.reason) == (404, decision.SESSION_TERMINATED), who
+
+
+def test_expired_and_revoked_tombstones_start_when_written_terminated_ones_keep_created_at() -> None:
+    created, now = 1_000.0, 5_000.0
+    live = new_record(anonymous=False, bound={"sub": "alice"}, owner="o", now=created)
+    assert tombstone(live, ENDED_EXPIRED, now)["created_at"] == now
+    assert tombstone(live, ENDED_REVOKED, now)["created_at"] == now
+    assert tombstone(live, ENDED_LEGACY, now)["created_at"] == now
+    assert tombstone(live, ENDED_TERMINATED, now)["created_at"] == created
+    assert all(tombstone(live, e, now)["bound"] == {} for e in (ENDED_EXPIRED, ENDED_TERMINATED))
 
 
 # ---- legacy records: invalidate on read ----
@@ -331,9 +417,10 @@ def test_session_ids_outside_visible_ascii_or_too_long_are_400(make: StoreMaker,
 
 
 def test_the_longest_allowed_id_and_every_visible_character_work(make: StoreMaker) -> None:
-    h = make(max_id_length=94)
-    visible = "".join(chr(c) for c in range(0x21, 0x7F))
-    assert len(visible) == 94
+    h = make(max_id_length=93)
+    # Visible ASCII but the comma (gateway/check.py: a repeated header is joined with commas).
+    visible = "".join(chr(c) for c in range(0x21, 0x7F) if c != 0x2C)
+    assert len(visible) == 93
     assert h.ask(visible, "alice").allowed
     assert h.ask(visible, "alice").allowed and h.ask(visible, "bob").reason == decision.SUBJECT_MISMATCH
 
@@ -468,6 +555,38 @@ def test_redis_steady_state_is_one_getex_per_check(redis_server: RedisServer, ma
     admin.close()
 
 
+def test_redis_bind_sets_a_marker_in_the_same_round_trip_and_honours_it(
+    redis_server: RedisServer, make_redis: StoreMaker
+) -> None:
+    h = make_redis(idle=0.3, ttl=30)
+    session = new_id()
+    admin = redis.Redis.from_url(redis_server.url)
+    prefix = h.store.settings.key_prefix
+    marker = f"{prefix[:-1]}|bound:{session}"
+    warm = new_id()
+    assert h.ask(warm, "alice").allowed  # the bind script is loaded into this redis-server
+    admin.config_resetstat()
+    assert h.ask(session, "alice").allowed
+    stats = admin.info("commandstats")
+    # The check's GETEX finds nothing, the bind is one EVALSHA (the marker is set inside it).
+    assert {n: v["calls"] for n, v in stats.items() if n in ("cmdstat_getex", "cmdstat_evalsha")} == {
+        "cmdstat_getex": 1, "cmdstat_evalsha": 1,
+    }
+    assert 25_000 < admin.pttl(marker) <= 30_000  # the ttl, from the bind
+    assert 0 < admin.pttl(f"{prefix}{session}") <= 300  # the record itself: the idle timeout
+    assert sorted(i for i, _ in h.store.scan()) == sorted([warm, session])  # markers are no sessions
+    time.sleep(0.5)
+    assert admin.exists(f"{prefix}{session}") == 0  # expired natively
+    refused = h.ask(session, "bob")
+    assert (refused.status, refused.reason) == (404, decision.SESSION_EXPIRED)
+    assert admin.exists(marker) == 0  # replaced by the tombstone, which lives a whole ttl
+    assert 25_000 < admin.pttl(f"{prefix}{session}") <= 30_000
+    # Reading the tombstone slides it to the idle timeout; the load gives it back its ttl.
+    assert h.ask(session, "alice").reason == decision.SESSION_EXPIRED
+    assert 25_000 < admin.pttl(f"{prefix}{session}") <= 30_000
+    admin.close()
+
+
 def test_redis_non_string_value_is_legacy(redis_server: RedisServer, make_redis: StoreMaker) -> None:
     h = make_redis()
     session = new_id()
@@ -501,6 +620,34 @@ def test_redis_over_a_unix_socket_and_another_db(tmp_path: Path, make_redis: Sto
         in_db3.close()
     finally:
         server.stop()
+
+
+def test_a_sqlite_file_from_before_usable_until_is_migrated(tmp_path: Path) -> None:
+    """Files written before idle records were kept get the column; their rows keep working."""
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path, isolation_level=None)
+    old.executescript(
+        "CREATE TABLE sessions (id TEXT PRIMARY KEY, data TEXT NOT NULL, owner TEXT NOT NULL,"
+        " created_at REAL NOT NULL, expires_at REAL NOT NULL) WITHOUT ROWID;"
+    )
+    now = time.time()
+    record = record_for("alice", "i", now - 10)
+    old.execute(
+        "INSERT INTO sessions VALUES (?, ?, ?, ?, ?)",
+        ("old-live", json.dumps(record), record["owner"], now - 10, now + 600),  # idle expiry then
+    )
+    old.close()
+    store = open_store(f"sqlite:///{path}", StoreSettings(3600, 600))
+    try:
+        loaded = store.load("old-live", now)
+        assert loaded is not None and loaded.data["bound"]["sub"] == "alice" and loaded.last_seen is not None
+        assert store.ids_of_owner(record["owner"]) == ["old-live"]
+        assert store.create("new", record_for("bob", "i", now), now, 10).created
+        columns = {row[1] for row in sqlite3.connect(path).execute("PRAGMA table_info(sessions)")}
+        assert "usable_until" in columns
+    finally:
+        store.close()
+    open_store(f"sqlite:///{path}", StoreSettings(3600, 600)).close()  # a second open: nothing to add
 
 
 def _bind_from_another_process(url: str, index: int, start: Any, results: Any) -> None:

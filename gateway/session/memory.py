@@ -1,7 +1,9 @@
 """The in-process store (`memory://`): one process, bounded, compact.
 
-Each record is one small bytes object (13 bytes of data): its expiry and creation time in
-centiseconds from the store's start, flags, and the slot of its identity. An identity
+Each record is one small bytes object (13 bytes of data): its expiry (for a live record, its
+idle expiry) and creation time in centiseconds from the store's start, flags, and the slot
+of its identity. A live record idle past its expiry is kept until its created_at + ttl (see
+`gateway.session.store`), so its id answers session_expired instead of being bound again. An identity
 (owner key + bound values) is kept once, however many sessions it holds, so a million
 sessions cost a few hundred MB (see bench/bench_store.py). Records that are not
 current-schema records (legacy data written by write_raw) are kept as they are.
@@ -25,10 +27,12 @@ from gateway.session.store import (
     StoreSettings,
     StoreUnavailable,
     expiry_of,
+    is_tombstone,
+    kept_until,
     slide_interval,
 )
 
-_HEADER = struct.Struct("<iiBI")  # expires_at, created_at (centiseconds from the epoch), flags, slot
+_HEADER = struct.Struct("<iiBI")  # usable until, created_at (centiseconds from the epoch), flags, slot
 _CS_MIN, _CS_MAX = -(2**31), 2**31 - 1  # about ±248 days around the store's start
 _ANONYMOUS, _TERMINATED = 1, 2
 _ENDED_CODES = ("", "terminated", "revoked", "expired", "legacy")
@@ -56,9 +60,9 @@ class _Identity:
 
 @dataclass(slots=True)
 class _Raw:
-    """A record kept as it was written (legacy formats, migrations)."""
+    """A record kept as it was written (legacy formats, migrations, times too far to pack)."""
 
-    expires_at: float
+    expires_at: float  # usable until (for a live record: its idle expiry)
     data: dict[str, Any]
 
 
@@ -183,20 +187,40 @@ class MemoryStore(SessionStore):
                     del self._variants[identity.owner]
         return True
 
-    def _expires_at(self, value: bytes | _Raw) -> float:
-        return value.expires_at if isinstance(value, _Raw) else self._seconds(_HEADER.unpack_from(value)[0])
+    def _kept_until(self, value: bytes | _Raw) -> float:
+        """When the record may leave the store (see `kept_until`)."""
+        if isinstance(value, _Raw):
+            return kept_until(value.data, value.expires_at, self.settings)
+        expires_cs, created_cs, flags, _ = _HEADER.unpack(value)
+        if flags & _TERMINATED:
+            return self._seconds(expires_cs)
+        return max(self._seconds(expires_cs), self._seconds(created_cs) + self.settings.ttl)
+
+    def _idle(self, value: bytes | _Raw, now: float) -> bool:
+        """A live record past its idle expiry (kept only so that its id is refused)."""
+        if isinstance(value, _Raw):
+            data = value.data
+            return "schema" in data and not is_tombstone(data) and now >= value.expires_at
+        expires_cs, _, flags, _ = _HEADER.unpack(value)
+        return not flags & _TERMINATED and now >= self._seconds(expires_cs)
 
     def _live(self, session_id: str, now: float) -> bytes | _Raw | None:
         value = self._records.get(session_id)
-        if value is not None and now >= self._expires_at(value):
+        if value is not None and now >= self._kept_until(value):
             self._drop(session_id)
             return None
         return value
 
     def _loaded(self, value: bytes | _Raw) -> Loaded:
         if isinstance(value, _Raw):
-            return Loaded(dict(value.data))
-        return Loaded(self._data(value)[0])
+            data = dict(value.data)
+            if "schema" in data and not is_tombstone(data):
+                return Loaded(data, value.expires_at - self.settings.idle_timeout)
+            return Loaded(data)
+        data, usable_until = self._data(value)
+        if data["terminated"]:
+            return Loaded(data)
+        return Loaded(data, usable_until - self.settings.idle_timeout)
 
     # ---- the interface ----
     def load(self, session_id: str, now: float) -> Loaded | None:
@@ -204,44 +228,47 @@ class MemoryStore(SessionStore):
             value = self._live(session_id, now)
             if value is None:
                 return None
-            if isinstance(value, _Raw):
-                return Loaded(dict(value.data))
-            data, expires_at = self._data(value)
-            expires_cs = self._cs(now + self.settings.idle_timeout)
-            if (
-                not data["terminated"]
-                and now - (expires_at - self.settings.idle_timeout) >= self._slide
-                and expires_cs <= _CS_MAX
-            ):
-                self._records[session_id] = _HEADER.pack(expires_cs, *_HEADER.unpack(value)[1:])
-            return Loaded(data)
+            loaded = self._loaded(value)
+            last_seen = loaded.last_seen
+            idle = self.settings.idle_timeout
+            # Slide a live record's idle expiry, at most once per slide interval; never one
+            # already idle past it: that record is refused, not revived.
+            if last_seen is not None and now < last_seen + idle and now - last_seen >= self._slide:
+                if isinstance(value, _Raw):
+                    value.expires_at = now + idle
+                else:
+                    expires_cs = self._cs(now + idle)
+                    if expires_cs <= _CS_MAX:
+                        self._records[session_id] = _HEADER.pack(expires_cs, *_HEADER.unpack(value)[1:])
+            return loaded
 
     def _live_ids(self, owner: str, now: float) -> list[str]:
-        ids = self._owner_ids.get(owner, [])
+        ids = self._owner_ids.get(owner)
+        if ids is None:
+            return []
         ttl = self.settings.ttl
         live = []
         for session_id in list(ids):
             value = self._live(session_id, now)
-            if isinstance(value, bytes):
-                data, _ = self._data(value)
-                if not data["terminated"] and now < data["created_at"] + ttl:
-                    live.append(session_id)
+            if not isinstance(value, bytes):
+                continue
+            expires_cs, created_cs, flags, _ = _HEADER.unpack(value)
+            if flags & _TERMINATED:
+                continue
+            if now < self._seconds(expires_cs) and now < self._seconds(created_cs) + ttl:
+                live.append(session_id)
+            elif session_id in ids:
+                # Idle or past its TTL: it never counts again, so later binds need not look at it.
+                ids.remove(session_id)
+        if not ids and self._owner_ids.get(owner) is ids:
+            del self._owner_ids[owner]
         return live
 
     def _sweep(self, now: float) -> None:
-        """Drop every record past its expiry or its TTL (the store is full)."""
+        """Drop every record past the time it is kept until (the store is full)."""
         if now < self._next_sweep:
             return
-        ttl = self.settings.ttl
-        stale = []
-        for session_id, value in self._records.items():
-            if isinstance(value, _Raw):
-                if now >= value.expires_at:
-                    stale.append(session_id)
-                continue
-            expires_cs, created_cs, _, _ = _HEADER.unpack(value)
-            if now >= self._seconds(expires_cs) or now >= self._seconds(created_cs) + ttl:
-                stale.append(session_id)
+        stale = [i for i, value in self._records.items() if now >= self._kept_until(value)]
         for session_id in stale:
             self._drop(session_id)
         if len(self._records) >= self.settings.max_sessions:
@@ -265,7 +292,7 @@ class MemoryStore(SessionStore):
     def replace(self, session_id: str, data: Mapping[str, Any], now: float) -> None:
         expires_at = expiry_of(data, now, self.settings)
         with self._lock:
-            if expires_at <= now:
+            if kept_until(data, expires_at, self.settings) <= now:
                 self._drop(session_id)  # a tombstone already past its TTL: the id is new again
             else:
                 self._put(session_id, data, expires_at)
@@ -287,7 +314,7 @@ class MemoryStore(SessionStore):
         for session_id, value in items:
             if limit is not None and count >= limit:
                 return
-            if now >= self._expires_at(value):
+            if now >= self._kept_until(value) or self._idle(value, now):
                 continue
             with self._lock:
                 if self._records.get(session_id) is not value:

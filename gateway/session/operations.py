@@ -2,7 +2,8 @@
 
 Shared by the `authz-gateway sessions` command and the gRPC admin API, so both answer
 alike. A revocation writes a `revoked` tombstone: later requests with the id get 404
-`session_terminated`, and the id is never bound again until the tombstone's TTL ends.
+`session_terminated`, and the id is never bound again for a whole TTL from the revocation
+(the upstream may still hold the session: a revocation does not reach it).
 """
 
 from __future__ import annotations
@@ -47,8 +48,15 @@ def validate_id(session_id: str, max_length: int = 256) -> str:
     return session_id
 
 
-def state_of(data: Mapping[str, Any], now: float, ttl: float) -> str:
-    reason = refusal(data, None, now, ttl, float("inf"))
+def state_of(
+    data: Mapping[str, Any],
+    now: float,
+    ttl: float,
+    last_seen: float | None = None,
+    idle: float = float("inf"),
+) -> str:
+    """live, terminated, revoked, expired (TTL or idle; idle only when `last_seen` is known) or legacy."""
+    reason = refusal(data, last_seen, now, ttl, idle)
     if reason is None:
         return STATE_LIVE
     if reason == decision.SESSION_TERMINATED:
@@ -56,13 +64,20 @@ def state_of(data: Mapping[str, Any], now: float, ttl: float) -> str:
     return _STATE_OF_REASON.get(reason, "unknown")
 
 
-def describe(session_id: str, data: Mapping[str, Any], now: float, ttl: float) -> SessionInfo:
+def describe(
+    session_id: str,
+    data: Mapping[str, Any],
+    now: float,
+    ttl: float,
+    last_seen: float | None = None,
+    idle: float = float("inf"),
+) -> SessionInfo:
     legacy = "schema" not in data or has_legacy_fields(data)
     created_at = data.get("created_at")
     bound = data.get("bound")
     return SessionInfo(
         id=session_id,
-        state=state_of(data, now, ttl),
+        state=state_of(data, now, ttl, last_seen, idle),
         anonymous=bool(data.get("anonymous", False)) and not legacy,
         created_at=float(created_at) if isinstance(created_at, int | float) and not legacy else 0.0,
         owner="" if legacy else str(data.get("owner", "")),
@@ -82,7 +97,10 @@ def list_sessions(
 def show_session(store: SessionStore, session_id: str, now: float) -> SessionInfo | None:
     # A load: for a live session it counts as a use, like a check would.
     loaded = store.load(session_id, now)
-    return None if loaded is None else describe(session_id, loaded.data, now, store.settings.ttl)
+    if loaded is None:
+        return None
+    settings = store.settings
+    return describe(session_id, loaded.data, now, settings.ttl, loaded.last_seen, settings.idle_timeout)
 
 
 def revoke_session(store: SessionStore, session_id: str, now: float) -> str:
@@ -90,7 +108,10 @@ def revoke_session(store: SessionStore, session_id: str, now: float) -> str:
     loaded = store.load(session_id, now)
     previous = None if loaded is None else loaded.data
     store.replace(session_id, tombstone(previous, ENDED_REVOKED, now), now)
-    return "" if previous is None else state_of(previous, now, store.settings.ttl)
+    if loaded is None:
+        return ""
+    settings = store.settings
+    return state_of(loaded.data, now, settings.ttl, loaded.last_seen, settings.idle_timeout)
 
 
 def revoke_subject(store: SessionStore, issuer: str, subject: str, now: float) -> int:

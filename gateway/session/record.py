@@ -30,6 +30,8 @@ _ENDED_REASON = {
     ENDED_EXPIRED: decision.SESSION_EXPIRED,
     ENDED_LEGACY: decision.SESSION_LEGACY_FORMAT,
 }
+# Tombstones that live a whole TTL from when they are written (see `tombstone`).
+_ENDS_NOW = frozenset({ENDED_EXPIRED, ENDED_REVOKED, ENDED_LEGACY})
 
 
 def encode(data: Mapping[str, Any]) -> str:
@@ -66,8 +68,14 @@ def new_record(*, anonymous: bool, bound: Mapping[str, Any], owner: str, now: fl
 
 
 def tombstone(previous: Mapping[str, Any] | None, ended: str, now: float) -> dict[str, Any]:
-    """An ended session. It keeps its creation time (so it lives out its TTL) and nothing else
-    a legacy record carried."""
+    """An ended session, keeping nothing a legacy record carried.
+
+    A session its owner terminated (DELETE, which the upstream saw too) keeps its creation
+    time, so its tombstone lives out the session's TTL. An `expired`, `revoked` or `legacy`
+    tombstone is new as of `now` and lives a whole TTL from now: the record it replaces may be
+    past its end already (or has none we trust), and the upstream may still hold the session,
+    so the id must not be bound again by someone else for that long.
+    """
     created_at = now
     anonymous = False
     owner = ""
@@ -79,7 +87,7 @@ def tombstone(previous: Mapping[str, Any] | None, ended: str, now: float) -> dic
     return {
         "schema": SCHEMA_VERSION,
         "anonymous": anonymous,
-        "created_at": created_at if ended != ENDED_LEGACY else now,
+        "created_at": now if ended in _ENDS_NOW else created_at,
         "terminated": True,
         "ended": ended,
         "owner": owner,

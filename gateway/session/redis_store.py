@@ -8,6 +8,13 @@ load is one `GETEX PX idle_timeout` (one round trip in the steady state); a tomb
 written with the time left until its created_at + ttl. The absolute ttl of a live record
 is judged from its created_at.
 
+An idle key is gone, but its id must not be bound again by someone else (see
+`gateway.session.store`): the bind script also sets a marker, `<prefix with its last
+character changed>bound:<session id>`, for `ttl`. A bind that finds the marker and no
+record binds nothing: it writes an `expired` tombstone (a whole ttl) in the same step and
+answers with it, so the check gets 404 session_expired. Only binds pay for the marker; a
+check of a live session is still one GETEX.
+
 The per-identity cap is kept in one sorted set per owner (`<prefix minus its last
 character>|owner:<owner key>`, which no session key can equal), updated by the bind
 script in the same round trip, atomically. Socket timeouts are `session.store_timeout`;
@@ -26,6 +33,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from gateway.session.record import ENDED_EXPIRED, tombstone
 from gateway.session.record import decode as decode_record
 from gateway.session.record import encode as encode_record
 from gateway.session.store import (
@@ -42,15 +50,21 @@ T = TypeVar("T")
 _TOMBSTONE_MARK = b'"terminated":true'
 _SCAN_BATCH = 500
 
-# KEYS[1] session key, KEYS[2] owner set (absent for anonymous binds)
+# KEYS[1] session key, KEYS[2] its bound marker, KEYS[3] owner set (absent for anonymous binds)
 # ARGV: record JSON, idle ms, now ms, max per owner, member deadline ms, session key prefix,
-#       '"owner":"<owner key>"', session id, ttl ms
-# Returns {1} bound, {0, winner's record} another bind won, {2} the owner is at the cap.
+#       '"owner":"<owner key>"', session id, ttl ms, an `expired` tombstone's JSON
+# Returns {1} bound, {0, the stored record} the id is taken (another bind won, or it was
+# bound before and is idle: then the tombstone just written), {2} the owner is at the cap.
 _BIND = """
 local existing = redis.call('GET', KEYS[1])
 if existing then return {0, existing} end
-if #KEYS == 2 then
-  local owners = KEYS[2]
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('SET', KEYS[1], ARGV[10], 'PX', ARGV[9])
+  redis.call('DEL', KEYS[2])
+  return {0, ARGV[10]}
+end
+if #KEYS == 3 then
+  local owners = KEYS[3]
   local limit = tonumber(ARGV[4])
   redis.call('ZREMRANGEBYSCORE', owners, '-inf', ARGV[3])
   if redis.call('ZCARD', owners) >= limit then
@@ -67,6 +81,7 @@ if #KEYS == 2 then
   redis.call('PEXPIRE', owners, ARGV[9])
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[9])
 return {1}
 """
 # GETEX before Redis 6.2: the same in one round trip.
@@ -81,9 +96,19 @@ def _ms(seconds: float) -> int:
     return int(seconds * 1000)
 
 
-def owner_set_key(prefix: str, owner: str) -> str:
+def _beside(prefix: str) -> str:
+    """The prefix with its last character changed: keys under it never equal a session key."""
     last = prefix[-1:] or ":"
-    return f"{prefix[:-1]}{'!' if last == '|' else '|'}owner:{owner}"
+    return f"{prefix[:-1]}{'!' if last == '|' else '|'}"
+
+
+def owner_set_key(prefix: str, owner: str) -> str:
+    return f"{_beside(prefix)}owner:{owner}"
+
+
+def bound_marker_key(prefix: str, session_id: str) -> str:
+    """Set by a bind for `ttl`: the id was bound, so it is not bound again (see the docstring)."""
+    return f"{_beside(prefix)}bound:{session_id}"
 
 
 def _glob_escape(text: str) -> str:
@@ -171,7 +196,7 @@ class RedisStore(SessionStore):
 
     def create(self, session_id: str, data: Mapping[str, Any], now: float, max_per_owner: int) -> Created:
         owner = "" if is_tombstone(data) else str(data.get("owner", ""))
-        keys = [self._key(session_id)]
+        keys = [self._key(session_id), bound_marker_key(self._prefix, session_id)]
         if owner:
             keys.append(owner_set_key(self._prefix, owner))
         ttl_ms = max(1, _ms(self.settings.ttl))
@@ -185,6 +210,7 @@ class RedisStore(SessionStore):
             f'"owner":"{owner}"',
             session_id,
             ttl_ms,
+            encode_record(tombstone(None, ENDED_EXPIRED, now)),
         ]
         try:
             result = self._round_trip("EVALSHA", lambda: self._bind(keys=keys, args=args))
@@ -214,8 +240,9 @@ class RedisStore(SessionStore):
         self._write(session_id, data, now, now + self.settings.ttl)
 
     def delete(self, session_id: str) -> bool:
-        key = self._key(session_id)
-        return bool(self._round_trip("DEL", lambda: self._command("DEL", key)))
+        # The marker too: an operator's delete frees the id, as in the other stores.
+        keys = (self._key(session_id), bound_marker_key(self._prefix, session_id))
+        return bool(self._round_trip("DEL", lambda: self._command("DEL", *keys)))
 
     def _values(self, ids: list[str]) -> list[bytes | None]:
         keys = [self._key(i) for i in ids]

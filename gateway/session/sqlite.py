@@ -5,6 +5,11 @@ WAL mode lets readers run while one process writes. Each thread has its own conn
 (the gRPC thread pool); writes from one process take a process-wide lock first, so the
 threads of a process do not pile up on SQLite's file lock, and both waits are bounded
 by `session.store_timeout`: a store that does not answer in time fails the check closed.
+
+A row has two times: `usable_until` (a live record's idle expiry; for anything else the same
+as `expires_at`) and `expires_at`, when the row stops counting at all. A live record idle past
+its expiry stays until its created_at + ttl (see `gateway.session.store`), so that its id
+answers session_expired instead of being bound again.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from gateway.session.store import (
     StoreUnavailable,
     expiry_of,
     is_tombstone,
+    kept_until,
     slide_interval,
 )
 from gateway.telemetry import metrics
@@ -41,11 +47,16 @@ CREATE TABLE IF NOT EXISTS sessions (
     data TEXT NOT NULL,        -- the record, as JSON
     owner TEXT NOT NULL,       -- the owner key of a live record; '' for tombstones and raw records
     created_at REAL NOT NULL,
-    expires_at REAL NOT NULL   -- when the row stops counting (see gateway.session.store)
+    expires_at REAL NOT NULL,  -- when the row stops counting (see gateway.session.store)
+    usable_until REAL          -- a live record's idle expiry; NULL (older files): expires_at
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions (owner) WHERE owner != '';
 CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions (expires_at);
 """
+# Files written before `usable_until` existed get the column; their rows read NULL, which
+# means what expires_at meant then (the idle expiry of a live record, or the end of the rest).
+_ADD_USABLE_UNTIL = "ALTER TABLE sessions ADD COLUMN usable_until REAL"
+_USABLE_UNTIL = "COALESCE(usable_until, expires_at)"
 _SLIDE_LABELS = {"store": "sqlite", "operation": "slide"}
 # Each bind also removes up to this many expired rows, so the table does not grow forever.
 _CLEANUP_BATCH = 32
@@ -71,6 +82,10 @@ def _created_column(data: Mapping[str, Any], now: float) -> float:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else now
 
 
+def _is_live_record(data: Mapping[str, Any]) -> bool:
+    return "schema" in data and not is_tombstone(data)
+
+
 class SQLiteStore(SessionStore):
     def __init__(self, url: str, settings: StoreSettings) -> None:
         self.settings = settings
@@ -86,8 +101,20 @@ class SQLiteStore(SessionStore):
             connection = self._connection()
             connection.execute("PRAGMA journal_mode=WAL")
             connection.executescript(_SCHEMA)  # idempotent; workers starting together wait on the lock
+            self._add_usable_until(connection)
         except (sqlite3.Error, OSError) as exc:
             raise StoreUnavailable(f"cannot open the SQLite store: {exc}") from None
+
+    @staticmethod
+    def _add_usable_until(connection: sqlite3.Connection) -> None:
+        columns = {row[1] for row in connection.execute("PRAGMA table_info(sessions)")}
+        if "usable_until" in columns:
+            return
+        try:
+            connection.execute(_ADD_USABLE_UNTIL)
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):  # another worker added it just now
+                raise
 
     # ---- connections ----
     def _connection(self) -> sqlite3.Connection:
@@ -117,26 +144,47 @@ class SQLiteStore(SessionStore):
             raise StoreUnavailable(f"SQLite: {exc}") from None
 
     # ---- the interface ----
-    def load(self, session_id: str, now: float) -> Loaded | None:
-        rows = self._read("SELECT data, expires_at FROM sessions WHERE id = ?", (session_id,))
-        if not rows:
-            return None
-        text, expires_at = rows[0]
-        if now >= expires_at:
-            return None
+    def _loaded(self, text: str, usable_until: float) -> Loaded:
         data = decode_record(text)
-        last_slide = expires_at - self.settings.idle_timeout
-        if not is_tombstone(data) and "schema" in data and now - last_slide >= self._slide:
-            self._slide_expiry(session_id, expires_at, now)
+        if _is_live_record(data):
+            return Loaded(data, usable_until - self.settings.idle_timeout)
         return Loaded(data)
 
-    def _slide_expiry(self, session_id: str, seen_expiry: float, now: float) -> None:
+    def load(self, session_id: str, now: float) -> Loaded | None:
+        rows = self._read(
+            f"SELECT data, expires_at, {_USABLE_UNTIL} FROM sessions WHERE id = ?", (session_id,)
+        )
+        if not rows:
+            return None
+        text, expires_at, usable_until = rows[0]
+        if now >= expires_at:
+            return None
+        loaded = self._loaded(text, usable_until)
+        last_seen = loaded.last_seen
+        idle = self.settings.idle_timeout
+        # Slide a live record's idle expiry, at most once per slide interval; never one already
+        # idle past it: that record is refused, not revived.
+        if last_seen is not None and now < last_seen + idle and now - last_seen >= self._slide:
+            self._slide_expiry(session_id, loaded.data, expires_at, usable_until, now)
+        return loaded
+
+    def _slide_expiry(
+        self, session_id: str, data: Mapping[str, Any], seen_end: float, seen_usable: float, now: float
+    ) -> None:
+        usable_until = now + self.settings.idle_timeout
         # Only if the row is the one just read: a tombstone written meanwhile keeps its expiry.
         try:
             with self._writing(self._connection()) as connection:
                 connection.execute(
-                    "UPDATE sessions SET expires_at = ? WHERE id = ? AND expires_at = ?",
-                    (now + self.settings.idle_timeout, session_id, seen_expiry),
+                    "UPDATE sessions SET usable_until = ?, expires_at = ?"
+                    f" WHERE id = ? AND expires_at = ? AND {_USABLE_UNTIL} = ?",
+                    (
+                        usable_until,
+                        kept_until(data, usable_until, self.settings),
+                        session_id,
+                        seen_end,
+                        seen_usable,
+                    ),
                 )
         except StoreUnavailable as exc:
             # The record was read; only its idle expiry did not move, so the check goes on.
@@ -146,7 +194,7 @@ class SQLiteStore(SessionStore):
 
     def _live_count_of(self, connection: sqlite3.Connection, owner: str, now: float) -> int:
         row = connection.execute(
-            "SELECT COUNT(*) FROM sessions WHERE owner = ? AND expires_at > ? AND created_at > ?",
+            f"SELECT COUNT(*) FROM sessions WHERE owner = ? AND {_USABLE_UNTIL} > ? AND created_at > ?",
             (owner, now, now - self.settings.ttl),
         ).fetchone()
         return int(row[0])
@@ -155,10 +203,11 @@ class SQLiteStore(SessionStore):
         owner = _owner_column(data)
         with self._writing(self._connection()) as connection:
             row = connection.execute(
-                "SELECT data, expires_at FROM sessions WHERE id = ?", (session_id,)
+                f"SELECT data, expires_at, {_USABLE_UNTIL} FROM sessions WHERE id = ?", (session_id,)
             ).fetchone()
             if row is not None and now < row[1]:
-                return Created(False, Loaded(decode_record(row[0])))
+                # Live, ended, or idle but kept: the id is taken either way.
+                return Created(False, self._loaded(row[0], row[2]))
             if owner and self._live_count_of(connection, owner, now) >= max_per_owner:
                 return Created(False, over_limit=True)
             connection.execute(
@@ -169,34 +218,45 @@ class SQLiteStore(SessionStore):
                 connection.execute("DELETE FROM sessions WHERE id = ? AND expires_at <= ?", (session_id, now))
             # Atomic bind: under the write transaction no other process can insert the id between
             # the read above and this insert; DO NOTHING keeps a winner's row should one exist.
+            usable_until = expiry_of(data, now, self.settings)
             inserted = connection.execute(
-                "INSERT INTO sessions (id, data, owner, created_at, expires_at) VALUES (?, ?, ?, ?, ?)"
-                " ON CONFLICT (id) DO NOTHING",
-                (session_id, encode_record(data), owner, _created_column(data, now), self._expiry(data, now)),
+                "INSERT INTO sessions (id, data, owner, created_at, expires_at, usable_until)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                (
+                    session_id,
+                    encode_record(data),
+                    owner,
+                    _created_column(data, now),
+                    kept_until(data, usable_until, self.settings),
+                    usable_until,
+                ),
             ).rowcount
             if inserted == 1:
                 return Created(True)
-            winner = connection.execute("SELECT data FROM sessions WHERE id = ?", (session_id,)).fetchone()
-            return Created(False, Loaded(decode_record(winner[0])))
+            winner = connection.execute(
+                f"SELECT data, {_USABLE_UNTIL} FROM sessions WHERE id = ?", (session_id,)
+            ).fetchone()
+            return Created(False, self._loaded(winner[0], winner[1]))
 
-    def _expiry(self, data: Mapping[str, Any], now: float) -> float:
-        return expiry_of(data, now, self.settings)
-
-    def _upsert(self, session_id: str, data: Mapping[str, Any], now: float, expires_at: float) -> None:
+    def _upsert(self, session_id: str, data: Mapping[str, Any], now: float, usable_until: float) -> None:
+        expires_at = kept_until(data, usable_until, self.settings)
         with self._writing(self._connection()) as connection:
             if expires_at <= now:
                 connection.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
                 return
             connection.execute(
-                "INSERT INTO sessions (id, data, owner, created_at, expires_at) VALUES (?, ?, ?, ?, ?)"
+                "INSERT INTO sessions (id, data, owner, created_at, expires_at, usable_until)"
+                " VALUES (?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (id) DO UPDATE SET data = excluded.data, owner = excluded.owner,"
-                " created_at = excluded.created_at, expires_at = excluded.expires_at",
+                " created_at = excluded.created_at, expires_at = excluded.expires_at,"
+                " usable_until = excluded.usable_until",
                 (
                     session_id,
                     encode_record(data),
                     _owner_column(data),
                     _created_column(data, now),
                     expires_at,
+                    usable_until,
                 ),
             )
 
@@ -212,7 +272,7 @@ class SQLiteStore(SessionStore):
 
     def scan(self, limit: int | None = None) -> Iterator[tuple[str, Mapping[str, Any]]]:
         rows = self._read(
-            "SELECT id, data FROM sessions WHERE expires_at > ? ORDER BY created_at LIMIT ?",
+            f"SELECT id, data FROM sessions WHERE {_USABLE_UNTIL} > ? ORDER BY created_at LIMIT ?",
             (time.time(), -1 if limit is None else limit),
         )
         for session_id, text in rows:
@@ -221,7 +281,7 @@ class SQLiteStore(SessionStore):
     def ids_of_owner(self, owner: str) -> list[str]:
         now = time.time()
         rows = self._read(
-            "SELECT id FROM sessions WHERE owner = ? AND expires_at > ? AND created_at > ?",
+            f"SELECT id FROM sessions WHERE owner = ? AND {_USABLE_UNTIL} > ? AND created_at > ?",
             (owner, now, now - self.settings.ttl),
         )
         return [row[0] for row in rows]

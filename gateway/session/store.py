@@ -3,12 +3,19 @@
 A store keeps session records (plain JSON-able mappings, see `gateway.session.record`)
 by session id. It knows nothing of policies: the lifecycle decides what a record means.
 
-Every store follows the same expiry rules, so the three answer alike (Redis natively,
-memory and SQLite by keeping an expiry time next to each record):
-- a live record leaves the store `idle_timeout` after its last use: it is then simply
-  absent, and its id is a new id. Its absolute `ttl` is judged from its `created_at`
-  by the lifecycle (`record.refusal`), which then writes an already-ended tombstone;
-- a tombstone (terminated: true) stays until its created_at + ttl and is never slid;
+Every store follows the same expiry rules, so the three answer alike:
+- a live record is usable until `idle_timeout` after its last use and until its
+  `created_at + ttl`. An id that was bound is never simply forgotten while the upstream
+  may still hold its session, or anyone presenting it later would get it bound to
+  themselves (a hijack): until at least `created_at + ttl` it answers 404
+  `session_expired`. Memory and SQLite keep an idle record until then and report its
+  `last_seen`, so the lifecycle (`record.refusal`) refuses it and writes an `expired`
+  tombstone; Redis lets the key expire natively after `idle_timeout` and keeps a small
+  marker for `ttl` from the bind, and a bind that finds the marker writes the `expired`
+  tombstone itself;
+- a tombstone (terminated: true) stays until its created_at + ttl and is never slid:
+  terminated and revoked ones keep the session's created_at, `expired` and `legacy` ones
+  are created when written, so they stay a whole ttl;
 - a raw record (write_raw: legacy data, migrations) stays for the ttl.
 Time is passed in by the caller; Redis uses its own clock for native expiry.
 """
@@ -28,8 +35,9 @@ class StoreUnavailable(Exception):
 @dataclass(frozen=True, slots=True)
 class Loaded:
     data: Mapping[str, Any]
-    # The last use before this one, for stores that judge idleness on read. The stores here
-    # expire idle records themselves (see the module docstring), so they leave it None.
+    # The last use before this one (approximately: see `slide_interval`), for a live record of
+    # a store that keeps idle records (memory, SQLite); `record.refusal` judges idleness from
+    # it. None for tombstones and raw records, and in Redis, where an idle key is gone.
     last_seen: float | None = None
 
 
@@ -64,7 +72,8 @@ def is_tombstone(data: Mapping[str, Any]) -> bool:
 
 
 def expiry_of(data: Mapping[str, Any], now: float, settings: StoreSettings) -> float:
-    """When a record written at `now` leaves the store (see the module docstring)."""
+    """Until when a record written at `now` is usable: a live record's idle expiry, the end of
+    a tombstone or of a raw record (see the module docstring)."""
     if is_tombstone(data):
         created_at = data.get("created_at")
         if isinstance(created_at, int | float) and not isinstance(created_at, bool):
@@ -75,6 +84,21 @@ def expiry_of(data: Mapping[str, Any], now: float, settings: StoreSettings) -> f
     return now + settings.idle_timeout
 
 
+def kept_until(data: Mapping[str, Any], usable_until: float, settings: StoreSettings) -> float:
+    """When a record usable until `usable_until` (its `expiry_of`) may leave a store that keeps
+    idle records (memory, SQLite): a live record stays at least until its created_at + ttl,
+    so that its id is refused rather than bound again; anything else when it stops being usable."""
+    created_at = data.get("created_at")
+    if (
+        is_tombstone(data)
+        or "schema" not in data
+        or not isinstance(created_at, int | float)
+        or isinstance(created_at, bool)
+    ):
+        return usable_until
+    return max(usable_until, float(created_at) + settings.ttl)
+
+
 class SessionStore(ABC):
     """What the gateway needs from a store. Every method may raise StoreUnavailable."""
 
@@ -82,9 +106,11 @@ class SessionStore(ABC):
 
     @abstractmethod
     def load(self, session_id: str, now: float) -> Loaded | None:
-        """The record, or None when there is none (never bound, or expired and gone).
+        """The record, or None when there is none (never bound, or ended long enough ago).
 
-        Loading a live record counts as use: it slides the idle expiry. Tombstones never slide.
+        Loading a live record counts as use: it slides the idle expiry, unless the record is
+        already idle past it (then `last_seen` tells, and it is not revived). Tombstones never
+        slide.
         """
 
     @abstractmethod
@@ -92,7 +118,9 @@ class SessionStore(ABC):
         """Store `data` only if no record exists for the id; atomic across replicas.
 
         When data["owner"] is non-empty and that owner already holds `max_per_owner` live
-        sessions, nothing is stored and `over_limit` is set.
+        sessions, nothing is stored and `over_limit` is set. When the id was bound before and
+        is idle past its timeout, nothing is bound: `existing` is that record (with its
+        `last_seen`), or an `expired` tombstone (Redis), which the lifecycle refuses.
         """
 
     @abstractmethod
@@ -109,11 +137,15 @@ class SessionStore(ABC):
 
     @abstractmethod
     def scan(self, limit: int | None = None) -> Iterator[tuple[str, Mapping[str, Any]]]:
-        """Every stored (id, record), tombstones included; for operators."""
+        """Every stored (id, record) that still counts, tombstones included; for operators.
+
+        A record idle past its timeout is left out (it is no longer a live session; the
+        next request with its id gets 404 session_expired)."""
 
     @abstractmethod
     def ids_of_owner(self, owner: str) -> list[str]:
-        """The ids of the live (not ended) sessions bound to an owner key; for revoke-subject."""
+        """The ids of the live (not ended, not idle) sessions bound to an owner key; for
+        revoke-subject."""
 
     def live_count(self) -> int | None:
         """How many records the store holds, when it can tell cheaply."""
