@@ -121,7 +121,7 @@ def variables_for(policy_set: PolicySet, with_session: bool) -> dict[str, Any]:
             owner=owner_key(ISSUER, "alice"),
             now=NOW - 600,
         )
-        variables["session"] = _session_variable(SESSION_ID, record, True)
+        variables["session"] = _session_variable(SESSION_ID, record, True, None)
     return variables
 
 
@@ -175,9 +175,14 @@ def measure_engine(engine: str, seconds: float, put: Callable[[str, str, float],
             for label, expr in expressions(policy):
                 put(label, engine, per_call_us(partial(expr.evaluate, activation), seconds))
     put(
-        "default policy: rules, fused (as served)",
+        "default policy: rules, fused (a new identity or session)",
         engine,
         per_call_us(lambda: judge(binding, lambda: activation, variables), seconds),
+    )
+    put(
+        "default policy: rules, remembered (steady traffic, as served)",
+        engine,
+        per_call_us(lambda: judge(binding, lambda: activation, variables, memo=default_set.memo), seconds),
     )
     put(
         "default policy: rules one by one",
