@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from functools import partial
@@ -31,14 +30,12 @@ from gateway.session.record import (
     owner_key,
     refusal,
     tombstone,
+    valid_session_id,
 )
 from gateway.session.store import SessionStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-# Visible ASCII (MCP's rule for session ids) without the comma: HTTP joins a repeated header
-# with commas, and an upstream may read only the first value of "victim-id,other".
-_SESSION_ID = re.compile(r"[\x21-\x2b\x2d-\x7e]+")
 NO_SESSION: Mapping[str, Any] = {"id": "", "exists": False, "anonymous": False}
 UPSTREAM_SUBJECT = "x-authz-subject"
 UPSTREAM_ISSUER = "x-authz-issuer"
@@ -320,7 +317,7 @@ class Authorizer:
         key = context.headers.get(header, "") if header else session_key(policy, engine.activation(variables))
         if not key:
             return None
-        if len(key) > self._sessions.max_id_length or not _SESSION_ID.fullmatch(key):
+        if not valid_session_id(key, self._sessions.max_id_length):
             return decision.deny(
                 decision.SESSION_ID_INVALID, policy=policy.name, error="malformed session id"
             )

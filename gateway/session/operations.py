@@ -8,16 +8,21 @@ alike. A revocation writes a `revoked` tombstone: later requests with the id get
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import decision
-from gateway.session.record import ENDED_REVOKED, has_legacy_fields, owner_key, refusal, tombstone
+from gateway.session.record import (
+    ENDED_REVOKED,
+    has_legacy_fields,
+    owner_key,
+    refusal,
+    tombstone,
+    valid_session_id,
+)
 from gateway.session.store import SessionStore
 
-_VISIBLE_ASCII = re.compile(r"^[\x21-\x7e]+$")
 DEFAULT_LIST_LIMIT = 1000
 
 STATE_LIVE = "live"
@@ -43,7 +48,7 @@ class SessionInfo:
 
 
 def validate_id(session_id: str, max_length: int = 256) -> str:
-    if not session_id or len(session_id) > max_length or not _VISIBLE_ASCII.match(session_id):
+    if not valid_session_id(session_id, max_length):
         raise InvalidSessionId(f"not a session id (visible ASCII 0x21-0x7E, at most {max_length} characters)")
     return session_id
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,6 +33,15 @@ _ENDED_REASON = {
 }
 # Tombstones that live a whole TTL from when they are written (see `tombstone`).
 _ENDS_NOW = frozenset({ENDED_EXPIRED, ENDED_REVOKED, ENDED_LEGACY})
+
+
+# Visible ASCII (MCP's rule for session ids) without the comma: HTTP joins a repeated header
+# with commas, and an upstream may read only the first value of "victim-id,other".
+_SESSION_ID = re.compile(r"[\x21-\x2b\x2d-\x7e]+")
+
+
+def valid_session_id(session_id: str, max_length: int) -> bool:
+    return 0 < len(session_id) <= max_length and _SESSION_ID.fullmatch(session_id) is not None
 
 
 def encode(data: Mapping[str, Any]) -> str:
