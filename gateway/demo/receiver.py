@@ -61,12 +61,13 @@ class SeenDecision:
         return bool(self.attributes.get("authz.session.new", False))
 
 
-def _value(value: common_pb2.AnyValue) -> Any:
+def any_value(value: common_pb2.AnyValue) -> Any:
+    """An OTLP AnyValue as the plain Python value it holds."""
     kind = value.WhichOneof("value")
     if kind == "array_value":
-        return [_value(v) for v in value.array_value.values]
+        return [any_value(v) for v in value.array_value.values]
     if kind == "kvlist_value":
-        return {kv.key: _value(kv.value) for kv in value.kvlist_value.values}
+        return {kv.key: any_value(kv.value) for kv in value.kvlist_value.values}
     return getattr(value, kind) if kind else None
 
 
@@ -107,7 +108,7 @@ class DecisionReceiver:
                         SeenDecision(
                             trace_id=span.trace_id.hex(),
                             start_ns=span.start_time_unix_nano,
-                            attributes={kv.key: _value(kv.value) for kv in span.attributes},
+                            attributes={kv.key: any_value(kv.value) for kv in span.attributes},
                             events=tuple(event.name for event in span.events),
                         )
                     )

@@ -17,14 +17,7 @@ import grpc
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-
-def _any_value(value: Any) -> Any:
-    kind = value.WhichOneof("value")
-    if kind == "array_value":
-        return [_any_value(v) for v in value.array_value.values]
-    if kind == "kvlist_value":
-        return {kv.key: _any_value(kv.value) for kv in value.kvlist_value.values}
-    return getattr(value, kind) if kind else None
+from gateway.demo.receiver import any_value
 
 
 @dataclass
@@ -132,7 +125,7 @@ class OtlpReceiver:
         points = []
         for request in requests:
             for resource_metrics in request.resource_metrics:
-                attrs = {kv.key: _any_value(kv.value) for kv in resource_metrics.resource.attributes}
+                attrs = {kv.key: any_value(kv.value) for kv in resource_metrics.resource.attributes}
                 if service is not None and attrs.get("service.name") != service:
                     continue
                 for scope_metrics in resource_metrics.scope_metrics:
@@ -141,7 +134,7 @@ class OtlpReceiver:
                             continue
                         data = getattr(metric, metric.WhichOneof("data"))
                         for point in data.data_points:
-                            points.append(({kv.key: _any_value(kv.value) for kv in point.attributes}, point))
+                            points.append(({kv.key: any_value(kv.value) for kv in point.attributes}, point))
         return points
 
     def all_bytes(self) -> bytes:
@@ -160,7 +153,7 @@ class OtlpReceiver:
             requests = list(self.trace_requests)
         for request in requests:
             for resource_spans in request.resource_spans:
-                attrs = {kv.key: _any_value(kv.value) for kv in resource_spans.resource.attributes}
+                attrs = {kv.key: any_value(kv.value) for kv in resource_spans.resource.attributes}
                 svc = str(attrs.get("service.name", ""))
                 if service is not None and svc != service:
                     continue
@@ -176,9 +169,9 @@ class OtlpReceiver:
                                 span_id=span.span_id.hex(),
                                 parent_span_id=span.parent_span_id.hex(),
                                 kind=span.kind,
-                                attributes={kv.key: _any_value(kv.value) for kv in span.attributes},
+                                attributes={kv.key: any_value(kv.value) for kv in span.attributes},
                                 events=[
-                                    (e.name, {kv.key: _any_value(kv.value) for kv in e.attributes})
+                                    (e.name, {kv.key: any_value(kv.value) for kv in e.attributes})
                                     for e in span.events
                                 ],
                                 status_code=span.status.code,
