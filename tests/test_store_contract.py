@@ -295,7 +295,8 @@ def test_idle_expiry_slides_with_use_then_the_id_is_refused_not_rebound(make: St
     now = time.time()
     loaded = h.store.load(session, now)
     assert loaded is not None and loaded.data["terminated"] is True and loaded.data["ended"] == "expired"
-    assert loaded.data["bound"] == {} and now - 5 < loaded.data["created_at"] <= now
+    # (The memory store keeps times to the centisecond, so allow that much rounding.)
+    assert loaded.data["bound"] == {} and now - 5 < loaded.data["created_at"] <= now + 0.01
     assert not h.store.create(session, record_for("bob", "i", now), now, 10).created
     # An operator's outright delete frees the id (the only way to, before the tombstone ends).
     assert h.store.delete(session)

@@ -31,11 +31,11 @@ def start(tmp_path: Path, issuer: TestIssuer, env: dict[str, str]) -> GatewayPro
 
 
 def resource_of(receiver: OtlpReceiver) -> dict[str, object]:
-    from tests.support.otlp import _any_value
+    from gateway.demo.receiver import any_value
 
     request = receiver.trace_requests[0] if receiver.trace_requests else receiver.metric_requests[0]
     groups = request.resource_spans if receiver.trace_requests else request.resource_metrics
-    return {kv.key: _any_value(kv.value) for kv in groups[0].resource.attributes}
+    return {kv.key: any_value(kv.value) for kv in groups[0].resource.attributes}
 
 
 def test_default_service_name(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -53,6 +53,19 @@ def serve(config: Config, *, reuse_port: bool = False, admin: bool = True) -> in
     from gateway.session.admin_api import start_session_admin
 
     gateway = build_gateway(config, reuse_port=reuse_port)
+    stop = threading.Event()
+
+    def on_stop(signum: int, _frame: Any) -> None:
+        log.info("signal %d: finishing in-flight checks", signum)
+        stop.set()
+
+    def on_reload(_signum: int, _frame: Any) -> None:
+        threading.Thread(target=gateway.reload_policies, name="sighup-reload", daemon=True).start()
+
+    # Before serving: a SIGTERM that comes as soon as the port answers still stops cleanly.
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_reload)
     port = gateway.start()
     # Everything built so far (modules, policies, keys) lives as long as the process: keep
     # it out of the cyclic collector's way, so that collecting a check's garbage stays cheap.
@@ -68,18 +81,6 @@ def serve(config: Config, *, reuse_port: bool = False, admin: bool = True) -> in
         gateway.policy_dir,
         config.store.split("://")[0] + "://",
     )
-    stop = threading.Event()
-
-    def on_stop(signum: int, _frame: Any) -> None:
-        log.info("signal %d: finishing in-flight checks", signum)
-        stop.set()
-
-    def on_reload(_signum: int, _frame: Any) -> None:
-        threading.Thread(target=gateway.reload_policies, name="sighup-reload", daemon=True).start()
-
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, on_reload)
     stop.wait()
     watcher.stop()
     if admin_server is not None:
