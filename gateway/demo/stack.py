@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -62,12 +63,16 @@ def example_envoy_config() -> str:
 
 def envoy_config(ports: dict[str, int]) -> str:
     text = example_envoy_config()
-    for name, example_port in EXAMPLE_PORTS.items():
-        marker = f"port_value: {example_port}"
-        if text.count(marker) != 1:
-            raise StartError(f"the example Envoy config no longer has exactly one {marker!r}")
-        text = text.replace(marker, f"port_value: {ports[name]}")
-    return text
+    by_example_port = {str(example_port): ports[name] for name, example_port in EXAMPLE_PORTS.items()}
+    pattern = re.compile(r"port_value: (\d+)\b")
+    found = [m.group(1) for m in pattern.finditer(text) if m.group(1) in by_example_port]
+    for example_port in by_example_port:
+        if found.count(example_port) != 1:
+            raise StartError(
+                f"the example Envoy config no longer has exactly one 'port_value: {example_port}'"
+            )
+    # All at once, so a new port (say 43175) is never mistaken for an example one (4317).
+    return pattern.sub(lambda m: f"port_value: {by_example_port.get(m.group(1), m.group(1))}", text)
 
 
 def _die_with_parent() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -236,9 +237,13 @@ def envoy_config(
     More gateway ports become more endpoints of the ext_authz cluster.
     """
     text = template.read_text()
-    text = text.replace("port_value: 10000", f"port_value: {listener_port}")
-    text = text.replace("port_value: 9901", f"port_value: {admin_port}")
-    text = text.replace("port_value: 8080", f"port_value: {upstream_port}")
+    # Extras first, while every other port is still the example's: a new port (say 43175)
+    # must never be mistaken for an example one (4317).
+    for old, new in (extra or {}).items():
+        text = text.replace(old, new)
+    text = re.sub(r"port_value: 10000\b", f"port_value: {listener_port}", text)
+    text = re.sub(r"port_value: 9901\b", f"port_value: {admin_port}", text)
+    text = re.sub(r"port_value: 8080\b", f"port_value: {upstream_port}", text)
     first, *others = gateway_ports
     marker = "port_value: 9191"
     if others:
@@ -249,9 +254,7 @@ def envoy_config(
         indent = " " * (len(text[:endpoint_start]) - len(text[:endpoint_start].rstrip(" ")))
         text = text.replace(endpoint_block, ("\n" + indent).join(blocks))
     else:
-        text = text.replace(marker, f"port_value: {first}")
-    for old, new in (extra or {}).items():
-        text = text.replace(old, new)
+        text = re.sub(r"port_value: 9191\b", f"port_value: {first}", text)
     return text
 
 
