@@ -69,7 +69,8 @@ def test_demo_tells_the_whole_story_and_exits_0(tmp_path: Path) -> None:
     ):
         assert line in stdout, f"missing {line!r} in:\n{stdout}"
     # The gateway's own reasons, one decision per line, as the spans said.
-    assert re.search(r"POST notifications/initialized +allow +allowed +\(new session", stdout)
+    assert re.search(r"POST notifications/initialized +allow +allowed\n", stdout)
+    assert stdout.count("(the new session id is now bound to the token's iss+sub)") == 2
     assert re.search(r"POST tools/call whoami +allow +allowed", stdout)
     assert re.search(r"POST tools/call whoami +deny 404 +subject_mismatch", stdout)
     assert re.search(r"DELETE +allow +allowed", stdout)
