@@ -84,6 +84,22 @@ def gateway_env(receiver: OtlpReceiver) -> dict[str, str]:
     }
 
 
+def behind_envoy(
+    config: dict[str, Any], work: Path, receiver: OtlpReceiver, started: list[Any]
+) -> tuple[GatewayProcess, McpUpstream, Any, int]:
+    """The gateway, an MCP upstream and Envoy in front of both, all exporting to `receiver`;
+    each is appended to `started` as soon as it runs, so the caller stops what did start."""
+    gateway = GatewayProcess(config, work, env=gateway_env(receiver))
+    started.append(gateway)
+    upstream = McpUpstream(free_port())
+    started.append(upstream)
+    envoy, listener_port = start_envoy(
+        work, [gateway.port], upstream.port, extra={"port_value: 4317": f"port_value: {receiver.port}"}
+    )
+    started.append(envoy)
+    return gateway, upstream, envoy, listener_port
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("mcp-e2e")
@@ -101,14 +117,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 "jwks_cooldown": "0s",  # an unknown kid refetches at once
             },
         }
-        gateway = GatewayProcess(config, work, env=gateway_env(receiver))
-        started.append(gateway)
-        upstream = McpUpstream(free_port())
-        started.append(upstream)
-        envoy, listener_port = start_envoy(
-            work, [gateway.port], upstream.port, extra={"port_value: 4317": f"port_value: {receiver.port}"}
-        )
-        started.append(envoy)
+        gateway, upstream, envoy, listener_port = behind_envoy(config, work, receiver, started)
         yield Stack(
             f"http://127.0.0.1:{listener_port}/mcp", idp, rotating_idp, receiver, upstream, gateway, envoy
         )
@@ -438,14 +447,7 @@ def modern(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModernStack]:
             "store": "memory://",
             "auth": {"issuers": [idp.issuer_config()]},
         }
-        gateway = GatewayProcess(config, work, env=gateway_env(receiver))
-        started.append(gateway)
-        upstream = McpUpstream(free_port())
-        started.append(upstream)
-        envoy, listener_port = start_envoy(
-            work, [gateway.port], upstream.port, extra={"port_value: 4317": f"port_value: {receiver.port}"}
-        )
-        started.append(envoy)
+        _, upstream, _, listener_port = behind_envoy(config, work, receiver, started)
         yield ModernStack(f"http://127.0.0.1:{listener_port}/mcp", idp, receiver, upstream)
     finally:
         for part in reversed(started):

@@ -79,7 +79,6 @@ def _number(claims: Mapping[str, Any], name: str) -> float | None:
     return float(value)
 
 
-# identity, issuer, kid, and the key set it was verified with
 # identity, issuer, kid, the key set that verified it, and the window [valid_from,
 # valid_until] in which its time claims pass (leeway included), so a cache hit is two
 # comparisons.

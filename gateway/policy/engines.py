@@ -51,7 +51,7 @@ class Engine(Protocol):
 _LOCATED = re.compile(r"<input>:(\d+):(\d+): (.*)")
 
 
-def _check_result(value: Any, expect: Expect, source: str) -> Any:
+def _check_result(value: Any, expect: Expect) -> Any:
     if expect == "bool" and value is not True and value is not False:
         raise EvaluationError(f"expected a bool, got {type(value).__name__}")
     if expect == "string" and not isinstance(value, str):
@@ -76,7 +76,7 @@ class _NativeExpression:
             return value
         if result.type().name() == "ERROR":
             raise EvaluationError(str(result))
-        return _check_result(value, self._expect, self.source)
+        return _check_result(value, self._expect)
 
 
 class NativeEngine:
@@ -148,7 +148,7 @@ class _CelpyExpression:
             raise EvaluationError(f"{type(exc).__name__}: {exc}") from None
         if isinstance(result, CELEvalError):
             raise EvaluationError(str(result.args[0] if result.args else result))
-        return _check_result(_to_python(result), self._expect, self.source)
+        return _check_result(_to_python(result), self._expect)
 
 
 def _to_python(value: Any) -> Any:

@@ -129,17 +129,6 @@ def has_legacy_fields(data: Mapping[str, Any], depth: int = 0) -> bool:
     return False
 
 
-def is_live(data: Mapping[str, Any], now: float, ttl: float) -> bool:
-    """A current-schema record that is neither ended nor past its TTL (for the per-identity cap)."""
-    created_at = data.get("created_at")
-    return (
-        data.get("schema") == SCHEMA_VERSION
-        and not data.get("terminated", False)
-        and isinstance(created_at, int | float)
-        and now < created_at + ttl
-    )
-
-
 def refusal(
     data: Mapping[str, Any], last_seen: float | None, now: float, ttl: float, idle: float
 ) -> str | None:
