@@ -20,9 +20,10 @@ from gateway import decision
 from gateway.config import AuthConfig, SessionConfig
 from gateway.decision import AuditDeny, Decision
 from gateway.identity.verifier import ANONYMOUS_AUTH_MAP, Identity, TokenRejected, TokenVerifier, bearer_token
+from gateway.mcp import NOT_MCP, McpCall
 from gateway.policy.evaluate import PolicyFailure, Tracer, applies, bind_values, judge, session_key
 from gateway.policy.model import Policy, PolicySet
-from gateway.request import RequestContext
+from gateway.request import RequestContext, RequestError
 from gateway.session.record import (
     ENDED_TERMINATED,
     needs_tombstone,
@@ -127,6 +128,21 @@ class _Activations:
         return self._engine.activation(data)
 
 
+def _unreadable(policy_set: PolicySet, context: RequestContext, reads_mcp: bool) -> Decision | None:
+    """The refusal of a body the gateway cannot judge exactly as the server would read it."""
+    if context.body_partial:
+        reader = next((p.name for p in policy_set.policies if p.uses_body), "")
+        message = "a policy reads the body, and Envoy sent only part of it"
+        return decision.deny(decision.REQUEST_BODY_PARTIAL, policy=reader, error=message)
+    try:
+        context.check_body_readable()
+        if reads_mcp:
+            context.mcp_calls  # noqa: B018 - parsed here so that a refusal comes first
+    except RequestError as exc:
+        return decision.deny(exc.reason, error=str(exc))
+    return None
+
+
 class Authorizer:
     def __init__(
         self,
@@ -191,6 +207,13 @@ class Authorizer:
         policy_set = self.policies.current
         engine = _Activations(policy_set)
         reads = policy_set.reads
+        unreadable: Decision | None = None
+        if policy_set.uses_body or "mcp" in reads:
+            # Before any policy: one that cannot read the body must not be skipped by a `when`
+            # that saw an empty MCP view, while a lenient server reads the body as a call.
+            unreadable = _unreadable(policy_set, context, "mcp" in reads)
+            if unreadable is not None and any(p.uses_body and not p.audit for p in policy_set.policies):
+                return unreadable
         variables: dict[str, Any] = {
             "claims": identity.claims if identity else {},
             "auth": identity.auth_map if identity else ANONYMOUS_AUTH_MAP,
@@ -203,8 +226,12 @@ class Authorizer:
                 message = "a query parameter is repeated, and a policy reads the query"
                 return decision.deny(decision.REQUEST_INVALID, error=message)
             variables["request"] = context.request_map(fields)
-        if "mcp" in reads:
+        # Only audit policies read a body that cannot be read: they record the refusal below.
+        readable_calls = unreadable is None and "mcp" in reads
+        if readable_calls:
             variables["mcp"] = context.mcp.as_cel()
+        elif "mcp" in reads:
+            variables["mcp"] = NOT_MCP.as_cel()
         if "source" in reads:
             variables["source"] = {"address": context.source_address, "principal": context.source_principal}
         if "now" in reads:
@@ -215,7 +242,12 @@ class Authorizer:
         session_new = False
         # A batch passes only if every call in it passes, each judged on its own. Policies
         # that never read `mcp` judge the request once, and the body is never parsed.
-        calls = context.mcp_calls if "mcp" in reads or trace is not None else (None,)
+        if readable_calls:
+            calls: tuple[McpCall | None, ...] = context.mcp_calls
+        elif trace is not None:
+            calls = (context.mcp_for_telemetry(),)
+        else:
+            calls = (None,)
         for call in calls:
             if call is not None and call is not context.mcp:
                 variables["mcp"] = call.as_cel()
@@ -225,13 +257,9 @@ class Authorizer:
             # expression needs the variables without a session, and then once.
             shared = _Once(partial(engine.activation, variables))
             for policy in policy_set.policies:
-                # Before `when`: a `when` that reads a cut-short body could skip the policy.
-                if context.body_partial and policy.uses_body:
-                    return decision.deny(
-                        decision.REQUEST_BODY_PARTIAL,
-                        policy=policy.name,
-                        error="the policy reads the body, and Envoy sent only part of it",
-                    )
+                if unreadable is not None and policy.uses_body:
+                    audits.append(AuditDeny(policy.name, "", unreadable.reason, unreadable.status))
+                    continue
                 session: _Session | None = None
                 try:
                     if policy.when is not None and not applies(policy, shared(), trace):

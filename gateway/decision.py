@@ -28,6 +28,7 @@ STORE_UNAVAILABLE = "store_unavailable"
 INTERNAL_ERROR = "internal_error"
 # Added by this implementation (README, Responses): DESIGN.md §4 does not list them.
 REQUEST_INVALID = "request_invalid"
+REQUEST_UNPARSEABLE = "request_unparseable"
 REQUEST_BODY_PARTIAL = "request_body_partial"
 MCP_HEADER_MISMATCH = "mcp_header_mismatch"
 
@@ -49,6 +50,7 @@ STATUS_OF: dict[str, int] = {
     STORE_UNAVAILABLE: 503,
     INTERNAL_ERROR: 500,
     REQUEST_INVALID: 400,
+    REQUEST_UNPARSEABLE: 400,
     REQUEST_BODY_PARTIAL: 413,
     MCP_HEADER_MISMATCH: 400,
 }

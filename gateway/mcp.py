@@ -1,15 +1,30 @@
 """The MCP view of a request: which JSON-RPC method, and which tool, prompt or resource.
 
 It reads the JSON-RPC body when Envoy forwards one, and the `Mcp-Method` / `Mcp-Name`
-headers that MCP 2026-07-28 clients send on session-less requests. A body that is not
-JSON-RPC leaves the view empty; that is not an error.
+headers that MCP 2026-07-28 clients send on session-less requests.
+
+The view is read strictly: a body that some server could run as a call, but that the
+gateway cannot read exactly as every server would, raises `Unparseable` instead of
+yielding an empty view. An empty view would let a policy keyed on `mcp.method` skip the
+request while a lenient upstream parser runs the call (an encoded body, a BOM, another
+charset, duplicate keys, absurd nesting or numbers).
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from gateway.text import safe_text
+
+# Bounds on what the gateway agrees to judge. Legitimate MCP messages stay far below them;
+# parsers disagree beyond them (recursion limits, big-number handling).
+MAX_DEPTH = 64
+MAX_NUMBER_LENGTH = 100
+_JSON_MEDIA_SUFFIX = "+json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,55 +44,170 @@ class McpHeaderMismatch(ValueError):
     """The Mcp-Method or Mcp-Name header says something other than the body."""
 
 
-def _call_from_message(message: Any, protocol_version: str) -> McpCall | None:
+class Unparseable(ValueError):
+    """The body may be a call, but the gateway cannot read it exactly as a server would."""
+
+
+class UnsafeText(ValueError):
+    """A string holds a NUL or a lone surrogate: no CEL engine may see it."""
+
+
+def media_type(headers: Mapping[str, str]) -> tuple[str, str | None]:
+    """The lower-case media type of Content-Type, and its charset parameter if any."""
+    value = headers.get("content-type", "")
+    kind, _, parameters = value.partition(";")
+    charset = None
+    for parameter in parameters.split(";"):
+        key, _, raw = parameter.partition("=")
+        if key.strip().lower() == "charset":
+            charset = raw.strip().strip('"').strip().lower()
+    return kind.strip().lower(), charset
+
+
+def is_json_media(kind: str) -> bool:
+    if kind == "application/json":
+        return True
+    return kind.startswith("application/") and kind.endswith(_JSON_MEDIA_SUFFIX)
+
+
+def _looks_like_json(body: str) -> bool:
+    # Any leading character a parser might skip (whitespace of every kind, controls, a BOM)
+    # is skipped here too, so a lenient parser cannot see an object where this sees text.
+    for character in body:
+        if character in "{[":
+            return True
+        if not (character.isspace() or ord(character) < 0x20 or character in "\ufeff\x7f"):
+            return False
+    return False
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        # Parsers disagree on which of two equal keys counts (first or last).
+        raise Unparseable("a JSON object repeats a key")
+    return result
+
+
+def _number(text: str) -> float | int:
+    if len(text) > MAX_NUMBER_LENGTH:
+        raise Unparseable(f"a JSON number is longer than {MAX_NUMBER_LENGTH} characters")
+    if "." in text or "e" in text or "E" in text:
+        value = float(text)
+        if not math.isfinite(value):
+            raise Unparseable("a JSON number is out of range")
+        return value
+    return int(text)
+
+
+def _constant(text: str) -> Any:
+    raise Unparseable(f"{text} is not JSON")
+
+
+def _check_values(message: Any) -> None:
+    """Depth within MAX_DEPTH, and every string (keys too) safe for the engines."""
+    stack: list[tuple[Any, int]] = [(message, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise Unparseable(f"the JSON nests deeper than {MAX_DEPTH}")
+        if isinstance(value, str):
+            if not safe_text(value):
+                raise UnsafeText("a JSON string holds a NUL or a lone surrogate")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if not safe_text(key):
+                    raise UnsafeText("a JSON key holds a NUL or a lone surrogate")
+                stack.append((item, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
+
+
+def _load(body: str) -> Any:
+    try:
+        message = json.loads(
+            body, object_pairs_hook=_pairs, parse_int=_number, parse_float=_number, parse_constant=_constant
+        )
+    except RecursionError:
+        raise Unparseable(f"the JSON nests deeper than {MAX_DEPTH}") from None
+    except Unparseable:
+        raise
+    except ValueError:
+        raise Unparseable("the body is not valid JSON") from None
+    _check_values(message)
+    return message
+
+
+def _string_param(params: Mapping[str, Any], key: str, method: str) -> str:
+    value = params.get(key, "")
+    if not isinstance(value, str):
+        raise Unparseable(f"{method}: params.{key} is not a string")
+    return value
+
+
+def _call_from_message(message: Any, protocol_version: str) -> McpCall:
     if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
-        return None
-    method = message.get("method")
+        raise Unparseable("not a JSON-RPC 2.0 message")
+    if "id" in message and not isinstance(message["id"], str | int | float | None):
+        raise Unparseable("the JSON-RPC id is not a string or a number")
+    if "method" not in message:
+        if "result" in message or "error" in message:
+            # A JSON-RPC response sent by a client: no method to authorize.
+            return McpCall(protocol_version=protocol_version)
+        raise Unparseable("a JSON-RPC message with neither a method nor a result")
+    method = message["method"]
     if not isinstance(method, str):
-        # A JSON-RPC response or error sent by a client: no method to authorize.
-        return McpCall(protocol_version=protocol_version)
+        raise Unparseable("the JSON-RPC method is not a string")
     params = message.get("params")
-    name = ""
-    if isinstance(params, dict):
-        # What the server acts on: resources are named by uri (a `name` beside it is ignored
-        # by the SDKs, so it must not be what a policy sees); tools and prompts by name.
-        if method.startswith("resources/"):
-            candidate = params.get("uri", "")
-        else:
-            candidate = params.get("name", params.get("uri", ""))
-        name = candidate if isinstance(candidate, str) else ""
-        if method == "initialize" and not protocol_version:
-            version = params.get("protocolVersion", "")
-            protocol_version = version if isinstance(version, str) else ""
+    if params is None:
+        params = {}
+    if isinstance(params, list):
+        # By-position params name no tool the gateway could judge; MCP never sends them.
+        raise Unparseable("JSON-RPC params by position")
+    if not isinstance(params, dict):
+        raise Unparseable("the JSON-RPC params are not an object")
+    # What the server acts on: resources are named by uri (a `name` beside it is ignored by
+    # the SDKs, so it must not be what a policy sees); tools and prompts by name.
+    if method.startswith("resources/"):
+        name = _string_param(params, "uri", method)
+    elif "name" in params:
+        name = _string_param(params, "name", method)
+    else:
+        name = _string_param(params, "uri", method)
+    if method == "initialize" and not protocol_version:
+        version = params.get("protocolVersion", "")
+        protocol_version = version if isinstance(version, str) else ""
     return McpCall(method, name, protocol_version)
 
 
-def parse_body(body: str, protocol_version: str) -> tuple[McpCall, ...]:
-    """The calls in a JSON-RPC body: one, several for a batch, none when it is not JSON-RPC."""
-    stripped = body.lstrip()
-    if not stripped or stripped[0] not in "[{":
+def parse_body(headers: Mapping[str, str], body: str, protocol_version: str) -> tuple[McpCall, ...]:
+    """The calls in a body: one, several for a batch, none when it cannot be a call.
+
+    Raises Unparseable when it may be a call that the gateway cannot read exactly, and
+    UnsafeText when it holds a string no engine may see.
+    """
+    kind, _ = media_type(headers)
+    if not is_json_media(kind):
+        # Some servers parse JSON whatever the Content-Type says; judging the body as "not
+        # MCP" would let them run a call that no policy saw.
+        if _looks_like_json(body):
+            raise Unparseable(f"a JSON body sent as {kind or 'no content type'}")
         return ()
-    try:
-        # Duplicate keys resolve last-wins here, as in the MCP SDKs' parsers (pydantic/jiter,
-        # JSON.parse), so both sides read the same method and name.
-        message = json.loads(stripped)
-    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
-        return ()
-    if not isinstance(message, list):
-        call = _call_from_message(message, protocol_version)
-        return () if call is None else (call,)
-    # In a batch, an element that is not JSON-RPC must not hide the others: each valid call
-    # is judged, and the invalid ones count as calls that are not MCP.
-    calls = tuple(_call_from_message(item, protocol_version) or NOT_MCP for item in message)
-    return calls if any(call is not NOT_MCP for call in calls) else ()
+    message = _load(body)
+    if isinstance(message, list):
+        if not message:
+            raise Unparseable("an empty JSON-RPC batch")
+        # Each call of a batch is judged on its own; one the gateway cannot read refuses all.
+        return tuple(_call_from_message(item, protocol_version) for item in message)
+    return (_call_from_message(message, protocol_version),)
 
 
-def mcp_view(headers: dict[str, str], body: str) -> tuple[McpCall, ...]:
+def mcp_view(headers: Mapping[str, str], body: str) -> tuple[McpCall, ...]:
     """Every call the request makes; at least one element (NOT_MCP when it is not MCP)."""
     protocol_version = headers.get("mcp-protocol-version", "")
     header_method = headers.get("mcp-method")
     header_name = headers.get("mcp-name")
-    calls = parse_body(body, protocol_version) if body else ()
+    calls = parse_body(headers, body, protocol_version) if body else ()
     if calls:
         if header_method is not None or header_name is not None:
             if len(calls) != 1:

@@ -11,7 +11,16 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from gateway import decision
-from gateway.mcp import McpCall, McpHeaderMismatch, mcp_view
+from gateway.mcp import (
+    NOT_MCP,
+    McpCall,
+    McpHeaderMismatch,
+    Unparseable,
+    UnsafeText,
+    mcp_view,
+    media_type,
+)
+from gateway.text import safe_text
 
 PARTIAL_BODY_HEADER = "x-envoy-auth-partial-body"
 _REQUEST_FIELDS = frozenset({"method", "path", "query", "host", "scheme", "headers", "body", "id"})
@@ -37,22 +46,45 @@ class RequestContext:
     body: str = ""
     id: str = ""
     body_partial: bool = False
+    # Envoy sent the body in the text field, where it has replaced every byte that is not
+    # UTF-8 with "!": only the `raw_body` of `pack_as_bytes: true` is exactly what the
+    # server receives.
+    body_is_text: bool = False
     source_address: str = ""
     source_principal: str = ""
     context_extensions: dict[str, str] = field(default_factory=dict)
-    # None: not parsed yet. The body is parsed on first use, as most checks never need it.
-    parsed_mcp: tuple[McpCall, ...] | None = None
+    # None: not parsed yet. The body is parsed on first use, as most checks never need it;
+    # a RequestError: it cannot be judged, and every use refuses the request.
+    parsed_mcp: tuple[McpCall, ...] | RequestError | None = None
 
     @property
     def mcp_calls(self) -> tuple[McpCall, ...]:
-        """Every call the request makes (a batch has several); at least one element."""
+        """Every call the request makes (a batch has several); at least one element.
+
+        Raises RequestError when the body cannot be read exactly as a server would.
+        """
         if self.parsed_mcp is None:
-            self.parsed_mcp = mcp_view(self.headers, self.body)
+            self.parsed_mcp = _judged_calls(self)
+        if isinstance(self.parsed_mcp, RequestError):
+            raise self.parsed_mcp
         return self.parsed_mcp
 
     @property
     def mcp(self) -> McpCall:
         return self.mcp_calls[0]
+
+    def mcp_for_telemetry(self) -> McpCall:
+        """The first call for a span's attributes; NOT_MCP when the body cannot be judged."""
+        try:
+            return self.mcp
+        except RequestError:
+            return NOT_MCP
+
+    def check_body_readable(self) -> None:
+        """Raises RequestError unless the body is exactly the text a server would read."""
+        problem = _body_problem(self)
+        if problem is not None:
+            raise problem
 
     def request_map(self, fields: frozenset[str] | None = None) -> dict[str, Any]:
         """The `request` variable that policies see; only `fields` when given.
@@ -83,6 +115,51 @@ class RequestContext:
         if "id" in fields:
             result["id"] = self.id
         return result
+
+
+def _body_problem(context: RequestContext) -> RequestError | None:
+    headers = context.headers
+    body = context.body
+    if not body:
+        declared = headers.get("content-length", "0").strip()
+        if declared not in ("", "0") or "transfer-encoding" in headers:
+            # Envoy was not configured to send the body (with_request_body), or sent none.
+            return RequestError(decision.REQUEST_UNPARSEABLE, "the request has a body, and Envoy sent none")
+        return None
+    encoding = headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        return RequestError(decision.REQUEST_UNPARSEABLE, "the body is encoded (Content-Encoding)")
+    _, charset = media_type(headers)
+    if charset is not None and charset not in ("utf-8", "utf8"):
+        return RequestError(decision.REQUEST_UNPARSEABLE, "the body's charset is not UTF-8")
+    if body[0] == "\ufeff":
+        return RequestError(decision.REQUEST_UNPARSEABLE, "the body starts with a byte order mark")
+    if context.body_is_text and "!" in body:
+        message = "Envoy sent the body as text, where '!' may stand for bytes that are not UTF-8"
+        return RequestError(decision.REQUEST_UNPARSEABLE, message + " (set with_request_body.pack_as_bytes)")
+    if not safe_text(body):
+        return RequestError(decision.REQUEST_INVALID, "the body holds a NUL")
+    return None
+
+
+def _judged_calls(context: RequestContext) -> tuple[McpCall, ...] | RequestError:
+    problem = _body_problem(context)
+    if problem is not None:
+        return problem
+    try:
+        return mcp_view(context.headers, context.body)
+    except Unparseable as exc:
+        return RequestError(decision.REQUEST_UNPARSEABLE, str(exc))
+    except UnsafeText as exc:
+        return RequestError(decision.REQUEST_INVALID, str(exc))
+    except McpHeaderMismatch as exc:
+        return RequestError(decision.MCP_HEADER_MISMATCH, str(exc))
+
+
+def judge_mcp(check_request: Any, max_bytes: int = 64 * 1024) -> tuple[McpCall, ...]:
+    """The calls the gateway judges in a CheckRequest, for a policy that reads the MCP view;
+    raises RequestError with the reason it would refuse the request."""
+    return from_check_request(check_request, max_bytes).mcp_calls
 
 
 _SECRET_HEADERS = ("authorization", "mcp-session-id", "cookie")
@@ -125,18 +202,36 @@ def _header_dict(http: Any, max_bytes: int) -> dict[str, str]:
     return headers
 
 
-def _body(http: Any, max_bytes: int) -> str:
+def _body(http: Any, max_bytes: int) -> tuple[str, bool]:
+    """The body, and whether it came as text (with bytes that are not UTF-8 replaced)."""
     if http.raw_body:
         if len(http.raw_body) > max_bytes:
             raise RequestError(decision.REQUEST_INVALID, f"body exceeds {max_bytes} bytes")
         try:
-            return str(http.raw_body.decode("utf-8"))
+            return str(http.raw_body.decode("utf-8")), False
         except UnicodeDecodeError:
             raise RequestError(decision.REQUEST_INVALID, "the request body is not UTF-8") from None
     body = str(http.body)
     if len(body) > max_bytes:
         raise RequestError(decision.REQUEST_INVALID, f"body exceeds {max_bytes} bytes")
-    return body
+    return body, bool(body)
+
+
+def _query(query_string: str) -> tuple[dict[str, str], bool]:
+    try:
+        # Strict: a %-escape that is not UTF-8 would be read as U+FFFD here and as its bytes
+        # by the server.
+        pairs = parse_qsl(query_string, keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        raise RequestError(decision.REQUEST_INVALID, "a query parameter is not UTF-8") from None
+    query = dict(pairs)
+    return query, len(query) != len(pairs)
+
+
+def _refuse_unsafe_text(*texts: str) -> None:
+    # The native CEL engine cuts a string at its first NUL: no such value may reach a policy.
+    if not safe_text("".join(texts)):
+        raise RequestError(decision.REQUEST_INVALID, "a request value holds a NUL or a lone surrogate")
 
 
 def from_check_request(check_request: Any, max_bytes: int = 64 * 1024) -> RequestContext:
@@ -150,22 +245,20 @@ def from_check_request(check_request: Any, max_bytes: int = 64 * 1024) -> Reques
     if not http.method:
         raise RequestError(decision.REQUEST_INVALID, "the HTTP request has no method")
     headers = _header_dict(http, max_bytes)
-    body = _body(http, max_bytes)
+    body, body_is_text = _body(http, max_bytes)
     path, _, query_string = (http.path or headers.get(":path", "/")).partition("?")
     query: dict[str, str] = {}
     query_repeated = False
     if query_string:
-        pairs = parse_qsl(query_string, keep_blank_values=True)
-        query = dict(pairs)
-        query_repeated = len(query) != len(pairs)
-    mcp_calls = None
-    if "mcp-method" in headers or "mcp-name" in headers:
-        # Headers that must agree with the body are checked now, so a mismatch always denies.
-        try:
-            mcp_calls = mcp_view(headers, body)
-        except McpHeaderMismatch as exc:
-            raise RequestError(decision.MCP_HEADER_MISMATCH, str(exc)) from None
-    return RequestContext(
+        query, query_repeated = _query(query_string)
+    extensions = dict(attributes.context_extensions)
+    principal = attributes.source.principal
+    # The body is checked where a policy reads it (RequestContext.check_body_readable).
+    _refuse_unsafe_text(
+        http.method, path, http.host, http.scheme, http.id, principal,
+        *headers, *headers.values(), *query, *query.values(), *extensions, *extensions.values(),
+    )
+    context = RequestContext(
         method=http.method.upper(),
         path=path,
         headers=headers,
@@ -176,8 +269,15 @@ def from_check_request(check_request: Any, max_bytes: int = 64 * 1024) -> Reques
         body=body,
         id=http.id,
         body_partial=headers.get(PARTIAL_BODY_HEADER, "").lower() == "true",
+        body_is_text=body_is_text,
         source_address=attributes.source.address.socket_address.address,
-        source_principal=attributes.source.principal,
-        context_extensions=dict(attributes.context_extensions),
-        parsed_mcp=mcp_calls,
+        source_principal=principal,
+        context_extensions=extensions,
     )
+    if "mcp-method" in headers or "mcp-name" in headers:
+        # Headers that must agree with the body are checked now, so a mismatch always denies;
+        # a body that cannot be judged refuses only where a policy reads it.
+        judged = context.parsed_mcp = _judged_calls(context)
+        if isinstance(judged, RequestError) and judged.reason == decision.MCP_HEADER_MISMATCH:
+            raise judged
+    return context

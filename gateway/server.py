@@ -8,6 +8,7 @@ turns the decision into a CheckResponse and one span. Anything unexpected become
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -48,6 +49,38 @@ def _lenient_parse(data: bytes) -> external_auth_pb2.CheckRequest:
         return UNPARSABLE
 
 
+class FailureLog:
+    """One log line per distinct cause of an internal error, at most once per `every` seconds.
+
+    A cause is the exception's type and the line that raised it. Neither the message nor the
+    stack is logged: a message may quote request data, and a stack per request floods a log.
+    """
+
+    def __init__(self, every: float = 60.0, max_causes: int = 1024) -> None:
+        self._every = every
+        self._max_causes = max_causes
+        self._causes: dict[tuple[str, str], tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def report(self, exc: BaseException, now: float | None = None) -> bool:
+        """Logs the failure unless its cause was logged recently; returns whether it logged."""
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+        cause = (type(exc).__name__, where)
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            last, suppressed = self._causes.get(cause, (-float("inf"), 0))
+            if now - last < self._every:
+                self._causes[cause] = (last, suppressed + 1)
+                return False
+            if len(self._causes) >= self._max_causes:
+                self._causes.clear()
+            self._causes[cause] = (now, 0)
+        more = f" ({suppressed} more since the last report)" if suppressed else ""
+        log.error("check failed with %s at %s%s", cause[0], where, more)
+        return True
+
+
 class CheckService:
     def __init__(
         self,
@@ -62,6 +95,7 @@ class CheckService:
         self._spans = spans
         self._max_request_bytes = max_request_bytes
         self._listeners = listeners
+        self._failures = FailureLog()
 
     def _parse(self, request: external_auth_pb2.CheckRequest | None) -> RequestContext | Decision:
         if request is None or request is UNPARSABLE:
@@ -95,9 +129,7 @@ class CheckService:
                 finally:
                     self._spans.leave(token)
         except Exception as exc:  # fail closed on anything unforeseen
-            # The stack, not the message: a message may quote request data.
-            stack = "".join(traceback.format_tb(exc.__traceback__))
-            log.error("check failed with %s\n%s", type(exc).__name__, stack)
+            self._failures.report(exc)
             error = exc
             outcome = decision.deny(decision.INTERNAL_ERROR, error=type(exc).__name__)
         if outcome.error:

@@ -15,7 +15,7 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 
 from gateway import decision
-from gateway.mcp import parse_body
+from gateway.mcp import McpCall, Unparseable, parse_body
 from gateway.policy.loader import PolicyLoadError, load_policy_set
 from tests.support.checks import check_request
 from tests.support.inprocess import InProcessGateway
@@ -142,8 +142,9 @@ def test_mcp_calls_cannot_hide_from_a_policy(idp: TestIssuer, tmp_path: Path) ->
 
         assert status(_rpc("tools/call", name="echo")) == 200
         assert status(_rpc("tools/call", name="delete_all")) == 403
-        # A batch element that is not JSON-RPC does not hide the others.
-        assert status([_rpc("tools/call", name="delete_all"), {"jsonrpc": "1.0"}]) == 403
+        # A batch element that is not JSON-RPC does not hide the others: the batch is refused.
+        assert status([_rpc("tools/call", name="delete_all"), {"jsonrpc": "1.0"}]) == 400
+        assert status([_rpc("tools/call", name="delete_all"), _rpc("ping")]) == 403
         # A resource is what its uri names, whatever `name` says beside it.
         assert status(_rpc("resources/read", uri="file:///etc/secret", name="docs://public")) == 403
         assert status(_rpc("resources/read", uri="docs://public")) == 200
@@ -151,8 +152,13 @@ def test_mcp_calls_cannot_hide_from_a_policy(idp: TestIssuer, tmp_path: Path) ->
         gateway.stop()
 
 
-def test_an_absurdly_nested_body_is_not_mcp_and_crashes_nothing() -> None:
-    assert parse_body("[" * 100_000, "") == ()
+def test_an_absurdly_nested_body_is_unparseable_and_crashes_nothing() -> None:
+    json_headers = {"content-type": "application/json"}
+    for body in ("[" * 100_000, "[" * 100_000 + "]" * 100_000, '{"a":' * 65 + "1" + "}" * 65):
+        with pytest.raises(Unparseable):
+            parse_body(json_headers, body, "")
+    deep_but_bounded = '{"jsonrpc":"2.0","method":"ping","params":' + '{"a":' * 60 + "1" + "}" * 61
+    assert parse_body(json_headers, deep_but_bounded, "") == (McpCall("ping"),)
 
 
 def test_header_names_in_policies_must_be_lower_case() -> None:

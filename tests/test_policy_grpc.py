@@ -173,8 +173,10 @@ def test_partial_body_denies_when_the_policy_reads_the_body(tools_env: Env) -> N
     response = tools_env.check(token=token, body=cut, headers={"x-envoy-auth-partial-body": "true"})
     assert http_status(response) == 413
     assert (tools_env.reason, tools_env.gateway.last.policy) == ("request_body_partial", "tool-scopes")
-    # The same cut-short body without the header is not MCP at all: the tool policy does not apply.
-    assert http_status(tools_env.check(token=token, body=cut)) == 200
+    # The same cut-short body without the header cannot be judged: it is refused, never taken
+    # for a request that is not MCP (a lenient server might still run part of it).
+    assert http_status(tools_env.check(token=token, body=cut)) == 400
+    assert tools_env.reason == "request_unparseable"
 
 
 def test_partial_body_passes_when_no_policy_reads_the_body(env: Env) -> None:
@@ -185,11 +187,25 @@ def test_partial_body_passes_when_no_policy_reads_the_body(env: Env) -> None:
     assert http_status(response) == 200
 
 
-def test_non_json_body_leaves_mcp_empty(tools_env: Env) -> None:
+def test_a_body_that_is_not_a_call_leaves_mcp_empty(tools_env: Env) -> None:
     token = tools_env.idp.token("alice", scope="")
-    assert http_status(tools_env.check(token=token, body="not json {")) == 200
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    assert http_status(tools_env.check(token=token, body="a=1&b={", headers=form)) == 200
     assert tools_env.reason == "allowed"
-    assert http_status(tools_env.check(token=token, body=json.dumps({"method": "tools/call"}))) == 200
+
+
+def test_a_json_body_the_gateway_cannot_read_is_refused(tools_env: Env) -> None:
+    token = tools_env.idp.token("alice", scope="")
+    for body, headers in (
+        ("not json {", {}),
+        (json.dumps({"method": "tools/call"}), {}),  # not JSON-RPC 2.0
+        (json.dumps(_call("drop_tables")), {"content-type": "text/plain"}),
+        (json.dumps(_call("drop_tables")), {"content-type": "application/json; charset=utf-16le"}),
+        (json.dumps(_call("drop_tables")), {"content-encoding": "gzip"}),
+        ("\ufeff" + json.dumps(_call("drop_tables")), {}),
+    ):
+        assert http_status(tools_env.check(token=token, body=body, headers=headers)) == 400, (body, headers)
+        assert tools_env.reason == "request_unparseable"
 
 
 def test_mcp_headers_must_agree_with_the_body(tools_env: Env) -> None:

@@ -509,7 +509,14 @@ def load_policy_set(
     if problems:
         raise PolicyLoadError(problems)
     reads = _reads(policies)
-    return PolicySet(tuple(policies), engine, tuple(files), reads, FusedMemo(_memo_fields(reads)))
+    return PolicySet(
+        tuple(policies),
+        engine,
+        tuple(files),
+        reads,
+        FusedMemo(_memo_fields(reads)),
+        uses_body=any(policy.uses_body for policy in policies),
+    )
 
 
 def read_policy_dir(directory: Path) -> list[tuple[str, str]]:

@@ -83,3 +83,6 @@ class PolicySet:
     reads: Mapping[str, frozenset[str] | None] = field(default_factory=lambda: dict.fromkeys(VARIABLES))
     # Fused-expression results by the values of the fields read (see evaluate.FusedMemo).
     memo: FusedMemo | None = None
+    # Whether any policy reads the body or the MCP view: a request whose body the gateway
+    # cannot read exactly as a server would is then refused before any policy is judged.
+    uses_body: bool = False

@@ -284,7 +284,11 @@ class _CaseReader:
         }
         body = mapping.get("body", "")
         # A mapping or a list is a JSON body written as YAML (a JSON-RPC message, a batch).
-        request["body"] = body if isinstance(body, str) else json.dumps(body, separators=(",", ":"))
+        if isinstance(body, str):
+            request["body"] = body
+        else:
+            request["body"] = json.dumps(body, separators=(",", ":"))
+            request["headers"].setdefault("content-type", "application/json")
         return request
 
     def session(self, value: Any, node: Node | None, request: Mapping[str, Any]) -> StoredSession | None:
@@ -445,7 +449,8 @@ def check_request_for(request: Mapping[str, Any]) -> external_auth_pb2.CheckRequ
         host=request["host"],
         scheme=request["scheme"],
         headers=headers,
-        body=request["body"],
+        # As bytes, like Envoy with pack_as_bytes: the text field stands for a lossy body.
+        raw_body=request["body"].encode("utf-8", "surrogatepass"),
         protocol="HTTP/1.1",
     )
     source = request["source"]

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from gateway import decision
+from gateway.text import safe_value
 
 SCHEMA_VERSION = 1
 LEGACY_FIELD_NAMES = frozenset({"vmcp.token.hash", "vmcp.token.salt"})
@@ -142,6 +143,9 @@ def refusal(
     created_at = data.get("created_at")
     bound = data.get("bound", {})
     if type(created_at) not in (int, float) or type(bound) is not dict:
+        return decision.SESSION_LEGACY_FORMAT
+    if not safe_value(bound):
+        # Bound before NULs were refused: the native engine would compare a cut-short value.
         return decision.SESSION_LEGACY_FORMAT
     assert isinstance(created_at, int | float)
     if data.get("terminated", False):

@@ -179,7 +179,7 @@ def decision_attributes(outcome: Decision, context: RequestContext | None) -> di
     if context is not None:
         attributes["http.request.method"] = context.method
         attributes["url.path"] = context.path
-        call = context.mcp
+        call = context.mcp_for_telemetry()
         if call.method:
             attributes["mcp.method.name"] = call.method
             if call.method == "tools/call" and call.name:

@@ -21,6 +21,8 @@ def check_request(
     context_extensions: dict[str, str] | None = None,
 ) -> external_auth_pb2.CheckRequest:
     all_headers = {":method": method, ":path": path, ":authority": host, **(headers or {})}
+    if body and not any(name.lower() == "content-type" for name in all_headers):
+        all_headers["content-type"] = "application/json"
     if token is not None:
         all_headers["authorization"] = f"Bearer {token}"
     if session_id is not None:
