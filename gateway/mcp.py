@@ -12,6 +12,7 @@ charset, duplicate keys, absurd nesting or numbers).
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from collections.abc import Mapping
@@ -24,6 +25,7 @@ from gateway.text import safe_text
 # parsers disagree beyond them (recursion limits, big-number handling).
 MAX_DEPTH = 64
 MAX_NUMBER_LENGTH = 100
+_BASE64_OPEN, _BASE64_CLOSE = "=?base64?", "?="
 _JSON_MEDIA_SUFFIX = "+json"
 
 
@@ -148,7 +150,8 @@ def _string_param(params: Mapping[str, Any], key: str, method: str) -> str:
 def _call_from_message(message: Any, protocol_version: str) -> McpCall:
     if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
         raise Unparseable("not a JSON-RPC 2.0 message")
-    if "id" in message and not isinstance(message["id"], str | int | float | None):
+    request_id = message.get("id")
+    if isinstance(request_id, bool) or not isinstance(request_id, str | int | float | None):
         raise Unparseable("the JSON-RPC id is not a string or a number")
     if "method" not in message:
         if "result" in message or "error" in message:
@@ -202,11 +205,30 @@ def parse_body(headers: Mapping[str, str], body: str, protocol_version: str) -> 
     return (_call_from_message(message, protocol_version),)
 
 
+def _header_value(value: str | None) -> str | None:
+    """An Mcp-* header's value: MCP 2026-07-28 wraps a value that is not plain visible ASCII
+    as `=?base64?PAYLOAD?=`. A wrapped value that does not decode canonically to UTF-8 is
+    Unparseable: it can match no body."""
+    if value is None or not (value.startswith(_BASE64_OPEN) and value.endswith(_BASE64_CLOSE)):
+        return value
+    payload = value[len(_BASE64_OPEN) : -len(_BASE64_CLOSE)]
+    try:
+        raw = base64.b64decode(payload, validate=True)
+        if base64.b64encode(raw).decode("ascii") != payload:
+            raise ValueError("not canonical")
+        decoded = raw.decode("utf-8")
+    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+        raise Unparseable("an Mcp-* header holds malformed base64") from None
+    if not safe_text(decoded):
+        raise UnsafeText("an Mcp-* header holds a NUL or a lone surrogate")
+    return decoded
+
+
 def mcp_view(headers: Mapping[str, str], body: str) -> tuple[McpCall, ...]:
     """Every call the request makes; at least one element (NOT_MCP when it is not MCP)."""
     protocol_version = headers.get("mcp-protocol-version", "")
-    header_method = headers.get("mcp-method")
-    header_name = headers.get("mcp-name")
+    header_method = _header_value(headers.get("mcp-method"))
+    header_name = _header_value(headers.get("mcp-name"))
     calls = parse_body(headers, body, protocol_version) if body else ()
     if calls:
         if header_method is not None or header_name is not None:

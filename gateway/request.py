@@ -50,6 +50,8 @@ class RequestContext:
     # UTF-8 with "!": only the `raw_body` of `pack_as_bytes: true` is exactly what the
     # server receives.
     body_is_text: bool = False
+    # The body's bytes are not UTF-8 (then `body` is empty): refused where a policy reads it.
+    body_undecodable: bool = False
     source_address: str = ""
     source_principal: str = ""
     context_extensions: dict[str, str] = field(default_factory=dict)
@@ -120,7 +122,7 @@ class RequestContext:
 def _body_problem(context: RequestContext) -> RequestError | None:
     headers = context.headers
     body = context.body
-    if not body:
+    if not body and not context.body_undecodable:
         declared = headers.get("content-length", "0").strip()
         if declared not in ("", "0") or "transfer-encoding" in headers:
             # Envoy was not configured to send the body (with_request_body), or sent none.
@@ -132,6 +134,8 @@ def _body_problem(context: RequestContext) -> RequestError | None:
     _, charset = media_type(headers)
     if charset is not None and charset not in ("utf-8", "utf8"):
         return RequestError(decision.REQUEST_UNPARSEABLE, "the body's charset is not UTF-8")
+    if context.body_undecodable:
+        return RequestError(decision.REQUEST_UNPARSEABLE, "the body is not UTF-8")
     if body[0] == "\ufeff":
         return RequestError(decision.REQUEST_UNPARSEABLE, "the body starts with a byte order mark")
     if context.body_is_text and "!" in body:
@@ -202,19 +206,20 @@ def _header_dict(http: Any, max_bytes: int) -> dict[str, str]:
     return headers
 
 
-def _body(http: Any, max_bytes: int) -> tuple[str, bool]:
-    """The body, and whether it came as text (with bytes that are not UTF-8 replaced)."""
+def _body(http: Any, max_bytes: int) -> tuple[str, bool, bool]:
+    """The body; whether it came as text (bytes that are not UTF-8 replaced); whether its
+    bytes are not UTF-8 (an encoded or binary body, judged only where a policy reads it)."""
     if http.raw_body:
         if len(http.raw_body) > max_bytes:
             raise RequestError(decision.REQUEST_INVALID, f"body exceeds {max_bytes} bytes")
         try:
-            return str(http.raw_body.decode("utf-8")), False
+            return str(http.raw_body.decode("utf-8")), False, False
         except UnicodeDecodeError:
-            raise RequestError(decision.REQUEST_INVALID, "the request body is not UTF-8") from None
+            return "", False, True
     body = str(http.body)
     if len(body) > max_bytes:
         raise RequestError(decision.REQUEST_INVALID, f"body exceeds {max_bytes} bytes")
-    return body, bool(body)
+    return body, bool(body), False
 
 
 def _query(query_string: str) -> tuple[dict[str, str], bool]:
@@ -245,7 +250,7 @@ def from_check_request(check_request: Any, max_bytes: int = 64 * 1024) -> Reques
     if not http.method:
         raise RequestError(decision.REQUEST_INVALID, "the HTTP request has no method")
     headers = _header_dict(http, max_bytes)
-    body, body_is_text = _body(http, max_bytes)
+    body, body_is_text, body_undecodable = _body(http, max_bytes)
     path, _, query_string = (http.path or headers.get(":path", "/")).partition("?")
     query: dict[str, str] = {}
     query_repeated = False
@@ -270,6 +275,7 @@ def from_check_request(check_request: Any, max_bytes: int = 64 * 1024) -> Reques
         id=http.id,
         body_partial=headers.get(PARTIAL_BODY_HEADER, "").lower() == "true",
         body_is_text=body_is_text,
+        body_undecodable=body_undecodable,
         source_address=attributes.source.address.socket_address.address,
         source_principal=principal,
         context_extensions=extensions,
