@@ -6,6 +6,7 @@ Every error names the file and the dotted key, and is raised before anything ser
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,6 +19,19 @@ DEFAULT_ALGORITHMS = ("RS256", "ES256", "EdDSA")
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
+# Accepted JOSE `typ` headers (RFC 8725 §3.11, RFC 9068 §4); "" stands for a token without `typ`.
+DEFAULT_TOKEN_TYPES = ("", "JWT", "at+jwt")
+# A media type name as `typ` may carry it (RFC 7515 §4.1.9): "subtype" or "type/subtype", no parameters.
+_TOKEN_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]+(/[A-Za-z0-9!#$&^_.+-]+)?")
+# A DPoP proof (RFC 9449) is never an access token, whatever the configuration says.
+DPOP_PROOF_TYPE = "application/dpop+jwt"
+
+
+def token_type_key(typ: str) -> str:
+    """A `typ` value in the form it is compared in: lower case, with the `application/` prefix that
+    RFC 7515 §4.1.9 says a value without a "/" implies ("at+jwt" and "application/AT+JWT" are equal)."""
+    typ = typ.lower()
+    return typ if "/" in typ else "application/" + typ
 
 
 class ConfigError(Exception):
@@ -32,6 +46,7 @@ class IssuerConfig:
     jwks_file: Path | None = None
     jwks_uri: str | None = None
     discovery: bool = False
+    token_types: tuple[str, ...] = DEFAULT_TOKEN_TYPES
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +58,7 @@ class AuthConfig:
     realm: str = "authz-gateway"
     token_cache_size: int = 10_000
     max_token_bytes: int = 16 * 1024
+    max_token_lifetime: float = 24 * 3600.0
     jwks_refresh: float = 300.0
     jwks_cooldown: float = 30.0
     jwks_timeout: float = 2.0
@@ -234,6 +250,14 @@ def _issuer(reader: _Reader, base: Path) -> IssuerConfig:
                 f"(asymmetric only: {', '.join(sorted(ASYMMETRIC_ALGORITHMS))})",
                 "algorithms",
             )
+    token_types = reader.strings("token_types", DEFAULT_TOKEN_TYPES)
+    if not token_types:
+        raise reader.error('must name at least one type ("" for a token without typ)', "token_types")
+    for typ in token_types:
+        if typ and not _TOKEN_TYPE.fullmatch(typ):
+            raise reader.error(f"not a media type: {typ!r}", "token_types")
+        if typ and token_type_key(typ) == DPOP_PROOF_TYPE:
+            raise reader.error(f"{typ!r} is a DPoP proof, never an access token", "token_types")
     jwks_file_raw = reader.string("jwks_file")
     jwks_uri = reader.string("jwks_uri")
     discovery = reader.boolean("discovery", False)
@@ -246,7 +270,7 @@ def _issuer(reader: _Reader, base: Path) -> IssuerConfig:
         if not jwks_file.is_file():
             raise reader.error(f"JWKS file not found: {jwks_file}", "jwks_file")
     reader.finish()
-    return IssuerConfig(issuer, audiences, algorithms, jwks_file, jwks_uri, discovery)
+    return IssuerConfig(issuer, audiences, algorithms, jwks_file, jwks_uri, discovery, token_types)
 
 
 def _auth(reader: _Reader, base: Path) -> AuthConfig:
@@ -269,11 +293,17 @@ def _auth(reader: _Reader, base: Path) -> AuthConfig:
         realm=reader.string("realm", defaults.realm) or defaults.realm,
         token_cache_size=reader.integer("token_cache_size", defaults.token_cache_size),
         max_token_bytes=reader.integer("max_token_bytes", defaults.max_token_bytes, 1),
+        max_token_lifetime=reader.duration("max_token_lifetime", defaults.max_token_lifetime),
         jwks_refresh=reader.duration("jwks_refresh", defaults.jwks_refresh),
         jwks_cooldown=reader.duration("jwks_cooldown", defaults.jwks_cooldown),
         jwks_timeout=reader.duration("jwks_timeout", defaults.jwks_timeout),
         upstream_headers=reader.boolean("upstream_headers", defaults.upstream_headers),
     )
+    for key in ("leeway", "max_token_lifetime", "jwks_refresh", "jwks_cooldown", "jwks_timeout"):
+        if not math.isfinite(getattr(auth, key)):  # YAML .inf and .nan are floats too
+            raise reader.error("must be a finite duration", key)
+    if auth.max_token_lifetime <= 0:
+        raise reader.error("must be longer than 0s", "max_token_lifetime")
     reader.finish()
     return auth
 

@@ -137,8 +137,20 @@ def http_get_json(url: str, timeout: float) -> Any:
         return json.loads(response.read(1024 * 1024))
 
 
+# A busy gateway refreshes a remote key set in the background once it is this fraction of
+# `jwks_refresh` old, so that its checks never wait for the refresh that judging needs at 100%.
+EARLY_REFRESH = 0.8
+
+
 class RemoteKeys:
-    """Keys from a `jwks_uri`, or found by OIDC discovery; refreshed in the background."""
+    """Keys from a `jwks_uri`, or found by OIDC discovery.
+
+    A key set older than `refresh_every` is refreshed before it is used to judge a token (the
+    caller waits at most `timeout`), so a key the issuer has withdrawn stops verifying on the
+    first check after an idle period. From `EARLY_REFRESH` of that age on, checks start the
+    refresh in the background and do not wait. After a failed attempt, the keys in hand are
+    used until `cooldown` has passed. Concurrent checks share one fetch.
+    """
 
     def __init__(
         self,
@@ -157,14 +169,17 @@ class RemoteKeys:
         self._discovery = discovery
         self._timeout = timeout
         self._refresh_every = refresh_every
+        self._refresh_early = refresh_every * EARLY_REFRESH
         self._cooldown = cooldown
         self._clock = clock
         self._fetch = fetch
         self._keys = EMPTY_KEYS
         self._fetched_at: float | None = None
         self._last_attempt = -float("inf")
-        self._lock = threading.Lock()
-        self._background: threading.Thread | None = None
+        self._lock = threading.Lock()  # held for the whole of a fetch
+        self._refresh_lock = threading.Lock()  # held only to start a refresh thread
+        self._refresh: threading.Thread | None = None
+        self._overran: threading.Thread | None = None  # a refresh that outlasted a check's wait
 
     @property
     def loaded(self) -> bool:
@@ -205,17 +220,36 @@ class RemoteKeys:
 
     def current(self) -> KeySet:
         fetched_at = self._fetched_at
-        if fetched_at is not None and self._clock() - fetched_at > self._refresh_every:
-            self._refresh_in_background()
+        if fetched_at is not None:
+            age = self._clock() - fetched_at
+            if age > self._refresh_early:
+                refresh = self._start_refresh(self._refresh_early)
+                if refresh is not None and age > self._refresh_every and refresh is not self._overran:
+                    # Stale: judge with what the issuer publishes now, not with what it did.
+                    refresh.join(self._timeout)
+                    if refresh.is_alive():
+                        # Counted as a failed attempt: later checks use the keys in hand, not wait.
+                        self._overran = refresh
         return self._keys
 
-    def _refresh_in_background(self) -> None:
-        if self._background is not None and self._background.is_alive():
-            return
-        if self._clock() - self._last_attempt < self._cooldown:
-            return
-        self._background = threading.Thread(target=self.fetch_now, name="jwks-refresh", daemon=True)
-        self._background.start()
+    def _start_refresh(self, older_than: float) -> threading.Thread | None:
+        """The refresh in progress, or one started now if the keys are still older than
+        `older_than` and the cooldown allows; None if no refresh runs."""
+        with self._refresh_lock:
+            refresh = self._refresh
+            if refresh is not None and refresh.is_alive():
+                return refresh
+            fetched_at = self._fetched_at
+            if fetched_at is not None and self._clock() - fetched_at <= older_than:
+                return None  # another check refreshed them while this one waited for the lock
+            if self._clock() - self._last_attempt < self._cooldown:
+                return None  # an attempt failed a moment ago: use the keys in hand
+            refresh = threading.Thread(
+                target=self.fetch_now, kwargs={"only_if_due": True}, name="jwks-refresh", daemon=True
+            )
+            refresh.start()
+            self._refresh = refresh
+            return refresh
 
     def refresh_for_unknown_kid(self) -> KeySet:
         if self._clock() - self._last_attempt >= self._cooldown:

@@ -18,8 +18,9 @@ from typing import Any
 import jwt
 
 from gateway import decision
-from gateway.config import AuthConfig, IssuerConfig
+from gateway.config import ASYMMETRIC_ALGORITHMS, DPOP_PROOF_TYPE, AuthConfig, IssuerConfig, token_type_key
 from gateway.identity.keys import KeySet, KeySource, RemoteKeys, StaticKeys
+from gateway.text import safe_text, safe_value
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,9 +75,36 @@ def _number(claims: Mapping[str, Any], name: str) -> float | None:
     value = claims.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise TokenRejected(decision.TOKEN_INVALID, f"the {name} claim is not a finite number")
-    return float(value)
+    try:
+        number = float(value)  # an int beyond the float range overflows
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise TokenRejected(decision.TOKEN_INVALID, f"the {name} claim is not a finite number")
+    return number
+
+
+# Algorithm names safe to repeat in a message (the rest of the header is the token's, not ours).
+_NAMED_ALGORITHMS = ASYMMETRIC_ALGORITHMS | {"HS256", "HS384", "HS512", "none", "None", "NONE"}
+_MAX_NAMED_CLAIM = 64
+
+
+def _unsafe_claim(claims: Mapping[str, Any]) -> str | None:
+    """The top-level claim holding (in its name, its value, or anywhere nested in them) a string
+    that no CEL engine may see (gateway.text), or None if all are safe."""
+    for name, value in claims.items():
+        if not (safe_text(name) and safe_value(value)):
+            return name
+    return None
+
+
+def _unsafe_claim_message(name: str) -> str:
+    problem = "holds a NUL or a lone surrogate (U+D800..U+DFFF)"
+    if safe_text(name) and len(name) <= _MAX_NAMED_CLAIM:
+        return f"the claim {name!r} {problem}"
+    return f"a claim {problem}"
 
 
 # identity, issuer, kid, the key set that verified it, and the window [valid_from,
@@ -89,6 +117,14 @@ _CacheEntry = tuple[Identity, str, str | None, KeySet, float, float]
 class _Issuer:
     config: IssuerConfig
     keys: KeySource
+    # token_type_key() of each accepted typ; None stands for a token without typ.
+    token_types: frozenset[str | None] = frozenset()
+
+
+def _accepted_token_types(config: IssuerConfig) -> frozenset[str | None]:
+    keys = {token_type_key(t) if t else None for t in config.token_types}
+    keys.discard(DPOP_PROOF_TYPE)  # a DPoP proof is never an access token, even if configured
+    return frozenset(keys)
 
 
 class TokenVerifier:
@@ -99,7 +135,7 @@ class TokenVerifier:
         self._issuers: dict[str, _Issuer] = {}
         for issuer in auth.issuers:
             source = (key_sources or {}).get(issuer.issuer) or key_source_for(issuer, auth)
-            self._issuers[issuer.issuer] = _Issuer(issuer, source)
+            self._issuers[issuer.issuer] = _Issuer(issuer, source, _accepted_token_types(issuer))
         self._cache: dict[bytes, _CacheEntry] = {}
         self._cache_size = auth.token_cache_size
         self._cache_lock = threading.Lock()
@@ -121,6 +157,7 @@ class TokenVerifier:
             if keys is verified_with or (kid is not None and keys.has_kid(kid)):
                 if not valid_from <= now <= valid_until:
                     self._check_times(identity.claims, now)  # raises the precise reason
+                    self._check_lifetime(identity.claims, identity.expires_at, now)
                 return identity
             self._cache.pop(digest, None)
         identity, kid, verified_with = self._verify_uncached(token, now)
@@ -129,11 +166,14 @@ class TokenVerifier:
         return identity
 
     def _validity(self, claims: Mapping[str, Any]) -> tuple[float, float]:
-        """The times at which _check_times passes, as one closed interval."""
+        """The times at which _check_times and _check_lifetime pass, as one closed interval."""
         leeway = self._auth.leeway
-        starts = [t - leeway for t in (_number(claims, "nbf"), _number(claims, "iat")) if t is not None]
+        iat = _number(claims, "iat")
+        starts = [t - leeway for t in (_number(claims, "nbf"), iat) if t is not None]
         exp = _number(claims, "exp")
         assert exp is not None  # _verify_uncached required it
+        if iat is None:  # the lifetime is then measured from now
+            starts.append(exp - leeway - self._auth.max_token_lifetime)
         return max(starts, default=-float("inf")), exp + leeway
 
     def _remember(self, digest: bytes, entry: _CacheEntry) -> None:
@@ -161,10 +201,19 @@ class TokenVerifier:
             raise TokenRejected(decision.ISSUER_UNTRUSTED, "the token's issuer is not trusted")
         issuer = self._issuers[issuer_name]
         if not isinstance(alg, str) or alg not in issuer.config.algorithms:
-            raise TokenRejected(decision.TOKEN_INVALID, f"algorithm {str(alg)[:16]!r} is not allowed")
+            known = isinstance(alg, str) and alg in _NAMED_ALGORITHMS
+            named = f"algorithm {alg!r}" if known else "the token's algorithm"
+            raise TokenRejected(decision.TOKEN_INVALID, f"{named} is not allowed")
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise TokenRejected(decision.TOKEN_INVALID, "the kid header is not a string")
+        if kid is not None and not safe_text(kid):
+            raise TokenRejected(decision.TOKEN_INVALID, "the kid header holds a NUL or a lone surrogate")
+        typ = header.get("typ")
+        if "typ" in header and not isinstance(typ, str):  # "typ": null is not the same as no typ
+            raise TokenRejected(decision.TOKEN_INVALID, "the typ header is not a string")
+        if (token_type_key(typ) if typ is not None else None) not in issuer.token_types:
+            raise TokenRejected(decision.TOKEN_INVALID, "the token's typ is not accepted")
         keys = issuer.keys.current()
         key = keys.find(kid, alg)
         if key is None:
@@ -189,7 +238,11 @@ class TokenVerifier:
             raise TokenRejected(decision.TOKEN_INVALID, "the signature does not verify") from None
         except jwt.PyJWTError as exc:
             raise TokenRejected(decision.TOKEN_INVALID, f"invalid token: {type(exc).__name__}") from None
+        unsafe = _unsafe_claim(claims)
+        if unsafe is not None:
+            raise TokenRejected(decision.TOKEN_INVALID, _unsafe_claim_message(unsafe))
         expires_at = self._check_times(claims, now)
+        self._check_lifetime(claims, expires_at, now)
         aud = claims.get("aud")
         audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
         if not any(a in issuer.config.audiences for a in audiences if isinstance(a, str)):
@@ -201,6 +254,16 @@ class TokenVerifier:
         auth_map = {"authenticated": True, "issuer": issuer_name, "subject": subject, "scopes": list(scopes)}
         identity = Identity(claims, issuer_name, subject, scopes, expires_at, auth_map)
         return identity, kid, keys
+
+    def _check_lifetime(self, claims: Mapping[str, Any], exp: float, now: float) -> None:
+        """exp - iat, or exp - now without iat (the issuer's clock may then run `leeway` ahead), must
+        not exceed auth.max_token_lifetime. Checked once per token: a cache hit is a token that passed."""
+        iat = _number(claims, "iat")
+        lifetime = exp - iat if iat is not None else exp - now - self._auth.leeway
+        if lifetime > self._auth.max_token_lifetime:
+            raise TokenRejected(
+                decision.TOKEN_INVALID, "the token's lifetime exceeds auth.max_token_lifetime"
+            )
 
     def _check_times(self, claims: Mapping[str, Any], now: float) -> float:
         leeway = self._auth.leeway
