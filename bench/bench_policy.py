@@ -30,9 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from gateway.check import Authorizer, PolicyHolder  # noqa: E402
 from gateway.config import AuthConfig, SessionConfig  # noqa: E402
 from gateway.identity.verifier import TokenVerifier  # noqa: E402
+from gateway.pipeline import Authorizer, PolicyHolder  # noqa: E402
 from gateway.policy.engines import CompiledExpression  # noqa: E402
 from gateway.policy.evaluate import judge  # noqa: E402
 from gateway.policy.loader import default_policy_dir, load_policy_dir  # noqa: E402
@@ -100,7 +100,7 @@ def per_call_us(fn: Callable[[], Any], seconds: float) -> float:
 
 
 def variables_for(policy_set: PolicySet, with_session: bool) -> dict[str, Any]:
-    """The variables a check builds for REQUEST (as gateway.check does), plus the session."""
+    """The variables a check builds for REQUEST (as gateway.pipeline does), plus the session."""
     context = from_check_request(check_request_for(REQUEST))
     identity = identity_from_claims(CLAIMS, NOW)
     variables: dict[str, Any] = {
@@ -113,7 +113,7 @@ def variables_for(policy_set: PolicySet, with_session: bool) -> dict[str, Any]:
         "source": {"address": context.source_address, "principal": context.source_principal},
     }
     if with_session:
-        from gateway.check import _session_variable  # the exact session map the gateway builds
+        from gateway.pipeline import _session_variable  # the exact session map the gateway builds
 
         record = new_record(
             anonymous=False,

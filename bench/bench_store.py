@@ -31,9 +31,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.bench_check import AUDIENCE, ISSUER, SUBJECT, build_check_request  # noqa: E402
-from gateway.check import Authorizer, PolicyHolder  # noqa: E402
 from gateway.config import AuthConfig, IssuerConfig, SessionConfig  # noqa: E402
 from gateway.identity.verifier import TokenVerifier  # noqa: E402
+from gateway.pipeline import Authorizer, PolicyHolder  # noqa: E402
 from gateway.policy.loader import default_policy_dir, load_policy_dir  # noqa: E402
 from gateway.request import from_check_request  # noqa: E402
 from gateway.session import open_store  # noqa: E402

@@ -9,10 +9,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health
 
-from gateway.check import UPSTREAM_HEADERS, Authorizer, PolicyHolder
 from gateway.config import Config
 from gateway.identity.keys import RemoteKeys
 from gateway.identity.verifier import TokenVerifier
+from gateway.pipeline import UPSTREAM_HEADERS, Authorizer, PolicyHolder
 from gateway.policy.loader import PolicyLoadError, load_policy_dir, resolve_policy_dir
 from gateway.response import ResponseBuilder
 from gateway.server import CheckService, DecisionListener, build_server, set_serving

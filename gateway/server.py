@@ -23,8 +23,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry.trace import INVALID_SPAN
 
 from gateway import decision
-from gateway.check import Authorizer
 from gateway.decision import Decision
+from gateway.pipeline import Authorizer
 from gateway.request import RequestContext, RequestError, from_check_request, redact_secrets
 from gateway.response import ResponseBuilder
 from gateway.telemetry import metrics

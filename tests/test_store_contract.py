@@ -24,10 +24,10 @@ import pytest
 import redis
 
 from gateway import decision
-from gateway.check import Authorizer, PolicyHolder
 from gateway.config import AuthConfig, IssuerConfig, SessionConfig
 from gateway.decision import Decision
 from gateway.identity.verifier import TokenVerifier
+from gateway.pipeline import Authorizer, PolicyHolder
 from gateway.policy.loader import default_policy_dir, load_policy_dir
 from gateway.request import from_check_request
 from gateway.session import open_store, operations
@@ -421,7 +421,7 @@ def test_session_ids_outside_visible_ascii_or_too_long_are_400(make: StoreMaker,
 
 def test_the_longest_allowed_id_and_every_visible_character_work(make: StoreMaker) -> None:
     h = make(max_id_length=93)
-    # Visible ASCII but the comma (gateway/check.py: a repeated header is joined with commas).
+    # Visible ASCII but the comma (gateway/session/record.py: a repeated header is joined with commas).
     visible = "".join(chr(c) for c in range(0x21, 0x7F) if c != 0x2C)
     assert len(visible) == 93
     assert h.ask(visible, "alice").allowed

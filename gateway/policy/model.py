@@ -86,3 +86,17 @@ class PolicySet:
     # Whether any policy reads the body or the MCP view: a request whose body the gateway
     # cannot read exactly as a server would is then refused before any policy is judged.
     uses_body: bool = False
+
+
+class PolicyHolder:
+    """The current policy set; reload swaps it in one assignment, so a check sees one whole set."""
+
+    def __init__(self, policies: PolicySet) -> None:
+        self._current = policies
+
+    @property
+    def current(self) -> PolicySet:
+        return self._current
+
+    def swap(self, policies: PolicySet) -> None:
+        self._current = policies

@@ -1,7 +1,7 @@
 """Policy test cases (`*_test.yaml`): read them, run them through the real Authorizer.
 
 A case gives a request, the verified claims (or `anonymous: true`), optionally a stored
-session, and the expected decision. It runs through `gateway.check.Authorizer` with a
+session, and the expected decision. It runs through `gateway.pipeline.Authorizer` with a
 fresh memory store, entering after token verification (`check_identity`), and the
 decision is turned into the real CheckResponse, so what a case checks is what Envoy
 would get. Nothing here is on the serving path.
@@ -31,10 +31,10 @@ from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from gateway import decision
-from gateway.check import UPSTREAM_HEADERS, Authorizer, PolicyHolder
 from gateway.config import AuthConfig, SessionConfig
 from gateway.decision import Decision
 from gateway.identity.verifier import Identity, TokenVerifier
+from gateway.pipeline import UPSTREAM_HEADERS, Authorizer, PolicyHolder
 from gateway.policy.evaluate import Tracer
 from gateway.policy.loader import TEST_SUFFIXES
 from gateway.policy.model import Location, PolicySet

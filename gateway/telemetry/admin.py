@@ -16,8 +16,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
-from gateway.check import PolicyHolder
 from gateway.config import parse_hostport
+from gateway.policy.model import PolicyHolder
 from gateway.session.store import SessionStore
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,268 @@
+"""One check, step by step: request → identity → session → policy → decision.
+
+The steps meet here and nowhere else; each is a module of its own with plain data between
+them. The time of the check is passed in once; every failure on the way (bad token, a body
+that cannot be read, store down, CEL error) ends in a deny, never an allow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from gateway import decision
+from gateway.config import AuthConfig, SessionConfig
+from gateway.decision import AuditDeny, Decision
+from gateway.identity.verifier import ANONYMOUS_AUTH_MAP, Identity, TokenRejected, TokenVerifier, bearer_token
+from gateway.mcp import NOT_MCP, McpCall
+from gateway.policy.activation import NO_SESSION, Activations, session_variable, timestamp
+from gateway.policy.evaluate import PolicyFailure, Tracer, applies, bind_values, judge, session_key
+from gateway.policy.model import Policy, PolicyHolder, PolicySet
+from gateway.request import RequestContext, RequestError
+from gateway.session.binding import Binder, Refusal, Session
+from gateway.session.store import SessionStore, StoreUnavailable
+
+UPSTREAM_SUBJECT = "x-authz-subject"
+UPSTREAM_ISSUER = "x-authz-issuer"
+UPSTREAM_HEADERS = (UPSTREAM_SUBJECT, UPSTREAM_ISSUER)
+_ALLOW_CACHE_SIZE = 10_000
+
+__all__ = ["UPSTREAM_HEADERS", "Authorizer", "PolicyHolder"]
+
+
+@dataclass(slots=True)
+class _Check:
+    """What one check gathers as it goes: sessions by policy, audit denies, sessions to end."""
+
+    policy_set: PolicySet
+    context: RequestContext
+    identity: Identity | None
+    now: float
+    trace: Tracer | None
+    variables: dict[str, Any] = field(default_factory=dict)
+    unreadable: Decision | None = None  # the body's refusal, when only audit policies read it
+    sessions: dict[str, tuple[Session, dict[str, Any]] | None] = field(default_factory=dict)
+    audits: list[AuditDeny] = field(default_factory=list)
+    ending: dict[str, Session] = field(default_factory=dict)
+
+    def audit(self, policy: str, denied: Decision) -> None:
+        self.audits.append(AuditDeny(policy, denied.rule, denied.reason, denied.status))
+
+    def denied(self, denial: Decision) -> Decision:
+        return replace(denial, audit_denies=tuple(self.audits))
+
+
+class Authorizer:
+    def __init__(
+        self, auth: AuthConfig, sessions: SessionConfig, verifier: TokenVerifier, store: SessionStore,
+        policies: PolicyHolder,
+    ) -> None:
+        self._auth = auth
+        self._verifier = verifier
+        self._binder = Binder(store, sessions)
+        self.policies = policies
+        self._allows: dict[tuple[str, str] | None, Decision] = {}
+
+    @property
+    def store(self) -> SessionStore:
+        return self._binder.store
+
+    def check(self, context: RequestContext, now: float) -> Decision:
+        identity = self.identify(context, now)
+        if isinstance(identity, Decision):
+            return identity
+        return self.check_identity(context, identity, now)
+
+    def identify(self, context: RequestContext, now: float) -> Identity | Decision | None:
+        """The verified identity, None for an allowed anonymous request, or a deny."""
+        token = bearer_token(context.headers)
+        if token is None:
+            if "authorization" in context.headers:
+                # Credentials that are not a usable Bearer token are refused, never taken for an
+                # anonymous request (the upstream would still receive them).
+                return decision.deny(decision.TOKEN_INVALID, error="the Authorization header is not Bearer")
+            if self._auth.allow_anonymous:
+                return None
+            return decision.deny(decision.TOKEN_MISSING, error="no bearer token")
+        try:
+            return self._verifier.verify(token, now)
+        except TokenRejected as rejected:
+            return decision.deny(rejected.reason, error=str(rejected))
+
+    def check_identity(
+        self, context: RequestContext, identity: Identity | None, now: float, trace: Tracer | None = None
+    ) -> Decision:
+        """Sessions and policies for an identity already verified (None: anonymous). `policy
+        test` and `policy explain` enter here with claims instead of a token; `trace` sees every
+        step for `explain`."""
+        check = _Check(self.policies.current, context, identity, now, trace)
+        try:
+            return self._authorize(check)
+        except PolicyFailure as failure:
+            return failure.denial
+        except StoreUnavailable as exc:
+            return decision.deny(decision.STORE_UNAVAILABLE, error=f"session store: {exc}")
+
+    def _authorize(self, check: _Check) -> Decision:
+        refused = _read_body(check) or _gather_variables(check)
+        if refused is not None:
+            return refused
+        for call in _calls_to_judge(check):
+            if call is not None:
+                check.variables["mcp"] = call.as_cel()
+                if check.trace is not None:
+                    check.trace("", "", "mcp", call)
+            denial = self._judge_call(check)
+            if denial is not None:
+                return check.denied(denial)
+        # Only a request that passes every policy may end a session (the owner's DELETE).
+        for session in check.ending.values():
+            self._binder.end(session, check.now)
+        return self._allow(check)
+
+    def _judge_call(self, check: _Check) -> Decision | None:
+        """The first enforced deny of one call (a batch has several), or None."""
+        activations = Activations(check.policy_set)
+        shared = activations.once(check.variables)
+        for policy in check.policy_set.policies:
+            if check.unreadable is not None and policy.uses_body:
+                check.audit(policy.name, check.unreadable)
+                continue
+            try:
+                if policy.when is not None and not applies(policy, shared(), check.trace):
+                    continue
+                found = self._session(check, policy, activations) if policy.session is not None else None
+            except PolicyFailure as failure:
+                # An audit policy only records what it would refuse, errors and session refusals
+                # included; an enforcing one refuses.
+                if not policy.audit:
+                    return failure.denial
+                check.audit(policy.name, failure.denial)
+                check.sessions.setdefault(policy.name, None)
+                continue
+            variables, activation = check.variables, shared
+            if found is not None:
+                variables = {**check.variables, "session": found[1]}
+                activation = activations.once(variables)
+            verdict = judge(policy, activation, variables, check.trace, check.policy_set.memo)
+            if verdict.enforced is not None:
+                return verdict.enforced
+            if verdict.audited is not None:
+                check.audit(policy.name, verdict.audited)
+            if verdict.terminate and found is not None and found[0].existed:
+                check.ending[found[0].key] = found[0]
+                if check.trace is not None:
+                    check.trace(policy.name, "", "session.terminate", True)
+        return None
+
+    def _session(
+        self, check: _Check, policy: Policy, activations: Activations
+    ) -> tuple[Session, dict[str, Any]] | None:
+        """The policy's session and its `session` variable, found or bound once per check."""
+        if policy.name in check.sessions:
+            return check.sessions[policy.name]
+        assert policy.session is not None
+        header, variables = policy.session.header, check.variables
+        key = check.context.headers.get(header, "") if header else session_key(
+            policy, activations.activation(variables)
+        )
+        found: Session | Refusal | None = None
+        if key:
+            owner = None if check.identity is None else (check.identity.issuer, check.identity.subject)
+            found = self._binder.find_or_bind(
+                key, owner, lambda: bind_values(policy, activations.activation(variables)), check.now
+            )
+        if isinstance(found, Refusal):
+            denial = decision.deny(found.reason, policy=policy.name, error=found.message)
+            if check.trace is not None:
+                check.trace(policy.name, "", "session", denial)
+            raise PolicyFailure(denial)
+        if check.trace is not None:
+            check.trace(policy.name, "", "session", found)
+        fields = check.policy_set.reads.get("session")
+        result = None if found is None else (found, session_variable(key, found.data, found.existed, fields))
+        check.sessions[policy.name] = result
+        return result
+
+    def _allow(self, check: _Check) -> Decision:
+        session_new = any(found is not None and not found[0].existed for found in check.sessions.values())
+        if check.audits or session_new:
+            headers = self._upstream_headers(check.identity)
+            return Decision(True, decision.ALLOWED, audit_denies=tuple(check.audits),
+                            session_new=session_new, upstream_headers=headers)
+        # An identity's ordinary allow: one immutable Decision per identity.
+        identity = check.identity
+        key = (identity.issuer, identity.subject) if identity is not None else None
+        allowed = self._allows.get(key)
+        if allowed is None:
+            allowed = Decision(True, decision.ALLOWED, upstream_headers=self._upstream_headers(identity))
+            if len(self._allows) >= _ALLOW_CACHE_SIZE:
+                self._allows.clear()
+            self._allows[key] = allowed
+        return allowed
+
+    def _upstream_headers(self, identity: Identity | None) -> tuple[tuple[str, str], ...]:
+        if identity is None or not self._auth.upstream_headers:
+            return ()
+        return ((UPSTREAM_SUBJECT, identity.subject), (UPSTREAM_ISSUER, identity.issuer))
+
+
+def _read_body(check: _Check) -> Decision | None:
+    """Where a policy reads the body, it is read before any policy runs: a `when` must not be
+    skipped by an empty MCP view while a lenient server reads the body as a call."""
+    policy_set, context = check.policy_set, check.context
+    reads_mcp = "mcp" in policy_set.reads
+    if not (policy_set.uses_body or reads_mcp):
+        return None
+    if context.body_partial:
+        reader = next((p.name for p in policy_set.policies if p.uses_body), "")
+        message = "a policy reads the body, and Envoy sent only part of it"
+        return decision.deny(decision.REQUEST_BODY_PARTIAL, policy=reader, error=message)
+    try:
+        context.check_body_readable()
+        if reads_mcp:
+            context.mcp_calls  # noqa: B018 - parsed now, so that a refusal comes first
+    except RequestError as exc:
+        refusal = decision.deny(exc.reason, error=str(exc))
+        if any(p.uses_body and not p.audit for p in policy_set.policies):
+            return refusal
+        check.unreadable = refusal  # only audit policies read it: they record the refusal
+    return None
+
+
+def _gather_variables(check: _Check) -> Decision | None:
+    """The variables the policy set reads, as plain values; a deny for a query it cannot judge."""
+    reads, context, identity = check.policy_set.reads, check.context, check.identity
+    variables: dict[str, Any] = {
+        "claims": identity.claims if identity else {},
+        "auth": identity.auth_map if identity else ANONYMOUS_AUTH_MAP,
+        "session": NO_SESSION,
+        "context": context.context_extensions,
+    }
+    if "request" in reads:
+        fields = reads["request"]
+        if context.query_repeated and (fields is None or "query" in fields):
+            message = "a query parameter is repeated, and a policy reads the query"
+            return decision.deny(decision.REQUEST_INVALID, error=message)
+        variables["request"] = context.request_map(fields)
+    if "mcp" in reads:
+        call = context.mcp if check.unreadable is None else NOT_MCP
+        variables["mcp"] = call.as_cel()
+    if "source" in reads:
+        variables["source"] = {"address": context.source_address, "principal": context.source_principal}
+    if "now" in reads:
+        variables["now"] = timestamp(check.now)
+    check.variables = variables
+    return None
+
+
+def _calls_to_judge(check: _Check) -> tuple[McpCall | None, ...]:
+    """Each call of a batch is judged on its own. Policies that never read `mcp` judge the
+    request once (None: `mcp` as gathered), and the body is never parsed."""
+    if "mcp" in check.policy_set.reads and check.unreadable is None:
+        calls = check.context.mcp_calls
+        # The first call is in the variables already.
+        return (None if check.trace is None else calls[0], *calls[1:])
+    if check.trace is not None:
+        return (check.context.mcp_for_telemetry(),)
+    return (None,)
