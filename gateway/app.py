@@ -21,6 +21,7 @@ from gateway.session.store import SessionStore, StoreSettings
 from gateway.telemetry import metrics
 from gateway.telemetry.admin import AdminServer, start_admin
 from gateway.telemetry.decision_log import DecisionLog
+from gateway.telemetry.observer import TelemetryObserver
 from gateway.telemetry.setup import Telemetry, setup_telemetry
 from gateway.telemetry.store_metrics import instrument_store, store_kind
 from gateway.telemetry.tracing import CheckSpans, SubjectHasher
@@ -56,8 +57,11 @@ class Gateway:
         self.telemetry = telemetry if telemetry is not None else Telemetry()
         self.policies = PolicyHolder(load_policy_dir(self.policy_dir, config.engine))
         metrics.policy_reloads.add(1, {"result": "success"})
-        self.verifier = TokenVerifier(config.auth)
-        self.store = store if store is not None else open_store(config.store, store_settings(config))
+        observer = TelemetryObserver()
+        self.verifier = TokenVerifier(config.auth, observer=observer)
+        if store is None:
+            store = open_store(config.store, store_settings(config), observer)
+        self.store = store
         # Store timings cost a few µs per check: only measure when something collects metrics.
         collecting = self.telemetry.meter_provider is not None
         measured = instrument_store(self.store, config.store) if collecting else self.store

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -38,13 +39,16 @@ def check_workers(config: Config) -> None:
         raise ConfigError(f"--workers {config.workers} needs a fixed port in listen (not {config.listen})")
 
 
-def _worker_main(config: Config, log_level: int, index: int) -> None:
+# What each worker runs: `serve` of gateway/commands/serve.py, passed in (and pickled by
+# name to the spawned process) so that this module does not import the command back.
+ServeOne = Callable[..., int]
+
+
+def _worker_main(serve: ServeOne, config: Config, log_level: int, index: int) -> None:
     logging.basicConfig(
         level=log_level,
         format=f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s",
     )
-    from gateway.commands.serve import serve
-
     try:
         if config.telemetry.metrics_listen:  # one admin port per worker: port + index
             from gateway.telemetry.admin import worker_listen
@@ -58,7 +62,7 @@ def _worker_main(config: Config, log_level: int, index: int) -> None:
     raise SystemExit(code)
 
 
-def serve_workers(config: Config) -> int:
+def serve_workers(config: Config, serve: ServeOne) -> int:
     check_workers(config)
     context = multiprocessing.get_context("spawn")
     level = logging.getLogger().getEffectiveLevel()
@@ -90,7 +94,8 @@ def serve_workers(config: Config) -> int:
         admin_server, _ = start_admin_server(config.admin.listen, admin_store, config.session.max_id_length)
 
     for index in range(config.workers):
-        process = context.Process(target=_worker_main, args=(config, level, index), name=f"worker-{index}")
+        arguments = (serve, config, level, index)
+        process = context.Process(target=_worker_main, args=arguments, name=f"worker-{index}")
         process.start()
         workers.append(process)
     pids = ", ".join(str(w.pid) for w in workers)

@@ -12,8 +12,9 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.policy.evaluate import FusedMemo, judge
+from gateway.policy.evaluate import judge
 from gateway.policy.loader import default_policy_dir, load_policy_dir, load_policy_set
+from gateway.policy.memo import FusedMemo
 
 RULES = """
 name: p

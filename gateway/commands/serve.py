@@ -47,7 +47,7 @@ def serve(config: Config, *, reuse_port: bool = False, admin: bool = True) -> in
     if config.workers > 1:
         from gateway.workers import serve_workers
 
-        return serve_workers(config)
+        return serve_workers(config, serve)
     from gateway.app import build_gateway
     from gateway.policy.watch import PolicyWatcher
     from gateway.session.admin_api import start_session_admin

@@ -18,12 +18,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import jwt
-from opentelemetry import trace
 
-from gateway.telemetry import metrics
+from gateway.observe import NO_OBSERVER, Observer
 
 log = logging.getLogger(__name__)
-_tracer = trace.get_tracer("gateway.identity")
 
 _KEY_TYPE_OF_ALG = {
     "RS256": "RSA", "RS384": "RSA", "RS512": "RSA",
@@ -163,8 +161,10 @@ class RemoteKeys:
         cooldown: float,
         clock: Callable[[], float] = time.monotonic,
         fetch: Callable[[str, float], Any] = http_get_json,
+        observer: Observer = NO_OBSERVER,
     ) -> None:
         self.issuer = issuer
+        self._observer = observer
         self._jwks_uri = jwks_uri
         self._discovery = discovery
         self._timeout = timeout
@@ -203,19 +203,18 @@ class RemoteKeys:
             if only_if_due and self._clock() - self._last_attempt < self._cooldown:
                 return False  # a concurrent check fetched while this one waited for the lock
             self._last_attempt = self._clock()
-            with _tracer.start_as_current_span("jwks.fetch", kind=trace.SpanKind.CLIENT) as span:
-                span.set_attribute("authz.issuer", self.issuer)
+            attributes = {"issuer": self.issuer}
+            with self._observer.operation("jwks.fetch", {"authz.issuer": self.issuer}) as fetch:
                 try:
                     keys = parse_jwks(self._fetch(self._resolve_uri(), self._timeout))
                 except Exception as exc:
-                    span.record_exception(exc)
-                    span.set_status(trace.StatusCode.ERROR, type(exc).__name__)
-                    metrics.jwks_refreshes.add(1, {"issuer": self.issuer, "result": "failure"})
+                    fetch.failed(exc)
+                    self._observer.count("authz_jwks_refreshes", {**attributes, "result": "failure"})
                     log.warning("JWKS fetch for %s failed: %s", self.issuer, exc)
                     return False
             self._keys = keys
             self._fetched_at = self._clock()
-            metrics.jwks_refreshes.add(1, {"issuer": self.issuer, "result": "success"})
+            self._observer.count("authz_jwks_refreshes", {**attributes, "result": "success"})
             return True
 
     def current(self) -> KeySet:

@@ -20,6 +20,7 @@ import jwt
 from gateway import decision
 from gateway.config import ASYMMETRIC_ALGORITHMS, DPOP_PROOF_TYPE, AuthConfig, IssuerConfig, token_type_key
 from gateway.identity.keys import KeySet, KeySource, RemoteKeys, StaticKeys
+from gateway.observe import NO_OBSERVER, Observer
 from gateway.text import safe_text, safe_value
 
 
@@ -130,11 +131,16 @@ def _accepted_token_types(config: IssuerConfig) -> frozenset[str | None]:
 class TokenVerifier:
     """Verifies bearer JWTs. The jku, x5u and jwk headers are never used: only configured keys count."""
 
-    def __init__(self, auth: AuthConfig, key_sources: Mapping[str, KeySource] | None = None) -> None:
+    def __init__(
+        self,
+        auth: AuthConfig,
+        key_sources: Mapping[str, KeySource] | None = None,
+        observer: Observer = NO_OBSERVER,
+    ) -> None:
         self._auth = auth
         self._issuers: dict[str, _Issuer] = {}
         for issuer in auth.issuers:
-            source = (key_sources or {}).get(issuer.issuer) or key_source_for(issuer, auth)
+            source = (key_sources or {}).get(issuer.issuer) or key_source_for(issuer, auth, observer)
             self._issuers[issuer.issuer] = _Issuer(issuer, source, _accepted_token_types(issuer))
         self._cache: dict[bytes, _CacheEntry] = {}
         self._cache_size = auth.token_cache_size
@@ -281,7 +287,7 @@ class TokenVerifier:
         return exp
 
 
-def key_source_for(issuer: IssuerConfig, auth: AuthConfig) -> KeySource:
+def key_source_for(issuer: IssuerConfig, auth: AuthConfig, observer: Observer = NO_OBSERVER) -> KeySource:
     if issuer.jwks_file is not None:
         return StaticKeys(issuer.jwks_file)
     return RemoteKeys(
@@ -291,4 +297,5 @@ def key_source_for(issuer: IssuerConfig, auth: AuthConfig) -> KeySource:
         timeout=auth.jwks_timeout,
         refresh_every=auth.jwks_refresh,
         cooldown=auth.jwks_cooldown,
+        observer=observer,
     )

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from gateway.policy.engines import VARIABLES, CompiledExpression, Engine
 
 if TYPE_CHECKING:
-    from gateway.policy.evaluate import FusedMemo
+    from gateway.policy.memo import FusedMemo
 
 ALL_ALLOW = -1
 ALL_ALLOW_TERMINATE = -2
@@ -81,7 +81,7 @@ class PolicySet:
     # What the expressions read, so each request's activation holds nothing more: each
     # variable read, with the fields read of it (None: the whole value).
     reads: Mapping[str, frozenset[str] | None] = field(default_factory=lambda: dict.fromkeys(VARIABLES))
-    # Fused-expression results by the values of the fields read (see evaluate.FusedMemo).
+    # Fused-expression results by the values of the fields read (see memo.FusedMemo).
     memo: FusedMemo | None = None
     # Whether any policy reads the body or the MCP view: a request whose body the gateway
     # cannot read exactly as a server would is then refused before any policy is judged.

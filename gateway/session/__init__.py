@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+from gateway.observe import NO_OBSERVER, Observer
 from gateway.session.store import SessionStore, StoreSettings
 
 
@@ -11,7 +12,7 @@ class StoreURLError(ValueError):
     """A store URL that names no supported store."""
 
 
-def open_store(url: str, settings: StoreSettings) -> SessionStore:
+def open_store(url: str, settings: StoreSettings, observer: Observer = NO_OBSERVER) -> SessionStore:
     """memory://, sqlite:///path, redis://host:port/db, rediss://…, unix:///path.sock."""
     scheme = urlsplit(url).scheme
     if scheme == "memory":
@@ -21,9 +22,9 @@ def open_store(url: str, settings: StoreSettings) -> SessionStore:
     if scheme == "sqlite":
         from gateway.session.sqlite import SQLiteStore
 
-        return SQLiteStore(url, settings)
+        return SQLiteStore(url, settings, observer)
     if scheme in ("redis", "rediss", "unix"):
         from gateway.session.redis_store import RedisStore
 
-        return RedisStore(url, settings)
+        return RedisStore(url, settings, observer)
     raise StoreURLError(f"unsupported store URL scheme {scheme!r} (memory://, sqlite:///path, redis://, unix://)")

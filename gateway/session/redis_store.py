@@ -28,11 +28,10 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import redis
-from opentelemetry import trace
-from opentelemetry.trace import SpanKind, StatusCode
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from gateway.observe import NO_OBSERVER, Observer
 from gateway.session.record import ENDED_EXPIRED, tombstone
 from gateway.session.record import decode as decode_record
 from gateway.session.record import encode as encode_record
@@ -116,8 +115,9 @@ def _glob_escape(text: str) -> str:
 
 
 class RedisStore(SessionStore):
-    def __init__(self, url: str, settings: StoreSettings) -> None:
+    def __init__(self, url: str, settings: StoreSettings, observer: Observer = NO_OBSERVER) -> None:
         self.settings = settings
+        self._observer = observer
         self._prefix = settings.key_prefix
         self._idle_ms = str(max(1, _ms(settings.idle_timeout)))
         self._client = redis.Redis.from_url(
@@ -139,29 +139,19 @@ class RedisStore(SessionStore):
         if "host" in kwargs:
             self._span_attributes["server.address"] = str(kwargs["host"])
             self._span_attributes["server.port"] = int(kwargs.get("port", 6379))
-        self._tracer = trace.get_tracer("authz-gateway")
 
     def _key(self, session_id: str) -> str:
         return self._prefix + session_id
 
     def _round_trip(self, operation: str, call: Callable[[], T]) -> T:
         """One request to Redis (a client span if the check's span records); errors → StoreUnavailable."""
-        span = None
-        if trace.get_current_span().is_recording():
-            span = self._tracer.start_span(
-                f"redis {operation}",
-                kind=SpanKind.CLIENT,
-                attributes={**self._span_attributes, "db.operation.name": operation},
-            )
-        try:
-            return call()
-        except redis.exceptions.RedisError as exc:
-            if span is not None:
-                span.set_status(StatusCode.ERROR, type(exc).__name__)
-            raise StoreUnavailable(f"Redis {operation}: {type(exc).__name__}: {exc}") from None
-        finally:
-            if span is not None:
-                span.end()
+        attributes = {**self._span_attributes, "db.operation.name": operation}
+        with self._observer.operation(f"redis {operation}", attributes, within_check=True) as request:
+            try:
+                return call()
+            except redis.exceptions.RedisError as exc:
+                request.failed(exc)
+                raise StoreUnavailable(f"Redis {operation}: {type(exc).__name__}: {exc}") from None
 
     # ---- the interface ----
     def load(self, session_id: str, now: float) -> Loaded | None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from gateway.observe import NO_OBSERVER, Observer
 from gateway.session.record import decode as decode_record
 from gateway.session.record import encode as encode_record
 from gateway.session.store import (
@@ -37,7 +38,6 @@ from gateway.session.store import (
     kept_until,
     slide_interval,
 )
-from gateway.telemetry import metrics
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,9 @@ def _is_live_record(data: Mapping[str, Any]) -> bool:
 
 
 class SQLiteStore(SessionStore):
-    def __init__(self, url: str, settings: StoreSettings) -> None:
+    def __init__(self, url: str, settings: StoreSettings, observer: Observer = NO_OBSERVER) -> None:
         self.settings = settings
+        self._observer = observer
         self.path = sqlite_path(url)
         self._slide = slide_interval(settings)
         self._local = threading.local()
@@ -189,7 +190,7 @@ class SQLiteStore(SessionStore):
         except StoreUnavailable as exc:
             # The record was read; only its idle expiry did not move, so the check goes on.
             # Counted rather than logged: under write contention this could repeat per check.
-            metrics.store_errors.add(1, _SLIDE_LABELS)
+            self._observer.count("authz_store_errors", _SLIDE_LABELS)
             log.debug("SQLite store: the idle expiry was not extended: %s", exc)
 
     def _live_count_of(self, connection: sqlite3.Connection, owner: str, now: float) -> int:
