@@ -40,8 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from gateway.example_keys import SigningKeyPair, claims_for, jwks  # noqa: E402
 from gateway.policy.loader import default_policy_dir  # noqa: E402
-from gateway.testing_keys import SigningKeyPair, claims_for, jwks  # noqa: E402
 
 CHECK_PATH = "/envoy.service.auth.v3.Authorization/Check"
 ISSUER = "https://idp.bench.example"

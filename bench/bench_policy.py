@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from gateway.commands.policy_cases import check_request_for, identity_from_claims  # noqa: E402
 from gateway.config import AuthConfig, SessionConfig  # noqa: E402
 from gateway.identity.verifier import TokenVerifier  # noqa: E402
 from gateway.pipeline import Authorizer, PolicyHolder  # noqa: E402
@@ -37,7 +38,6 @@ from gateway.policy.engines import CompiledExpression  # noqa: E402
 from gateway.policy.evaluate import judge  # noqa: E402
 from gateway.policy.loader import default_policy_dir, load_policy_dir  # noqa: E402
 from gateway.policy.model import Policy, PolicySet  # noqa: E402
-from gateway.policy.testing import check_request_for, identity_from_claims  # noqa: E402
 from gateway.request import from_check_request  # noqa: E402
 from gateway.session.memory import MemoryStore  # noqa: E402
 from gateway.session.record import new_record, owner_key  # noqa: E402

@@ -32,6 +32,7 @@ if str(REPO) not in sys.path:
 
 from bench.bench_check import AUDIENCE, ISSUER, SUBJECT, build_check_request  # noqa: E402
 from gateway.config import AuthConfig, IssuerConfig, SessionConfig  # noqa: E402
+from gateway.example_keys import SigningKeyPair, claims_for, jwks  # noqa: E402
 from gateway.identity.verifier import TokenVerifier  # noqa: E402
 from gateway.pipeline import Authorizer, PolicyHolder  # noqa: E402
 from gateway.policy.loader import default_policy_dir, load_policy_dir  # noqa: E402
@@ -40,7 +41,6 @@ from gateway.session import open_store  # noqa: E402
 from gateway.session.memory import MemoryStore  # noqa: E402
 from gateway.session.record import new_record, owner_key  # noqa: E402
 from gateway.session.store import SessionStore, StoreSettings  # noqa: E402
-from gateway.testing_keys import SigningKeyPair, claims_for, jwks  # noqa: E402
 
 REALISTIC_ISSUER = "https://login.example.com/realms/mcp"
 

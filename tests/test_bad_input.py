@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway import decision
-from gateway.testing_keys import SigningKeyPair, claims_for
+from gateway.example_keys import SigningKeyPair, claims_for
 from tests.support.checks import check_request, denied_headers, http_status
 from tests.support.inprocess import InProcessGateway
 from tests.support.issuer import AUDIENCE, TestIssuer

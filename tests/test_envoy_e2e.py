@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from gateway.testing_keys import SigningKeyPair, claims_for
+from gateway.example_keys import SigningKeyPair, claims_for
 from tests.support.checks import CheckClient, check_request, http_status
 from tests.support.issuer import AUDIENCE, TestIssuer
 from tests.support.processes import (

@@ -23,9 +23,9 @@ from cryptography.hazmat.primitives import serialization
 
 from gateway import decision
 from gateway.config import ConfigError, config_from_mapping
+from gateway.example_keys import SigningKeyPair, claims_for, jwks
 from gateway.identity.keys import RemoteKeys
 from gateway.identity.verifier import Identity, TokenRejected, TokenVerifier, bearer_token
-from gateway.testing_keys import SigningKeyPair, claims_for, jwks
 from tests.support.issuer import AUDIENCE, TestIssuer
 
 ALGS = ("RS256", "ES256", "EdDSA")

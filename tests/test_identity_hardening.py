@@ -23,11 +23,11 @@ import yaml
 
 from gateway import decision
 from gateway.config import AuthConfig, ConfigError, IssuerConfig, config_from_mapping
+from gateway.example_keys import SigningKeyPair, claims_for
 from gateway.identity import verifier as verifier_module
 from gateway.identity.keys import RemoteKeys, http_get_json
 from gateway.identity.verifier import TokenRejected, TokenVerifier
 from gateway.policy.loader import default_policy_dir
-from gateway.testing_keys import SigningKeyPair, claims_for
 from tests.support.inprocess import InProcessGateway
 from tests.support.issuer import AUDIENCE, TestIssuer
 from tests.support.processes import REPO

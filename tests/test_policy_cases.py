@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.policy.loader import default_policy_dir, load_policy_dir
-from gateway.policy.model import PolicySet
-from gateway.policy.testing import (
+from gateway.commands.policy_cases import (
     CaseFileError,
     CaseRunner,
     PolicyCase,
@@ -19,6 +17,8 @@ from gateway.policy.testing import (
     parse_cases,
     run_case,
 )
+from gateway.policy.loader import default_policy_dir, load_policy_dir
+from gateway.policy.model import PolicySet
 
 REPO = Path(__file__).resolve().parent.parent
 CASE_DIRS = [

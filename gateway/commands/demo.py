@@ -97,7 +97,7 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     from gateway.demo.receiver import DecisionReceiver
     from gateway.demo.stack import DemoStack, StartError, find_envoy, free_port
     from gateway.demo.story import Story, Tokens
-    from gateway.testing_keys import SigningKeyPair, claims_for, jwks
+    from gateway.example_keys import SigningKeyPair, claims_for, jwks
 
     key = SigningKeyPair.generate("ES256")
     jwks_file = work / "jwks.json"

@@ -13,11 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from gateway.mcp import McpCall
-from gateway.policy.engines import make_engine
-from gateway.policy.loader import PolicyLoadError, load_policy_dir, policy_files, resolve_policy_dir
-from gateway.policy.model import PolicySet
-from gateway.policy.testing import (
+from gateway.commands.policy_cases import (
     CaseFileError,
     CaseResult,
     CaseRunner,
@@ -29,6 +25,10 @@ from gateway.policy.testing import (
     session_state,
     summary,
 )
+from gateway.mcp import McpCall
+from gateway.policy.engines import make_engine
+from gateway.policy.loader import PolicyLoadError, load_policy_dir, policy_files, resolve_policy_dir
+from gateway.policy.model import PolicySet
 
 ENGINES = ("cel", "celpy")
 

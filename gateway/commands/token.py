@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from gateway.testing_keys import SigningKeyPair, claims_for
+from gateway.example_keys import SigningKeyPair, claims_for
 
 EXAMPLE_KEY = Path("examples/keys/issuer-rs256.pem")
 

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from gateway.testing_keys import SigningKeyPair, claims_for, jwks
+from gateway.example_keys import SigningKeyPair, claims_for, jwks
 
 AUDIENCE = "https://mcp.example.test"
 
