@@ -19,4 +19,5 @@ if ! cmp -s tests/node/package-lock.json tests/node/node_modules/.installed-pack
 fi
 echo "== ruff"; "$VENV/bin/ruff" check gateway tests bench
 echo "== mypy (strict on gateway/)"; "$VENV/bin/mypy" gateway
+echo "== import-linter (layers)"; "$VENV/bin/lint-imports"
 echo "== pytest"; "$VENV/bin/python" -m pytest "$@"
