@@ -12,20 +12,19 @@ from typing import Any
 
 from gateway import decision
 from gateway.config import AuthConfig, SessionConfig
-from gateway.decision import AuditDeny, Decision
-from gateway.identity.verifier import ANONYMOUS_AUTH_MAP, Identity, TokenRejected, TokenVerifier, bearer_token
+from gateway.decision import Allows, AuditDeny, Decision
+from gateway.identity.verifier import ANONYMOUS_AUTH_MAP, Identity, TokenRejected, TokenVerifier, authenticate
 from gateway.mcp import NOT_MCP, McpCall
 from gateway.policy.activation import NO_SESSION, Activations, session_variable, timestamp
 from gateway.policy.evaluate import PolicyFailure, Tracer, applies, bind_values, judge, session_key
 from gateway.policy.model import Policy, PolicyHolder, PolicySet
-from gateway.request import RequestContext, RequestError
+from gateway.request import RequestContext
 from gateway.session.binding import Binder, Refusal, Session
 from gateway.session.store import SessionStore, StoreUnavailable
 
 UPSTREAM_SUBJECT = "x-authz-subject"
 UPSTREAM_ISSUER = "x-authz-issuer"
 UPSTREAM_HEADERS = (UPSTREAM_SUBJECT, UPSTREAM_ISSUER)
-_ALLOW_CACHE_SIZE = 10_000
 
 __all__ = ["UPSTREAM_HEADERS", "Authorizer", "PolicyHolder"]
 
@@ -61,7 +60,7 @@ class Authorizer:
         self._verifier = verifier
         self._binder = Binder(store, sessions)
         self.policies = policies
-        self._allows: dict[tuple[str, str] | None, Decision] = {}
+        self._allows = Allows()
 
     @property
     def store(self) -> SessionStore:
@@ -75,17 +74,8 @@ class Authorizer:
 
     def identify(self, context: RequestContext, now: float) -> Identity | Decision | None:
         """The verified identity, None for an allowed anonymous request, or a deny."""
-        token = bearer_token(context.headers)
-        if token is None:
-            if "authorization" in context.headers:
-                # Credentials that are not a usable Bearer token are refused, never taken for an
-                # anonymous request (the upstream would still receive them).
-                return decision.deny(decision.TOKEN_INVALID, error="the Authorization header is not Bearer")
-            if self._auth.allow_anonymous:
-                return None
-            return decision.deny(decision.TOKEN_MISSING, error="no bearer token")
         try:
-            return self._verifier.verify(token, now)
+            return authenticate(context.headers, self._verifier, self._auth.allow_anonymous, now)
         except TokenRejected as rejected:
             return decision.deny(rejected.reason, error=str(rejected))
 
@@ -186,20 +176,12 @@ class Authorizer:
 
     def _allow(self, check: _Check) -> Decision:
         session_new = any(found is not None and not found[0].existed for found in check.sessions.values())
+        headers = self._upstream_headers(check.identity)
         if check.audits or session_new:
-            headers = self._upstream_headers(check.identity)
             return Decision(True, decision.ALLOWED, audit_denies=tuple(check.audits),
                             session_new=session_new, upstream_headers=headers)
-        # An identity's ordinary allow: one immutable Decision per identity.
         identity = check.identity
-        key = (identity.issuer, identity.subject) if identity is not None else None
-        allowed = self._allows.get(key)
-        if allowed is None:
-            allowed = Decision(True, decision.ALLOWED, upstream_headers=self._upstream_headers(identity))
-            if len(self._allows) >= _ALLOW_CACHE_SIZE:
-                self._allows.clear()
-            self._allows[key] = allowed
-        return allowed
+        return self._allows.plain(None if identity is None else (identity.issuer, identity.subject), headers)
 
     def _upstream_headers(self, identity: Identity | None) -> tuple[tuple[str, str], ...]:
         if identity is None or not self._auth.upstream_headers:
@@ -210,23 +192,16 @@ class Authorizer:
 def _read_body(check: _Check) -> Decision | None:
     """Where a policy reads the body, it is read before any policy runs: a `when` must not be
     skipped by an empty MCP view while a lenient server reads the body as a call."""
-    policy_set, context = check.policy_set, check.context
-    reads_mcp = "mcp" in policy_set.reads
-    if not (policy_set.uses_body or reads_mcp):
+    policies = check.policy_set.policies
+    readers = [p for p in policies if p.uses_body]
+    reads_mcp = "mcp" in check.policy_set.reads
+    refused = check.context.body_refusal(reads_mcp) if readers or reads_mcp else None
+    if refused is None:
         return None
-    if context.body_partial:
-        reader = next((p.name for p in policy_set.policies if p.uses_body), "")
-        message = "a policy reads the body, and Envoy sent only part of it"
-        return decision.deny(decision.REQUEST_BODY_PARTIAL, policy=reader, error=message)
-    try:
-        context.check_body_readable()
-        if reads_mcp:
-            context.mcp_calls  # noqa: B018 - parsed now, so that a refusal comes first
-    except RequestError as exc:
-        refusal = decision.deny(exc.reason, error=str(exc))
-        if any(p.uses_body and not p.audit for p in policy_set.policies):
-            return refusal
-        check.unreadable = refusal  # only audit policies read it: they record the refusal
+    denial = decision.deny(refused.reason, policy=readers[0].name if readers else "", error=str(refused))
+    if any(not p.audit for p in readers) or not readers or refused.reason == decision.REQUEST_BODY_PARTIAL:
+        return denial
+    check.unreadable = denial  # only audit policies read it: they record the refusal
     return None
 
 

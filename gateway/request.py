@@ -88,6 +88,19 @@ class RequestContext:
         if problem is not None:
             raise problem
 
+    def body_refusal(self, reads_mcp: bool) -> RequestError | None:
+        """Why a policy that reads the body (`reads_mcp`: and the MCP view) cannot judge this
+        request: cut short by Envoy, or not readable exactly as a server would read it."""
+        if self.body_partial:
+            return RequestError(decision.REQUEST_BODY_PARTIAL, "Envoy sent only part of the body")
+        try:
+            self.check_body_readable()
+            if reads_mcp:
+                self.mcp_calls  # noqa: B018 - parsed now, so that a refusal comes first
+        except RequestError as exc:
+            return exc
+        return None
+
     def request_map(self, fields: frozenset[str] | None = None) -> dict[str, Any]:
         """The `request` variable that policies see; only `fields` when given.
 

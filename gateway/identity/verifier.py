@@ -63,6 +63,23 @@ def bearer_token(headers: Mapping[str, str]) -> str | None:
     return token or None
 
 
+def authenticate(
+    headers: Mapping[str, str], verifier: TokenVerifier, allow_anonymous: bool, now: float
+) -> Identity | None:
+    """Who is asking: the verified identity, or None for an allowed anonymous request.
+    Raises TokenRejected otherwise."""
+    token = bearer_token(headers)
+    if token is not None:
+        return verifier.verify(token, now)
+    if "authorization" in headers:
+        # Credentials that are not a usable Bearer token are refused, never taken for an
+        # anonymous request (the upstream would still receive them).
+        raise TokenRejected(decision.TOKEN_INVALID, "the Authorization header is not a Bearer token")
+    if allow_anonymous:
+        return None
+    raise TokenRejected(decision.TOKEN_MISSING, "no bearer token")
+
+
 def _scopes(claims: Mapping[str, Any]) -> tuple[str, ...]:
     raw = claims.get("scope", claims.get("scp", ()))
     if isinstance(raw, str):
