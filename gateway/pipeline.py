@@ -15,7 +15,7 @@ from gateway.config import AuthConfig, SessionConfig
 from gateway.decision import Allows, AuditDeny, Decision
 from gateway.identity.verifier import ANONYMOUS_AUTH_MAP, Identity, TokenRejected, TokenVerifier, authenticate
 from gateway.mcp import NOT_MCP, McpCall
-from gateway.policy.activation import NO_SESSION, Activations, session_variable, timestamp
+from gateway.policy.activation import Activations, policy_variables, session_variable
 from gateway.policy.evaluate import PolicyFailure, Tracer, applies, bind_values, judge, session_key
 from gateway.policy.model import Policy, PolicyHolder, PolicySet
 from gateway.request import RequestContext
@@ -192,12 +192,14 @@ class Authorizer:
 def _read_body(check: _Check) -> Decision | None:
     """Where a policy reads the body, it is read before any policy runs: a `when` must not be
     skipped by an empty MCP view while a lenient server reads the body as a call."""
-    policies = check.policy_set.policies
-    readers = [p for p in policies if p.uses_body]
-    reads_mcp = "mcp" in check.policy_set.reads
-    refused = check.context.body_refusal(reads_mcp) if readers or reads_mcp else None
+    policy_set = check.policy_set
+    reads_mcp = "mcp" in policy_set.reads
+    if not (policy_set.uses_body or reads_mcp):
+        return None
+    refused = check.context.body_refusal(reads_mcp)
     if refused is None:
         return None
+    readers = [p for p in policy_set.policies if p.uses_body]
     denial = decision.deny(refused.reason, policy=readers[0].name if readers else "", error=str(refused))
     if any(not p.audit for p in readers) or not readers or refused.reason == decision.REQUEST_BODY_PARTIAL:
         return denial
@@ -208,26 +210,20 @@ def _read_body(check: _Check) -> Decision | None:
 def _gather_variables(check: _Check) -> Decision | None:
     """The variables the policy set reads, as plain values; a deny for a query it cannot judge."""
     reads, context, identity = check.policy_set.reads, check.context, check.identity
-    variables: dict[str, Any] = {
-        "claims": identity.claims if identity else {},
-        "auth": identity.auth_map if identity else ANONYMOUS_AUTH_MAP,
-        "session": NO_SESSION,
-        "context": context.context_extensions,
-    }
-    if "request" in reads:
-        fields = reads["request"]
-        if context.query_repeated and (fields is None or "query" in fields):
-            message = "a query parameter is repeated, and a policy reads the query"
-            return decision.deny(decision.REQUEST_INVALID, error=message)
-        variables["request"] = context.request_map(fields)
-    if "mcp" in reads:
-        call = context.mcp if check.unreadable is None else NOT_MCP
-        variables["mcp"] = call.as_cel()
-    if "source" in reads:
-        variables["source"] = {"address": context.source_address, "principal": context.source_principal}
-    if "now" in reads:
-        variables["now"] = timestamp(check.now)
-    check.variables = variables
+    fields = reads.get("request", frozenset())
+    if "request" in reads and context.query_repeated and (fields is None or "query" in fields):
+        message = "a policy reads the query, and a parameter repeats"
+        return decision.deny(decision.REQUEST_INVALID, error=message)
+    check.variables = policy_variables(
+        reads,
+        claims=identity.claims if identity else {},
+        auth=identity.auth_map if identity else ANONYMOUS_AUTH_MAP,
+        request=context.request_map,
+        mcp=lambda: (context.mcp if check.unreadable is None else NOT_MCP).as_cel(),
+        context=context.context_extensions,
+        source=lambda: {"address": context.source_address, "principal": context.source_principal},
+        now=check.now,
+    )
     return None
 
 

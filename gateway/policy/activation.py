@@ -42,6 +42,31 @@ def session_variable(
     return variable
 
 
+def policy_variables(
+    reads: Mapping[str, frozenset[str] | None],
+    *,
+    claims: Mapping[str, Any],
+    auth: Mapping[str, Any],
+    request: Callable[[frozenset[str] | None], Mapping[str, Any]],
+    mcp: Callable[[], Mapping[str, str]],
+    context: Mapping[str, str],
+    source: Callable[[], Mapping[str, str]],
+    now: float,
+) -> dict[str, Any]:
+    """The variables policies see (README, Variables), built only where some expression reads
+    them: `request`, `mcp` and `source` are made on demand (`request` with the fields read)."""
+    variables: dict[str, Any] = {"claims": claims, "auth": auth, "session": NO_SESSION, "context": context}
+    if "request" in reads:
+        variables["request"] = request(reads["request"])
+    if "mcp" in reads:
+        variables["mcp"] = mcp()
+    if "source" in reads:
+        variables["source"] = source()
+    if "now" in reads:
+        variables["now"] = timestamp(now)
+    return variables
+
+
 class Once:
     """Calls `make` the first time it is called, and returns that result ever after."""
 
