@@ -46,7 +46,9 @@ def _measure(tree: Path, policies: str | None, batches: int, size: int) -> float
     config: dict[str, Any] = {
         "listen": "127.0.0.1:0",
         "store": "memory://",
-        "auth": {"issuers": [{"issuer": ISSUER, "audiences": [AUDIENCE], "jwks_file": str(work / "jwks.json")}]},
+        "auth": {
+            "issuers": [{"issuer": ISSUER, "audiences": [AUDIENCE], "jwks_file": str(work / "jwks.json")}]
+        },
     }
     if policies is not None:
         config["policies"] = str(tree / policies)
