@@ -271,9 +271,10 @@ def from_check_request(check_request: Any, max_bytes: int = 64 * 1024) -> Reques
         query, query_repeated = _query(query_string)
     extensions = dict(attributes.context_extensions)
     principal = attributes.source.principal
+    address = attributes.source.address.socket_address.address
     # The body is checked where a policy reads it (RequestContext.check_body_readable).
     _refuse_unsafe_text(
-        http.method, path, http.host, http.scheme, http.id, principal,
+        http.method, path, http.host, http.scheme, http.id, principal, address,
         *headers, *headers.values(), *query, *query.values(), *extensions, *extensions.values(),
     )
     context = RequestContext(
@@ -289,7 +290,7 @@ def from_check_request(check_request: Any, max_bytes: int = 64 * 1024) -> Reques
         body_partial=headers.get(PARTIAL_BODY_HEADER, "").lower() == "true",
         body_is_text=body_is_text,
         body_undecodable=body_undecodable,
-        source_address=attributes.source.address.socket_address.address,
+        source_address=address,
         source_principal=principal,
         context_extensions=extensions,
     )

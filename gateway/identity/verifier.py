@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -107,6 +108,7 @@ def _number(claims: Mapping[str, Any], name: str) -> float | None:
 # Algorithm names safe to repeat in a message (the rest of the header is the token's, not ours).
 _NAMED_ALGORITHMS = ASYMMETRIC_ALGORITHMS | {"HS256", "HS384", "HS512", "none", "None", "NONE"}
 _MAX_NAMED_CLAIM = 64
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _unsafe_claim(claims: Mapping[str, Any]) -> str | None:
@@ -273,6 +275,9 @@ class TokenVerifier:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:
             raise TokenRejected(decision.TOKEN_INVALID, "sub must be a non-empty string")
+        if _CONTROL.search(subject):
+            # It goes upstream as the x-authz-subject header, where CR/LF would split it.
+            raise TokenRejected(decision.TOKEN_INVALID, "sub holds control characters")
         scopes = _scopes(claims)
         auth_map = {"authenticated": True, "issuer": issuer_name, "subject": subject, "scopes": list(scopes)}
         identity = Identity(claims, issuer_name, subject, scopes, expires_at, auth_map)
