@@ -43,6 +43,7 @@ from gateway.response import ResponseBuilder
 from gateway.session.memory import MemoryStore
 from gateway.session.record import ENDED_REVOKED, ENDED_TERMINATED, new_record, owner_key, tombstone
 from gateway.session.store import StoreSettings
+from gateway.text import safe_value
 
 # 2026-01-01T00:00:00Z: a fixed clock, so that a case means the same thing every day.
 DEFAULT_NOW = 1_767_225_600.0
@@ -537,6 +538,9 @@ class CaseRunner:
             context: RequestContext = from_check_request(check_request_for(case.request))
         except RequestError as exc:
             return decision.deny(exc.reason, error=str(exc))
+        if case.claims is not None and not safe_value(case.claims):
+            # As the verifier refuses such a token: no NUL or lone surrogate reaches an engine.
+            return decision.deny(decision.TOKEN_INVALID, error="a claim holds a NUL or a lone surrogate")
         identity = identity_from_claims(case.claims, case.now) if case.claims is not None else None
         return authorizer.check_identity(context, identity, case.now, trace)
 
