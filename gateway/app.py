@@ -144,5 +144,7 @@ class Gateway:
 
 
 def build_gateway(config: Config, **kwargs: object) -> Gateway:
-    telemetry = setup_telemetry(metrics_http=bool(config.telemetry.metrics_listen))
+    telemetry = setup_telemetry(
+        metrics_http=bool(config.telemetry.metrics_listen), fast_path=config.telemetry.fast_path
+    )
     return Gateway(config, telemetry=telemetry, **kwargs)  # type: ignore[arg-type]

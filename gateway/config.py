@@ -111,6 +111,8 @@ class TelemetryConfig:
     record_subject: bool = False
     subject_hash_key: str | None = None
     decision_log: bool = False
+    # false: the plain OTel SDK throughout, none of the hooks in gateway/telemetry/fast_path.py
+    fast_path: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,6 +331,7 @@ def _telemetry(reader: _Reader) -> TelemetryConfig:
         record_subject=reader.boolean("record_subject", False),
         subject_hash_key=reader.string("subject_hash_key"),
         decision_log=reader.boolean("decision_log", False),
+        fast_path=reader.boolean("fast_path", True),
     )
     if telemetry.metrics_listen:
         try:

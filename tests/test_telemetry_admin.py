@@ -14,6 +14,7 @@ import pytest
 from tests.support.checks import CheckClient
 from tests.support.issuer import TestIssuer
 from tests.support.processes import GatewayProcess, free_port, wait_for_port, wait_until
+from tests.test_telemetry_fast_path import MODES, TelemetryGateway
 
 # Telemetry on, no OTLP endpoint: metrics are only served on /metrics, nothing is pushed.
 NO_EXPORT = {"OTEL_SDK_DISABLED": "false"}
@@ -39,13 +40,14 @@ def sample(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
-def test_metrics_health_and_ready(tmp_path: Path, issuer: TestIssuer) -> None:
+@pytest.mark.parametrize("fast_path", MODES)
+def test_metrics_health_and_ready(tmp_path: Path, issuer: TestIssuer, fast_path: bool) -> None:
     admin_port = free_port()
     config = {
         "auth": {"issuers": [issuer.issuer_config(jwks_file=issuer.write_jwks(tmp_path / "jwks.json"))]},
         "telemetry": {"metrics_listen": f"127.0.0.1:{admin_port}"},
     }
-    gateway = GatewayProcess(config, tmp_path, env=NO_EXPORT)
+    gateway = TelemetryGateway(config, tmp_path, fast_path=fast_path, env=NO_EXPORT)
     client = CheckClient(gateway.address)
     try:
         wait_for_port(admin_port)

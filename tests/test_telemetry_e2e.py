@@ -5,7 +5,8 @@ and over OTLP/HTTP (protobuf); Envoy's tracer always exports over gRPC.
 For every decision the test finds Envoy's trace, and checks that the gateway's span is in
 it, as the child of Envoy's ext_authz egress span, with the decision's attributes. Then
 it scans every byte the receiver got, and the gateway's and Envoy's logs (decision log
-included), for the tokens and session ids it used.
+included), for the tokens and session ids it used. Each protocol runs with the telemetry
+fast path and with `telemetry.fast_path: false` (the plain SDK).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from tests.support.processes import (
     start_envoy,
     wait_until,
 )
+from tests.test_telemetry_fast_path import TelemetryGateway
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -101,9 +103,18 @@ class Stack:
         return gateway_span, envoy_spans()
 
 
-@pytest.fixture(scope="module", params=["grpc", "http/protobuf"])
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param((protocol, fast_path), id=f"{protocol}-{'fast' if fast_path else 'plain'}")
+        for protocol in ("grpc", "http/protobuf")
+        for fast_path in (True, False)
+    ],
+)
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    protocol: str = request.param
+    protocol: str
+    fast_path: bool
+    protocol, fast_path = request.param
     work = tmp_path_factory.mktemp("telemetry-e2e")
     receiver = OtlpReceiver()
     idp, other_idp = TestIssuer(name="a"), TestIssuer(name="b")
@@ -123,7 +134,7 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             },
             "telemetry": {"decision_log": True, "subject_hash_key": HASH_KEY},
         }
-        gateway = GatewayProcess(config, work, env=receiver.exporter_env(protocol))
+        gateway = TelemetryGateway(config, work, fast_path=fast_path, env=receiver.exporter_env(protocol))
         started.append(gateway)
         envoy, port = start_envoy(
             work,

@@ -15,6 +15,7 @@ from tests.support.checks import CheckClient, check_request
 from tests.support.issuer import TestIssuer
 from tests.support.otlp import OtlpReceiver
 from tests.support.processes import GatewayProcess, wait_until
+from tests.test_telemetry_fast_path import MODES, TelemetryGateway
 
 
 @pytest.fixture
@@ -24,10 +25,10 @@ def receiver() -> Iterator[OtlpReceiver]:
     found.stop()
 
 
-def start(tmp_path: Path, issuer: TestIssuer, env: dict[str, str]) -> GatewayProcess:
+def start(tmp_path: Path, issuer: TestIssuer, env: dict[str, str], fast_path: bool = True) -> GatewayProcess:
     jwks_file = issuer.write_jwks(tmp_path / "jwks.json")
     config = {"auth": {"issuers": [issuer.issuer_config(jwks_file=jwks_file)]}}
-    return GatewayProcess(config, tmp_path, env={"OTEL_SDK_DISABLED": "false", **env})
+    return TelemetryGateway(config, tmp_path, fast_path=fast_path, env={"OTEL_SDK_DISABLED": "false", **env})
 
 
 def resource_of(receiver: OtlpReceiver) -> dict[str, object]:
@@ -49,8 +50,9 @@ def test_default_service_name(monkeypatch: pytest.MonkeyPatch) -> None:
     assert service_resource().attributes["team"] == "edge"
 
 
+@pytest.mark.parametrize("fast_path", MODES)
 def test_per_signal_traces_endpoint_over_http_with_parent_based_sampler(
-    tmp_path: Path, issuer: TestIssuer, receiver: OtlpReceiver
+    tmp_path: Path, issuer: TestIssuer, receiver: OtlpReceiver, fast_path: bool
 ) -> None:
     env = {
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{receiver.http_endpoint}/v1/traces",
@@ -59,7 +61,7 @@ def test_per_signal_traces_endpoint_over_http_with_parent_based_sampler(
         "OTEL_RESOURCE_ATTRIBUTES": "service.name=gw-from-attributes,deployment.environment=test",
         "OTEL_BSP_SCHEDULE_DELAY": "100",
     }
-    gateway = start(tmp_path, issuer, env)
+    gateway = start(tmp_path, issuer, env, fast_path)
     client = CheckClient(gateway.address)
     try:
         # No parent: the sampler drops it. A sampled parent: the span is kept.
@@ -80,15 +82,16 @@ def test_per_signal_traces_endpoint_over_http_with_parent_based_sampler(
         gateway.stop()
 
 
+@pytest.mark.parametrize("fast_path", MODES)
 def test_per_signal_metrics_endpoint_and_service_name(
-    tmp_path: Path, issuer: TestIssuer, receiver: OtlpReceiver
+    tmp_path: Path, issuer: TestIssuer, receiver: OtlpReceiver, fast_path: bool
 ) -> None:
     env = {
         "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": receiver.grpc_endpoint,
         "OTEL_SERVICE_NAME": "gw-custom",
         "OTEL_METRIC_EXPORT_INTERVAL": "200",
     }
-    gateway = start(tmp_path, issuer, env)
+    gateway = start(tmp_path, issuer, env, fast_path)
     client = CheckClient(gateway.address)
     try:
         client.check(check_request(path="/one"))

@@ -1,7 +1,8 @@
 """Nothing lost at shutdown: SIGTERM flushes every pending span and metric before exit.
 
 The batch delay and the metric interval are set far beyond the test's length, so
-whatever reaches the receiver was sent by the shutdown flush itself.
+whatever reaches the receiver was sent by the shutdown flush itself. With the telemetry
+fast path and without it (the plain SDK).
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ from gateway.telemetry.tracing import SPAN_NAME
 from tests.support.checks import CheckClient, check_request
 from tests.support.issuer import TestIssuer
 from tests.support.otlp import OtlpReceiver
-from tests.support.processes import GatewayProcess
+from tests.test_telemetry_fast_path import MODES, TelemetryGateway
 
 CHECKS = 300
 
 
+@pytest.mark.parametrize("fast_path", MODES)
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
-def test_sigterm_flushes_every_span_and_metric(tmp_path: Path, issuer: TestIssuer, protocol: str) -> None:
+def test_sigterm_flushes_every_span_and_metric(
+    tmp_path: Path, issuer: TestIssuer, protocol: str, fast_path: bool
+) -> None:
     receiver = OtlpReceiver()
     env = {
         **receiver.exporter_env(protocol),
@@ -32,7 +36,7 @@ def test_sigterm_flushes_every_span_and_metric(tmp_path: Path, issuer: TestIssue
     }
     jwks_file = issuer.write_jwks(tmp_path / "jwks.json")
     config = {"auth": {"issuers": [issuer.issuer_config(jwks_file=jwks_file)]}}
-    gateway = GatewayProcess(config, tmp_path, env=env)
+    gateway = TelemetryGateway(config, tmp_path, fast_path=fast_path, env=env)
     client = CheckClient(gateway.address)
     try:
         token = issuer.token("alice")

@@ -3,7 +3,8 @@
 One gateway process serves every test here: two trusted issuers (one with a remote JWKS,
 one from a file), the shipped session-binding policy, an audit-mode policy and a policy
 whose expression fails at run time. Each check uses its own path or trace id, so each
-test finds its own span among everything the receiver got.
+test finds its own span among everything the receiver got. Every test runs twice: with
+the telemetry fast path, and with `telemetry.fast_path: false` (the plain SDK).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tests.support.checks import CheckClient, check_request, http_status
 from tests.support.issuer import TestIssuer
 from tests.support.otlp import OtlpReceiver, ReceivedSpan
 from tests.support.processes import REPO, GatewayProcess, wait_until
+from tests.test_telemetry_fast_path import MODES, TelemetryGateway
 
 HASH_KEY = "telemetry-test-key"
 SERVER = trace_pb2.Span.SPAN_KIND_SERVER
@@ -63,8 +65,8 @@ class Rig:
         return [json.loads(line) for line in self.gateway.log_text().splitlines() if line.startswith("{")]
 
 
-@pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+@pytest.fixture(scope="module", params=MODES)
+def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     work = tmp_path_factory.mktemp("telemetry-spans")
     policies = work / "policies"
     policies.mkdir()
@@ -86,7 +88,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         },
         "telemetry": {"subject_hash_key": HASH_KEY, "decision_log": True},
     }
-    gateway = GatewayProcess(config, work, env=receiver.exporter_env("grpc"))
+    gateway = TelemetryGateway(config, work, fast_path=request.param, env=receiver.exporter_env("grpc"))
     client = CheckClient(gateway.address)
     try:
         yield Rig(receiver, idp, other_idp, gateway, client)

@@ -1,5 +1,6 @@
 """Telemetry around a real Redis store: child spans per round trip, store_unavailable as an
-ERROR span with the exception, store metrics and readiness, when the redis-server is killed."""
+ERROR span with the exception, store metrics and readiness, when the redis-server is killed.
+With the telemetry fast path and without it (the plain SDK)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,22 @@ import json
 import uuid
 from pathlib import Path
 
+import pytest
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from gateway.telemetry.tracing import SPAN_NAME
 from tests.support.checks import CheckClient
 from tests.support.issuer import TestIssuer
 from tests.support.otlp import OtlpReceiver, ReceivedSpan
-from tests.support.processes import GatewayProcess, RedisServer, free_port, wait_until
+from tests.support.processes import RedisServer, free_port, wait_until
 from tests.test_telemetry_admin import get, sample
+from tests.test_telemetry_fast_path import MODES, TelemetryGateway
 
 
-def test_store_unavailable_span_metrics_and_readiness(tmp_path: Path, issuer: TestIssuer) -> None:
+@pytest.mark.parametrize("fast_path", MODES)
+def test_store_unavailable_span_metrics_and_readiness(
+    tmp_path: Path, issuer: TestIssuer, fast_path: bool
+) -> None:
     receiver = OtlpReceiver()
     redis = RedisServer(tmp_path)
     admin_port = free_port()
@@ -27,7 +33,7 @@ def test_store_unavailable_span_metrics_and_readiness(tmp_path: Path, issuer: Te
         "auth": {"issuers": [issuer.issuer_config(jwks_file=issuer.write_jwks(tmp_path / "jwks.json"))]},
         "telemetry": {"metrics_listen": f"127.0.0.1:{admin_port}", "decision_log": True},
     }
-    gateway = GatewayProcess(config, tmp_path, env=receiver.exporter_env("grpc"))
+    gateway = TelemetryGateway(config, tmp_path, fast_path=fast_path, env=receiver.exporter_env("grpc"))
     client = CheckClient(gateway.address)
     try:
         token = issuer.token("alice")

@@ -8,6 +8,11 @@ reader collects (an OTLP export every OTEL_METRIC_EXPORT_INTERVAL, or a Promethe
 scrape). The readers see ordinary cumulative Sum and Histogram metrics: the names,
 units and exported shape are what an SDK instrument of the same name would give.
 
+Handing the data to the readers takes their private `_receive_metrics` hook
+(gateway.telemetry.fast_path.metric_readers). With `telemetry.fast_path: false` the readers
+are the SDK's own, and each local instrument records through an SDK instrument of the same
+name, unit, description and buckets instead (record_through).
+
 Until telemetry is set up (or with OTEL_SDK_DISABLED) recording returns at once.
 """
 
@@ -20,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from opentelemetry.metrics import Meter
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
     Histogram,
@@ -41,6 +47,7 @@ class _State:
     enabled = False
     started_ns = 0
     resource: Resource | None = None
+    meter: Meter | None = None  # set by record_through: the plain path
 
 
 _state = _State()
@@ -55,7 +62,12 @@ class _LocalInstrument:
         self._local = threading.local()
         self._tables: list[dict[Any, Any]] = []
         self._tables_lock = threading.Lock()
+        # The plain path (fast_path off): the SDK instrument every recording goes to instead.
+        self._sdk: Any = self.sdk_instrument(_state.meter) if _state.meter is not None else None
         _instruments.append(self)
+
+    def sdk_instrument(self, meter: Meter) -> Any:
+        raise NotImplementedError
 
     def _table(self) -> dict[Any, Any]:
         try:
@@ -82,6 +94,8 @@ class LocalCounter(_LocalInstrument):
 
     def add(self, amount: int, attributes: Mapping[str, Any]) -> None:
         if not _state.enabled:
+            if self._sdk is not None:
+                self._sdk.add(amount, attributes)
             return
         table = self._table()
         key = tuple(attributes.items())
@@ -101,6 +115,9 @@ class LocalCounter(_LocalInstrument):
             Sum(points, AggregationTemporality.CUMULATIVE, is_monotonic=True),
         )
 
+    def sdk_instrument(self, meter: Meter) -> Any:
+        return meter.create_counter(self.name, unit=self.unit, description=self.description)
+
 
 class LocalHistogram(_LocalInstrument):
     """An explicit-bucket histogram: record(value, attributes)."""
@@ -111,6 +128,8 @@ class LocalHistogram(_LocalInstrument):
 
     def record(self, value: float, attributes: Mapping[str, Any]) -> None:
         if not _state.enabled:
+            if self._sdk is not None:
+                self._sdk.record(value, attributes)
             return
         table = self._table()
         key = tuple(attributes.items())
@@ -161,6 +180,14 @@ class LocalHistogram(_LocalInstrument):
             self.name, self.description, self.unit, Histogram(points, AggregationTemporality.CUMULATIVE)
         )
 
+    def sdk_instrument(self, meter: Meter) -> Any:
+        return meter.create_histogram(
+            self.name,
+            unit=self.unit,
+            description=self.description,
+            explicit_bucket_boundaries_advisory=self.boundaries,
+        )
+
 
 def enable(resource: Resource) -> None:
     _state.resource = resource
@@ -170,6 +197,17 @@ def enable(resource: Resource) -> None:
 
 def disable() -> None:
     _state.enabled = False
+
+
+def record_through(meter: Meter | None) -> None:
+    """The plain path: every local instrument records through an SDK instrument from `meter`.
+
+    The readers then see what any SDK instrument gives, with no hook into them. None stops it.
+    """
+    _state.enabled = False
+    _state.meter = meter
+    for instrument in _instruments:
+        instrument._sdk = instrument.sdk_instrument(meter) if meter is not None else None
 
 
 def with_local_metrics(metrics_data: MetricsData | None) -> MetricsData | None:
@@ -193,27 +231,3 @@ def with_local_metrics(metrics_data: MetricsData | None) -> MetricsData | None:
         scopes.append(ScopeMetrics(SCOPE, local, ""))
     resource_metrics[0] = replace(first, scope_metrics=scopes)
     return MetricsData(resource_metrics)
-
-
-def readers_with_local_metrics() -> tuple[type[Any], type[Any]]:
-    """PeriodicExportingMetricReader and PrometheusMetricReader that add the local instruments."""
-    from opentelemetry.exporter.prometheus import PrometheusMetricReader
-    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-
-    class PeriodicReader(PeriodicExportingMetricReader):
-        def _receive_metrics(
-            self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
-        ) -> None:
-            merged = with_local_metrics(metrics_data)
-            if merged is not None:
-                super()._receive_metrics(merged, timeout_millis, **kwargs)
-
-    class PrometheusReader(PrometheusMetricReader):
-        def _receive_metrics(
-            self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
-        ) -> None:
-            merged = with_local_metrics(metrics_data)
-            if merged is not None:
-                super()._receive_metrics(merged, timeout_millis, **kwargs)
-
-    return PeriodicReader, PrometheusReader

@@ -6,6 +6,9 @@ repeat (`authz.decision=deny`, `http.request.method=POST`, …), so each encoded
 pair is kept in a small cache. The output parses to exactly what the SDK's encoder
 builds (tests/test_telemetry_encoding.py holds them equal); anything it does not cover
 (links, unusual attribute types) goes to the SDK's encoder instead.
+
+Only public names here; the exporter that uses it (through the exporter's private
+`_translate_data`) is in gateway.telemetry.fast_path.
 """
 
 from __future__ import annotations
@@ -194,16 +197,3 @@ def encode_request(encoder: SpanEncoder, spans: Sequence[ReadableSpan]) -> Expor
     except Unsupported:
         request = encode_spans(spans)
     return request
-
-
-def fast_grpc_span_exporter() -> Any:
-    """The SDK's OTLP/gRPC span exporter (endpoint, headers, retries, TLS from OTEL_*), encoding faster."""
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-    class FastOTLPSpanExporter(OTLPSpanExporter):
-        _encoder = SpanEncoder()
-
-        def _translate_data(self, data: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
-            return encode_request(self._encoder, data)
-
-    return FastOTLPSpanExporter()

@@ -7,11 +7,12 @@ While the decision runs the span is the current one, so the only child spans, th
 real I/O (a JWKS fetch, a store round trip), nest under it. A span that does not record
 (no exporter, or sampled out) costs no attribute building at all.
 
-When setup_telemetry installed the SDK (a SpanSink), the Check span takes a lean path:
-its ids and sampling decision come from the provider's own id generator and sampler, and
-at the end one finished ReadableSpan goes straight to the batch processor. The SDK's
-general-purpose span object (locks, limits, validation per attribute) cost more than
-the check itself; the exported span is the same.
+When setup_telemetry installed the SDK with its fast path on (the default), the Check
+span takes the lean path of gateway.telemetry.fast_path: its ids and sampling decision come
+from the provider's own id generator and sampler, and at the end one finished ReadableSpan
+goes straight to the batch processor. The SDK's general-purpose span object (locks, limits,
+validation per attribute) cost more than the check itself; the exported span is the same.
+With `telemetry.fast_path: false` the span is the SDK tracer's own.
 """
 
 from __future__ import annotations
@@ -21,23 +22,19 @@ import hmac
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
-from opentelemetry.sdk.trace.id_generator import IdGenerator
-from opentelemetry.sdk.trace.sampling import Decision as Decision_
-from opentelemetry.sdk.trace.sampling import Sampler
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.sdk.trace import Event
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from gateway.decision import Decision
 from gateway.request import RequestContext, redact_secrets
+from gateway.telemetry import fast_path
+from gateway.telemetry.fast_path import PendingCheckSpan
 
 SPAN_NAME = "envoy.service.auth.v3.Authorization/Check"
 TRACER_NAME = "authz-gateway"
@@ -102,53 +99,6 @@ def request_line(request: Any) -> RequestContext | None:
     return RequestContext(method=str(http.method).upper(), path=str(http.path).partition("?")[0], headers={})
 
 
-@dataclass(frozen=True, slots=True)
-class SpanSink:
-    """The SDK parts the lean Check span uses, handed over by setup_telemetry."""
-
-    processor: SpanProcessor
-    sampler: Sampler
-    id_generator: IdGenerator
-    resource: Resource
-    scope: InstrumentationScope
-
-
-_sink: SpanSink | None = None
-# The SDK's default sampler, ParentBased(ALWAYS_ON): its decision is simple enough to inline.
-_DEFAULT_SAMPLER = (
-    "ParentBased{root:AlwaysOnSampler,remoteParentSampled:AlwaysOnSampler,remoteParentNotSampled:"
-    "AlwaysOffSampler,localParentSampled:AlwaysOnSampler,localParentNotSampled:AlwaysOffSampler}"
-)
-_default_sampling = False
-
-
-def install_span_sink(sink: SpanSink | None) -> None:
-    global _sink, _default_sampling
-    _default_sampling = sink is not None and sink.sampler.get_description() == _DEFAULT_SAMPLER
-    _sink = sink
-
-
-class PendingCheckSpan(trace.NonRecordingSpan):
-    """A Check span in flight on the lean path: its context (for child spans) and start."""
-
-    def __init__(
-        self,
-        context: SpanContext,
-        parent: SpanContext | None,
-        start_ns: int,
-        recording: bool,
-        sampler_attributes: Any,
-    ) -> None:
-        super().__init__(context)
-        self.parent = parent
-        self.start_ns = start_ns
-        self.recording = recording
-        self.sampler_attributes = sampler_attributes
-
-    def is_recording(self) -> bool:
-        return self.recording
-
-
 class SubjectHasher:
     """Subjects in telemetry are keyed hashes unless record_subject is on: correlatable, not readable."""
 
@@ -197,45 +147,17 @@ class CheckSpans:
     @staticmethod
     def active() -> bool:
         """Whether anything would record a span: the lean path, or another SDK provider."""
-        return _sink is not None or not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+        return fast_path.lean_spans is not None or not isinstance(
+            trace.get_tracer_provider(), trace.ProxyTracerProvider
+        )
 
     def start(self, parent: Context | None, start_ns: int) -> trace.Span:
-        sink = _sink
-        if sink is None:
+        lean = fast_path.lean_spans
+        if lean is None:
             return self._tracer.start_span(
                 SPAN_NAME, context=parent, kind=SpanKind.SERVER, start_time=start_ns
             )
-        # What the SDK's Tracer.start_span decides, without building its span object.
-        parent_context: SpanContext | None = trace.get_current_span(parent).get_span_context()
-        if parent_context is None or not parent_context.is_valid:
-            parent_context = None
-            trace_id = sink.id_generator.generate_trace_id()
-            random_trace_id = sink.id_generator.is_trace_id_random()
-        else:
-            trace_id = parent_context.trace_id
-            random_trace_id = parent_context.trace_flags.random_trace_id
-        if _default_sampling:
-            # ParentBased(ALWAYS_ON): sample a root, follow a parent's sampled flag, keep its state.
-            sampled = parent_context is None or parent_context.trace_flags.sampled
-            recording, trace_state, sampler_attributes = sampled, None, None
-            if parent_context is not None:
-                trace_state = parent_context.trace_state
-        else:
-            result = sink.sampler.should_sample(parent, trace_id, SPAN_NAME, SpanKind.SERVER)
-            sampled = result.decision == Decision_.RECORD_AND_SAMPLE
-            recording = result.decision != Decision_.DROP
-            trace_state, sampler_attributes = result.trace_state, result.attributes
-        flags = TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT
-        if random_trace_id:
-            flags |= TraceFlags.RANDOM_TRACE_ID
-        context = SpanContext(
-            trace_id,
-            sink.id_generator.generate_span_id(),
-            is_remote=False,
-            trace_flags=TraceFlags(flags),
-            trace_state=trace_state,
-        )
-        return PendingCheckSpan(context, parent_context, start_ns, recording, sampler_attributes)
+        return lean.start(SPAN_NAME, parent, start_ns)
 
     @staticmethod
     def enter(span: trace.Span) -> object | None:
@@ -299,26 +221,9 @@ class CheckSpans:
         attributes = decision_attributes(outcome, context)
         events, status = self._events(outcome, context, end_ns, error)
         if isinstance(span, PendingCheckSpan):
-            sink = _sink
-            if sink is None:  # telemetry was shut down while this check ran
-                return span
-            if span.sampler_attributes:
-                attributes.update(span.sampler_attributes)
-            sink.processor.on_end(
-                ReadableSpan(
-                    name=SPAN_NAME,
-                    context=span.get_span_context(),
-                    parent=span.parent,
-                    resource=sink.resource,
-                    attributes=attributes,
-                    events=events,
-                    kind=SpanKind.SERVER,
-                    status=status,
-                    start_time=span.start_ns,
-                    end_time=end_ns,
-                    instrumentation_scope=sink.scope,
-                )
-            )
+            lean = fast_path.lean_spans
+            if lean is not None:  # else telemetry was shut down while this check ran
+                lean.finish(span, SPAN_NAME, attributes, events, status, end_ns)
             return span
         span.set_attributes(attributes)
         for event in events:
