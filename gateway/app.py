@@ -16,7 +16,8 @@ from gateway.pipeline import UPSTREAM_HEADERS, Authorizer, PolicyHolder
 from gateway.policy.loader import PolicyLoadError, load_policy_dir, resolve_policy_dir
 from gateway.response import ResponseBuilder
 from gateway.server import CheckService, DecisionListener, build_server, set_serving
-from gateway.session import open_store
+from gateway.session import display_url, open_store
+from gateway.session.health import HealthTrackedStore, StoreHealth
 from gateway.session.store import SessionStore, StoreSettings
 from gateway.telemetry import metrics
 from gateway.telemetry.admin import AdminServer, start_admin
@@ -62,11 +63,15 @@ class Gateway:
         if store is None:
             store = open_store(config.store, store_settings(config), observer)
         self.store = store
+        self.store_health = StoreHealth(store, self._store_changed)
+        tracked = HealthTrackedStore(store, self.store_health)
         # Store timings cost a few µs per check: only measure when something collects metrics.
         collecting = self.telemetry.meter_provider is not None
-        measured = instrument_store(self.store, config.store) if collecting else self.store
+        measured = instrument_store(tracked, config.store) if collecting else tracked
         self.authorizer = Authorizer(config.auth, config.session, self.verifier, measured, self.policies)
-        self._unwatch_sessions = metrics.watch_live_sessions(store_kind(config.store), self.store.live_count)
+        kind = store_kind(config.store)
+        self._unwatch_sessions = metrics.watch_live_sessions(kind, self.store.live_count)
+        self._unwatch_store_up = metrics.watch_store_up(kind, lambda: self.store_health.up)
         self.admin: AdminServer | None = None
         if config.telemetry.decision_log:
             listeners = (*listeners, DecisionLog())
@@ -86,6 +91,21 @@ class Gateway:
         self.port = 0
         self._reload_lock = threading.Lock()
         self._stopped = threading.Event()
+        self._started = False
+
+    def _store_changed(self, up: bool, why: str) -> None:
+        where = display_url(self.config.store)
+        if up:
+            log.info("session store %s answers: serving", where)
+        else:
+            # The reason names the failing operation and the error type, never the URL's password.
+            log.error("session store %s does not answer (%s): NOT_SERVING until it does", where, why)
+        self._update_serving()
+
+    def _update_serving(self) -> None:
+        """SERVING only while started, with every issuer's keys and a store that answers."""
+        serving = self._started and not self._stopped.is_set() and self.keys_loaded() and self.store_health.up
+        set_serving(self.health, serving)
 
     def keys_loaded(self) -> bool:
         return all(not isinstance(k, RemoteKeys) or k.loaded for k in self.verifier.key_sources)
@@ -98,8 +118,7 @@ class Gateway:
             if not pending:
                 break
             self._stopped.wait(1.0)
-        if not self._stopped.is_set():
-            set_serving(self.health, True)
+        self._update_serving()
 
     def start(self) -> int:
         self.port = self.server.add_insecure_port(self.config.listen)
@@ -108,9 +127,10 @@ class Gateway:
         self.server.start()
         if self.config.telemetry.metrics_listen:
             self.admin = start_admin(self.config.telemetry.metrics_listen, self)
-        if self.keys_loaded():
-            set_serving(self.health, True)
-        else:
+        self._started = True
+        self.store_health.start()  # reports the store's state, and SERVING when all is ready
+        self._update_serving()
+        if not self.keys_loaded():
             threading.Thread(target=self._load_remote_keys, name="jwks-initial", daemon=True).start()
         return self.port
 
@@ -139,6 +159,8 @@ class Gateway:
         if self.admin is not None:
             self.admin.stop()
         self._unwatch_sessions()
+        self._unwatch_store_up()
+        self.store_health.stop()
         self.store.close()
         self.telemetry.shutdown()
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from gateway.observe import NO_OBSERVER, Observer
 from gateway.session.store import SessionStore, StoreSettings
@@ -28,3 +28,20 @@ def open_store(url: str, settings: StoreSettings, observer: Observer = NO_OBSERV
 
         return RedisStore(url, settings, observer)
     raise StoreURLError(f"unsupported store URL scheme {scheme!r} (memory://, sqlite:///path, redis://, unix://)")
+
+
+def display_url(url: str) -> str:
+    """The store URL for a log line: a password (in the userinfo or the query) never shown."""
+    try:
+        parts = urlsplit(url)
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return url.partition("://")[0] + "://[unparseable]"
+    if "password" not in parts.query.lower() and parts.password is None:
+        return url
+    if "password" in parts.query.lower():
+        parts = parts._replace(query="[redacted]")
+    if parts.password is not None:
+        user = parts.username or ""
+        parts = parts._replace(netloc=f"{user}:***@{parts.hostname or ''}{port}")
+    return urlunsplit(parts)

@@ -82,3 +82,31 @@ def watch_live_sessions(store: str, count: Callable[[], int | None]) -> Callable
                 _live_sources.remove(entry)
 
     return unwatch
+
+
+# Whether the session store answers (1) or not (0), per store kind, from the store health
+# tracker (gateway/session/health.py).
+_store_states: dict[str, Callable[[], bool]] = {}
+
+
+def _observe_store_up(_options: CallbackOptions) -> Iterable[Observation]:
+    return [Observation(1 if up() else 0, {"store": store}) for store, up in list(_store_states.items())]
+
+
+store_up = _meter.create_observable_gauge(
+    "authz_store_up",
+    callbacks=[_observe_store_up],
+    unit="1",
+    description="Whether the session store answers (1) or not (0), by store",
+)
+
+
+def watch_store_up(store: str, up: Callable[[], bool]) -> Callable[[], None]:
+    """Report `up()` as authz_store_up{store}; returns a function that stops it."""
+    _store_states[store] = up
+
+    def unwatch() -> None:
+        if _store_states.get(store) is up:
+            del _store_states[store]
+
+    return unwatch

@@ -282,7 +282,12 @@ class RedisServer(ManagedProcess):
     """A real redis-server on a free loopback port, no persistence."""
 
     def __init__(
-        self, work_dir: Path, port: int | None = None, name: str = "redis", unix_socket: Path | None = None
+        self,
+        work_dir: Path,
+        port: int | None = None,
+        name: str = "redis",
+        unix_socket: Path | None = None,
+        password: str | None = None,
     ) -> None:
         self.port = port or free_port()
         binary = shutil.which("redis-server")
@@ -303,9 +308,12 @@ class RedisServer(ManagedProcess):
         ]
         if unix_socket is not None:  # also listen on a unix socket (the unix:// store URL)
             argv += ["--unixsocket", str(unix_socket), "--unixsocketperm", "700"]
+        if password is not None:
+            argv += ["--requirepass", password]
         super().__init__(f"{name}-{self.port}", argv, work_dir)
         wait_for_port(self.port, 10)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{password}@" if password is not None else ""
+        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
         self.unix_url = f"unix://{unix_socket}" if unix_socket is not None else None
 
 
