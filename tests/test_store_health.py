@@ -75,7 +75,7 @@ def test_starting_with_an_unreachable_store_serves_not_serving_and_retries(tmp_p
         wait_until(lambda: "does not answer" in gateway.log_text(), timeout=5, what="the ERROR line")
         redis = RedisServer(tmp_path, port=port, password=PASSWORD)
         try:
-            wait_until(lambda: _status(gateway) == "SERVING", timeout=10, what="SERVING once the store answers")
+            wait_until(lambda: _status(gateway) == "SERVING", timeout=10, what="SERVING, the store answering")
         finally:
             redis.stop()
         assert PASSWORD not in gateway.log_text()
