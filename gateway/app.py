@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health
 
-from gateway.config import Config
+from gateway.config import Config, parse_hostport
 from gateway.identity.keys import RemoteKeys
 from gateway.identity.verifier import TokenVerifier
 from gateway.pipeline import UPSTREAM_HEADERS, Authorizer, PolicyHolder
@@ -92,6 +93,7 @@ class Gateway:
         self._reload_lock = threading.Lock()
         self._stopped = threading.Event()
         self._started = False
+        self._reuse_port = reuse_port
 
     def _store_changed(self, up: bool, why: str) -> None:
         where = display_url(self.config.store)
@@ -121,9 +123,14 @@ class Gateway:
         self._update_serving()
 
     def start(self) -> int:
-        self.port = self.server.add_insecure_port(self.config.listen)
+        if not self._reuse_port:
+            _refuse_a_taken_port(self.config.listen)
+        try:
+            self.port = self.server.add_insecure_port(self.config.listen)
+        except RuntimeError:  # grpcio's "Failed to bind": in use, or not an address of this host
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {self.config.listen}")
+            raise OSError(f"cannot listen on {self.config.listen}: the address is in use or not available")
         self.server.start()
         if self.config.telemetry.metrics_listen:
             self.admin = start_admin(self.config.telemetry.metrics_listen, self)
@@ -163,6 +170,24 @@ class Gateway:
         self.store_health.stop()
         self.store.close()
         self.telemetry.shutdown()
+
+
+def _refuse_a_taken_port(listen: str) -> None:
+    """One clear error for a port in use, before grpcio tries (and logs a C-core error line)."""
+    host, port = parse_hostport(listen)
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return  # grpcio says what is wrong with the name
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpcio binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise OSError(f"cannot listen on {listen}: {exc.strerror}") from None
 
 
 def build_gateway(config: Config, **kwargs: object) -> Gateway:

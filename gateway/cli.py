@@ -6,6 +6,7 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import NoReturn
 
 from gateway import __version__
 
@@ -13,8 +14,15 @@ from gateway import __version__
 COMMANDS = ("serve", "token", "policy", "demo", "sessions")
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """A usage error is one line on stderr and exit 2: no usage block to read past."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrors(
         prog="authz-gateway",
         description=(
             "Envoy ext_authz gateway: JWT identity, sessions bound to iss+sub, CEL policies as files."

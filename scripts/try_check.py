@@ -17,8 +17,8 @@ import sys
 import time
 
 import grpc
-from envoy.service.auth.v3 import attribute_context_pb2 as attrs
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from gateway.envoy_api.envoy.service.auth.v3 import attribute_context_pb2 as attrs
+from gateway.envoy_api.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
@@ -78,10 +78,14 @@ def main() -> int:
             return 0
         print(f"the gateway at {args.address} is not SERVING", file=sys.stderr)
         return 1
-    with grpc.insecure_channel(args.address) as channel:
-        response = external_auth_pb2_grpc.AuthorizationStub(channel).Check(
-            build_request(args.token, args.session, args.path), timeout=5
-        )
+    try:
+        with grpc.insecure_channel(args.address) as channel:
+            response = external_auth_pb2_grpc.AuthorizationStub(channel).Check(
+                build_request(args.token, args.session, args.path), timeout=5
+            )
+    except grpc.RpcError as error:
+        print(f"try_check: no gateway answers at {args.address} ({error.code().name})", file=sys.stderr)
+        return 2
     if response.HasField("ok_response"):
         added = ", ".join(f"{h.header.key}: {h.header.value}" for h in response.ok_response.headers)
         removed = ", ".join(response.ok_response.headers_to_remove)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -38,7 +39,12 @@ def marked_processes(mark: str) -> list[int]:
     return found
 
 
-def start_demo(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
+def _ignore_sigint() -> None:
+    # As nohup, a background shell or some CI runners leave it for their children.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def start_demo(tmp_path: Path, *args: str, sigint_ignored: bool = False) -> tuple[subprocess.Popen[str], str]:
     mark = uuid.uuid4().hex
     env = {**os.environ, "AUTHZ_DEMO_TEST_MARK": mark, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
@@ -48,6 +54,7 @@ def start_demo(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
         text=True,
         env=env,
         cwd=tmp_path,
+        preexec_fn=_ignore_sigint if sigint_ignored else None,
     )
     return process, mark
 
@@ -96,23 +103,34 @@ def normalized(output: str) -> str:
     return re.sub(r"started in \d+\.\ds", "started in N s", output)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_an_interrupted_demo_stops_everything_it_started(tmp_path: Path, signum: int) -> None:
-    process, mark = start_demo(tmp_path, "--keep-running")
-    assert process.stdout is not None
-    for line in process.stdout:
-        if line.startswith("Still running:"):
-            break
-    else:
-        pytest.fail(f"the demo ended early:\n{process.communicate()[1]}")
-    children = [pid for pid in marked_processes(mark) if pid != process.pid]
-    assert len(children) >= 3  # the MCP server, the gateway, Envoy
-    process.send_signal(signum)
-    stdout, stderr = process.communicate(timeout=30)
-    assert process.returncode == 130, stderr
-    assert "Stopped Envoy, authz-gateway and the MCP server." in stdout
-    assert "interrupted" in stderr
-    assert marked_processes(mark) == []
+@pytest.mark.parametrize(
+    ("signum", "sigint_ignored"),
+    [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGINT, True)],
+    ids=["sigint", "sigterm", "sigint-inherited-ignored"],
+)
+def test_an_interrupted_demo_stops_everything_it_started(
+    tmp_path: Path, signum: int, sigint_ignored: bool
+) -> None:
+    process, mark = start_demo(tmp_path, "--keep-running", sigint_ignored=sigint_ignored)
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith("Still running:"):
+                break
+        else:
+            pytest.fail(f"the demo ended early:\n{process.communicate()[1]}")
+        children = [pid for pid in marked_processes(mark) if pid != process.pid]
+        assert len(children) >= 3  # the MCP server, the gateway, Envoy
+        process.send_signal(signum)
+        stdout, stderr = process.communicate(timeout=30)
+        assert process.returncode == 130, stderr
+        assert "Stopped Envoy, authz-gateway and the MCP server." in stdout
+        assert "interrupted" in stderr
+        assert marked_processes(mark) == []
+    finally:  # a failure here must not leave the demo's processes running after pytest
+        for pid in marked_processes(mark):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_a_failed_start_stops_what_had_started(tmp_path: Path) -> None:

@@ -75,8 +75,10 @@ def run(args: argparse.Namespace) -> int:
         print("authz-gateway demo needs the MCP SDK: pip install 'authz-gateway[demo]'", file=sys.stderr)
         return 2
     # SIGTERM and SIGHUP end the demo the way Ctrl-C does: through the finally blocks below.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGHUP, _raise_interrupt)
+    # SIGINT too, explicitly: a parent that ignores it (nohup, a background shell, some CI
+    # runners) leaves it ignored in this process, and Ctrl-C would then stop nothing.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_interrupt)
     _quiet_libraries()
     try:
         with tempfile.TemporaryDirectory(prefix="authz-gateway-demo-") as work:
