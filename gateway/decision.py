@@ -26,7 +26,7 @@ SESSION_LIMIT_EXCEEDED = "session_limit_exceeded"
 POLICY_ERROR = "policy_error"
 STORE_UNAVAILABLE = "store_unavailable"
 INTERNAL_ERROR = "internal_error"
-# Added by this implementation (README, Responses): DESIGN.md §4 does not list them.
+# Added by this implementation (docs/reference.md): DESIGN.md §4 does not list them.
 REQUEST_INVALID = "request_invalid"
 REQUEST_UNPARSEABLE = "request_unparseable"
 REQUEST_BODY_PARTIAL = "request_body_partial"

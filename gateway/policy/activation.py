@@ -53,7 +53,7 @@ def policy_variables(
     source: Callable[[], Mapping[str, str]],
     now: float,
 ) -> dict[str, Any]:
-    """The variables policies see (README, Variables), built only where some expression reads
+    """The variables policies see (docs/policies.md, Variables), built only where some expression reads
     them: `request`, `mcp` and `source` are made on demand (`request` with the fields read)."""
     variables: dict[str, Any] = {"claims": claims, "auth": auth, "session": NO_SESSION, "context": context}
     if "request" in reads:

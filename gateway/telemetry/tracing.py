@@ -44,9 +44,9 @@ _TRACE_KEYS = ("traceparent", "tracestate")
 _TRACEPARENT_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _ERROR_REASONS = frozenset({"policy_error", "store_unavailable", "internal_error"})
 _UNSET = Status(StatusCode.UNSET)
-# For the exception event of an error that check.py turned into a deny: what failed.
+# For the exception event of an error that the pipeline turned into a deny: what failed.
 _ERROR_TYPES = {
-    "policy_error": "gateway.policy.PolicyFailure",
+    "policy_error": "gateway.policy.evaluate.PolicyFailure",
     "store_unavailable": "gateway.session.store.StoreUnavailable",
     "internal_error": "InternalError",
 }
@@ -201,7 +201,7 @@ class CheckSpans:
             events.append(Event("exception", _exception_attributes(error, context), end_ns))
             status = Status(StatusCode.ERROR, outcome.error or type(error).__name__)
         elif outcome.reason in _ERROR_REASONS:
-            # check.py caught the exception and kept its (scrubbed) message: record it as one.
+            # The pipeline caught the exception and kept its (scrubbed) message: record it as one.
             message = outcome.error or outcome.reason
             attributes = {"exception.type": _ERROR_TYPES[outcome.reason], "exception.message": message}
             events.append(Event("exception", attributes, end_ns))
