@@ -31,15 +31,21 @@ from typing import Any
 
 import grpc
 import yaml
-from envoy.config.core.v3 import address_pb2
-from envoy.service.auth.v3 import attribute_context_pb2 as attrs
-from envoy.service.auth.v3 import external_auth_pb2
-from google.rpc import code_pb2, status_pb2
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+try:
+    from gateway.envoy_api.envoy.config.core.v3 import address_pb2
+    from gateway.envoy_api.envoy.service.auth.v3 import attribute_context_pb2 as attrs
+    from gateway.envoy_api.envoy.service.auth.v3 import external_auth_pb2
+    from gateway.envoy_api.google.rpc import code_pb2, status_pb2
+except ImportError:  # a revision before gateway/envoy_api (bench_inprocess.py --baseline): xds-protos
+    from envoy.config.core.v3 import address_pb2
+    from envoy.service.auth.v3 import attribute_context_pb2 as attrs
+    from envoy.service.auth.v3 import external_auth_pb2
+    from google.rpc import code_pb2, status_pb2
 from gateway.example_keys import SigningKeyPair, claims_for, jwks  # noqa: E402
 from gateway.policy.loader import default_policy_dir  # noqa: E402
 

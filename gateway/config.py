@@ -5,6 +5,7 @@ Every error names the file and the dotted key, and is raised before anything ser
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import re
@@ -115,9 +116,29 @@ class TelemetryConfig:
     fast_path: bool = True
 
 
+DEFAULT_ADMIN_SCOPE = "authz-gateway:admin"
+
+
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
+    """The admin API (gateway/admin.py). When `listen` is set, every call is authenticated:
+    by a client certificate signed by `client_ca` (mTLS), by a bearer token of `token_issuer`
+    carrying `token_scope`, or, when both are configured, by both."""
+
     listen: str | None = None
+    tls_cert: Path | None = None  # the admin server's certificate chain (PEM)
+    tls_key: Path | None = None  # its private key (PEM)
+    client_ca: Path | None = None  # mTLS: clients present a certificate signed by this CA (PEM)
+    token_issuer: str | None = None  # bearer: one of auth.issuers[].issuer
+    token_scope: str = DEFAULT_ADMIN_SCOPE
+
+    @property
+    def mtls(self) -> bool:
+        return self.client_ca is not None
+
+    @property
+    def bearer(self) -> bool:
+        return self.token_issuer is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,15 +393,76 @@ def _responses(reader: _Reader) -> ResponsesConfig:
     return responses
 
 
-def _admin(reader: _Reader) -> AdminConfig:
-    admin = AdminConfig(listen=reader.string("listen"))
-    if admin.listen:
+def is_loopback_listen(listen: str) -> bool:
+    """Whether an admin.listen address stays on this host (":PORT" binds 127.0.0.1)."""
+    host = listen.rpartition(":")[0].strip("[]")
+    if not host or host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def _admin_file(reader: _Reader, base: Path, key: str) -> Path | None:
+    raw = reader.string(key)
+    if not raw:
+        return None
+    path = (base / raw).resolve()
+    if not path.is_file():
+        raise reader.error(f"file not found: {path}", key)
+    return path
+
+
+def _admin(reader: _Reader, base: Path) -> AdminConfig:
+    listen = reader.string("listen")
+    if listen:
         try:
-            parse_hostport(admin.listen)
+            parse_hostport(listen)
         except ValueError as exc:
             raise reader.error(str(exc), "listen") from None
+    token_scope = reader.string("token_scope", DEFAULT_ADMIN_SCOPE)
+    admin = AdminConfig(
+        listen=listen or None,
+        tls_cert=_admin_file(reader, base, "tls_cert"),
+        tls_key=_admin_file(reader, base, "tls_key"),
+        client_ca=_admin_file(reader, base, "client_ca"),
+        token_issuer=reader.string("token_issuer") or None,
+        token_scope=token_scope or "",
+    )
+    if (admin.tls_cert is None) != (admin.tls_key is None):
+        raise reader.error("set both tls_cert and tls_key (the admin server's certificate chain and key)")
+    if admin.client_ca is not None and admin.tls_cert is None:
+        raise reader.error("needs tls_cert and tls_key: client certificates are checked in TLS", "client_ca")
+    if not admin.token_scope or any(c.isspace() for c in admin.token_scope):
+        raise reader.error("must be one scope (not empty, no spaces)", "token_scope")
+    if reader.has("token_scope") and not admin.bearer:
+        raise reader.error("has no effect without token_issuer", "token_scope")
+    if admin.listen and not (admin.mtls or admin.bearer):
+        raise reader.error(
+            "the admin API needs authentication: set client_ca (with tls_cert and tls_key) for client "
+            "certificates, or token_issuer (one of auth.issuers) for bearer tokens with token_scope",
+            "listen",
+        )
+    if admin.listen and admin.bearer and admin.tls_cert is None and not is_loopback_listen(admin.listen):
+        raise reader.error(
+            f"bearer tokens without TLS only on a loopback address, not {admin.listen}: a token sent in "
+            "clear over a network is a secret leaked (set tls_cert and tls_key, or listen on 127.0.0.1)",
+            "token_issuer",
+        )
     reader.finish()
     return admin
+
+
+def _check_admin_issuer(config: Config, source: str) -> None:
+    """admin.token_issuer must be a configured issuer: its tokens are verified with its keys."""
+    issuer = config.admin.token_issuer
+    known = [i.issuer for i in config.auth.issuers]
+    if issuer is not None and issuer not in known:
+        configured = ", ".join(repr(i) for i in known) or "none"
+        raise ConfigError(
+            f"{source}: admin.token_issuer: {issuer!r} is not one of auth.issuers (configured: {configured})"
+        )
 
 
 def config_from_mapping(data: object, source: str = "<config>", base: Path | None = None) -> Config:
@@ -408,10 +490,11 @@ def config_from_mapping(data: object, source: str = "<config>", base: Path | Non
         auth=_auth(top.child("auth"), base),
         session=_session(top.child("session")),
         telemetry=_telemetry(top.child("telemetry")),
-        admin=_admin(top.child("admin")),
+        admin=_admin(top.child("admin"), base),
         responses=_responses(top.child("responses")),
         source=Path(source) if source != "<config>" else None,
     )
+    _check_admin_issuer(config, source)
     top.finish()
     return config
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import threading
 
-from envoy.config.core.v3 import base_pb2
-from envoy.service.auth.v3 import external_auth_pb2
-from envoy.type.v3 import http_status_pb2
-from google.rpc import code_pb2, status_pb2
-
 from gateway import decision
 from gateway.config import AuthConfig, ResponsesConfig
 from gateway.decision import Decision
+from gateway.envoy_api.envoy.config.core.v3 import base_pb2
+from gateway.envoy_api.envoy.service.auth.v3 import external_auth_pb2
+from gateway.envoy_api.envoy.type.v3 import http_status_pb2
+from gateway.envoy_api.google.rpc import code_pb2, status_pb2
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _JSON = "application/json"

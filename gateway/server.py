@@ -17,13 +17,13 @@ from dataclasses import replace
 from typing import Any
 
 import grpc
-from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry.trace import INVALID_SPAN
 
 from gateway import decision
 from gateway.decision import Decision
+from gateway.envoy_api.envoy.service.auth.v3 import external_auth_pb2
 from gateway.pipeline import Authorizer
 from gateway.request import RequestContext, RequestError, from_check_request, redact_secrets
 from gateway.response import ResponseBuilder

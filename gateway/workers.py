@@ -86,12 +86,17 @@ def serve_workers(config: Config, serve: ServeOne) -> int:
     admin_server = None
     admin_store = None
     if config.admin.listen:
+        from gateway.admin import admin_access, start_session_admin
         from gateway.app import store_settings
         from gateway.session import open_store
-        from gateway.session.admin_api import start_admin_server
 
+        access = admin_access(config)  # its files checked before the store opens
         admin_store = open_store(config.store, store_settings(config))
-        admin_server, _ = start_admin_server(config.admin.listen, admin_store, config.session.max_id_length)
+        try:
+            admin_server = start_session_admin(config, admin_store, access)
+        except BaseException:
+            admin_store.close()
+            raise
 
     for index in range(config.workers):
         arguments = (serve, config, level, index)

@@ -17,9 +17,10 @@ import sys
 import time
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from gateway.envoy_api.envoy.service.auth.v3 import attribute_context_pb2 as attrs
 from gateway.envoy_api.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 def wait_serving(address: str, timeout: float) -> bool:

@@ -16,13 +16,13 @@ from typing import Any
 import grpc
 import jwt
 import pytest
-from envoy.config.core.v3 import base_pb2
-from envoy.service.auth.v3 import attribute_context_pb2 as attrs
-from envoy.service.auth.v3 import external_auth_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway import decision
+from gateway.envoy_api.envoy.config.core.v3 import base_pb2
+from gateway.envoy_api.envoy.service.auth.v3 import attribute_context_pb2 as attrs
+from gateway.envoy_api.envoy.service.auth.v3 import external_auth_pb2
 from gateway.example_keys import SigningKeyPair, claims_for
 from tests.support.checks import check_request, denied_headers, http_status
 from tests.support.inprocess import InProcessGateway

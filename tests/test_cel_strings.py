@@ -30,15 +30,15 @@ from urllib.parse import quote
 
 import grpc
 import pytest
-from envoy.config.core.v3 import address_pb2
-from envoy.service.auth.v3 import attribute_context_pb2 as attrs
-from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf import timestamp_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway import decision
 from gateway.config import SessionConfig
+from gateway.envoy_api.envoy.config.core.v3 import address_pb2
+from gateway.envoy_api.envoy.service.auth.v3 import attribute_context_pb2 as attrs
+from gateway.envoy_api.envoy.service.auth.v3 import external_auth_pb2
 from gateway.policy.engines import VARIABLES, CelpyEngine, NativeEngine, make_engine
 from gateway.policy.loader import default_policy_dir, load_policy_set
 from gateway.session.record import new_record, owner_key, valid_session_id

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from envoy.config.core.v3 import base_pb2
 
 from gateway import decision
+from gateway.envoy_api.envoy.config.core.v3 import base_pb2
 from gateway.mcp import McpCall, Unparseable, parse_body
 from gateway.policy.loader import PolicyLoadError, load_policy_set
 from tests.support.checks import check_request

@@ -144,10 +144,14 @@ def test_a_surrogate_in_raw_utf8_bytes_is_refused_too(idp: TestIssuer, file_veri
 
 def test_text_that_is_safe_is_accepted(idp: TestIssuer, file_verifier: TokenVerifier) -> None:
     now = time.time()
-    for sub in ("ålice", "\U0001f600", "a\tb", "\u00ff\uffff"):
+    for sub in ("ålice", "\U0001f600", "a b", "\u00ff\uffff"):
         token = sign_exact(idp.key, header_of(idp.key), base_claims(idp, now, sub=sub, org={"k": [sub]}))
         identity = file_verifier.verify(token, now)
         assert identity.subject == sub
+    # Control characters are fine in other claims; a sub must not hold one (it goes upstream
+    # as a header): tests/test_cel_strings.py.
+    token = sign_exact(idp.key, header_of(idp.key), base_claims(idp, now, org={"k": ["a\tb\r\n"]}))
+    assert file_verifier.verify(token, now).claims["org"] == {"k": ["a\tb\r\n"]}
     # A surrogate pair escaped in JSON is one code point, not a lone surrogate.
     payload = json.dumps(base_claims(idp, now, sub="PAIR")).encode().replace(b"PAIR", b"\\ud83d\\ude00")
     assert file_verifier.verify(sign_exact(idp.key, header_of(idp.key), payload), now).subject == "\U0001f600"

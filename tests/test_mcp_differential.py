@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from envoy.service.auth.v3 import attribute_context_pb2 as attrs
-from envoy.service.auth.v3 import external_auth_pb2
 
+from gateway.envoy_api.envoy.service.auth.v3 import attribute_context_pb2 as attrs
+from gateway.envoy_api.envoy.service.auth.v3 import external_auth_pb2
 from tests.support.sdk_servers import (
     CorpusEntry,
     ExecutedCall,

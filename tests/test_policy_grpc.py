@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from envoy.service.auth.v3 import external_auth_pb2
 
 from gateway.config import MCP_SDK_SESSION_NOT_FOUND_BODY
+from gateway.envoy_api.envoy.service.auth.v3 import external_auth_pb2
 from gateway.policy.loader import default_policy_dir
 from tests.support.checks import check_request, denied_headers, http_status
 from tests.support.inprocess import InProcessGateway

@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from envoy.config.core.v3 import address_pb2
-from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from gateway import decision
 from gateway.config import AuthConfig, SessionConfig
 from gateway.decision import Decision
+from gateway.envoy_api.envoy.config.core.v3 import address_pb2
+from gateway.envoy_api.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from gateway.identity.verifier import Identity, TokenVerifier
 from gateway.pipeline import UPSTREAM_HEADERS, Authorizer, PolicyHolder
 from gateway.policy.evaluate import Tracer

@@ -48,10 +48,12 @@ def serve(config: Config, *, reuse_port: bool = False, admin: bool = True) -> in
         from gateway.workers import serve_workers
 
         return serve_workers(config, serve)
+    from gateway.admin import admin_access, start_session_admin
     from gateway.app import build_gateway
     from gateway.policy.watch import PolicyWatcher
-    from gateway.session.admin_api import start_session_admin
 
+    # Before the gateway starts: admin files (certificates, keys) that cannot serve stop it here.
+    access = admin_access(config) if admin else None
     gateway = build_gateway(config, reuse_port=reuse_port)
     stop = threading.Event()
 
@@ -71,7 +73,7 @@ def serve(config: Config, *, reuse_port: bool = False, admin: bool = True) -> in
     # it out of the cyclic collector's way, so that collecting a check's garbage stays cheap.
     gc.collect()
     gc.freeze()
-    admin_server = start_session_admin(config, gateway.store) if admin else None
+    admin_server = start_session_admin(config, gateway.store, access) if access is not None else None
     watcher = PolicyWatcher(gateway.policy_dir, gateway.reload_policies, debounce=config.reload_debounce)
     watcher.start()
     log.info(

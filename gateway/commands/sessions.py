@@ -4,6 +4,11 @@ Works on the configured store directly (--config / --store: SQLite or Redis, sha
 the running gateways), or through a running gateway's admin API (--admin HOST:PORT),
 which is the only way to reach a memory:// store. Prints session ids (that is its job),
 never tokens: a legacy record's fields are not shown.
+
+The admin API authenticates every call (gateway/admin.py): a bearer token read from
+--admin-token-file or $AUTHZ_ADMIN_TOKEN (never a flag value, which `ps` would show), and/or
+a client certificate (--admin-cert, --admin-key) over TLS (--admin-ca: the CA of the gateway's
+admin.tls_cert). A token is only sent in clear to a loopback address.
 """
 
 from __future__ import annotations
@@ -11,12 +16,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from gateway.config import Config, ConfigError, load_config
+from gateway.config import Config, ConfigError, is_loopback_listen, load_config
 from gateway.session import StoreURLError, open_store, operations
 from gateway.session.operations import InvalidSessionId, SessionInfo
 from gateway.session.store import SessionStore, StoreSettings, StoreUnavailable
@@ -55,29 +61,108 @@ class StoreBackend:
         self._store.close()
 
 
+TOKEN_ENV = "AUTHZ_ADMIN_TOKEN"
+
+
+class AdminRefused(Exception):
+    """The admin API did not accept the credentials (or none were given)."""
+
+
+class AdminCredentials:
+    """What the CLI presents to the admin API: a bearer token and/or TLS files (PEM bytes)."""
+
+    def __init__(
+        self,
+        token: str | None = None,
+        ca: bytes | None = None,
+        cert: bytes | None = None,
+        key: bytes | None = None,
+    ) -> None:
+        self.token = token
+        self.ca = ca
+        self.cert = cert
+        self.key = key
+
+    @property
+    def tls(self) -> bool:
+        return any(x is not None for x in (self.ca, self.cert, self.key))
+
+
+def _read_file(path: Path, flag: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{flag}: cannot read {path}: {exc.strerror}") from None
+
+
+def admin_credentials(args: argparse.Namespace) -> AdminCredentials:
+    """From --admin-token-file (else $AUTHZ_ADMIN_TOKEN), --admin-ca, --admin-cert, --admin-key."""
+    token = None
+    if args.admin_token_file is not None:
+        token = _read_file(args.admin_token_file, "--admin-token-file").decode("utf-8", "replace").strip()
+        if not token:
+            raise ValueError(f"--admin-token-file: {args.admin_token_file} is empty")
+    elif os.environ.get(TOKEN_ENV, "").strip():
+        token = os.environ[TOKEN_ENV].strip()
+    if token is not None and any(not c.isprintable() or c.isspace() for c in token):
+        raise ValueError("the admin token holds spaces or control characters: one token, on one line")
+    if (args.admin_cert is None) != (args.admin_key is None):
+        raise ValueError("--admin-cert and --admin-key go together (the client certificate and its key)")
+    return AdminCredentials(
+        token=token,
+        ca=_read_file(args.admin_ca, "--admin-ca") if args.admin_ca else None,
+        cert=_read_file(args.admin_cert, "--admin-cert") if args.admin_cert else None,
+        key=_read_file(args.admin_key, "--admin-key") if args.admin_key else None,
+    )
+
+
 class AdminBackend:
     """The same operations through a gateway's gRPC admin API."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, credentials: AdminCredentials | None = None) -> None:
         import grpc
 
         from gateway.adminpb import admin_pb2, admin_pb2_grpc
         from gateway.session.admin_api import admin_address
 
+        credentials = credentials or AdminCredentials()
+        target = admin_address(address)
+        if credentials.token is not None and not credentials.tls and not is_loopback_listen(target):
+            raise ValueError(
+                f"a token is only sent in clear to a loopback address, not {address}: give --admin-ca "
+                "(the CA of the gateway's admin.tls_cert) to use TLS"
+            )
         self._grpc = grpc
         self._pb = admin_pb2
-        self._channel = grpc.insecure_channel(admin_address(address))
+        self._tls = credentials.tls
+        self._metadata = (("authorization", f"Bearer {credentials.token}"),) if credentials.token else None
+        if credentials.tls:
+            channel_credentials = grpc.ssl_channel_credentials(
+                root_certificates=credentials.ca,
+                private_key=credentials.key,
+                certificate_chain=credentials.cert,
+            )
+            self._channel = grpc.secure_channel(target, channel_credentials)
+        else:
+            self._channel = grpc.insecure_channel(target)
         self._stub = admin_pb2_grpc.SessionAdminStub(self._channel)
 
     def _call(self, method: str, request: Any) -> Any:
         try:
-            return getattr(self._stub, method)(request, timeout=10)
+            return getattr(self._stub, method)(request, timeout=10, metadata=self._metadata)
         except self._grpc.RpcError as exc:
             code = exc.code()
             if code == self._grpc.StatusCode.INVALID_ARGUMENT:
                 raise InvalidSessionId(exc.details()) from None
             if code == self._grpc.StatusCode.NOT_FOUND:
                 raise LookupError(exc.details()) from None
+            if code in (self._grpc.StatusCode.UNAUTHENTICATED, self._grpc.StatusCode.PERMISSION_DENIED):
+                raise AdminRefused(f"{code.name}: {exc.details()}") from None
+            if code == self._grpc.StatusCode.UNAVAILABLE and self._tls:
+                raise StoreUnavailable(
+                    f"admin API: {code.name}: {exc.details()} (no answer, or the TLS handshake failed: "
+                    "check --admin-ca, --admin-cert and --admin-key)"
+                ) from None
             raise StoreUnavailable(f"admin API: {code.name}: {exc.details()}") from None
 
     @staticmethod
@@ -121,6 +206,15 @@ def add_parser(subparsers: Any) -> None:
     common.add_argument("--config", type=Path, help="YAML config file (its store: and session: settings)")
     common.add_argument("--store", help="session store URL (overrides the config's store:)")
     common.add_argument("--admin", metavar="HOST:PORT", help="use a running gateway's admin API instead")
+    common.add_argument(
+        "--admin-token-file",
+        type=Path,
+        metavar="FILE",
+        help=f"a bearer token for the admin API, read from FILE (else ${TOKEN_ENV})",
+    )
+    common.add_argument("--admin-ca", type=Path, metavar="FILE", help="TLS: the CA of the admin API's cert")
+    common.add_argument("--admin-cert", type=Path, metavar="FILE", help="mTLS: the client certificate (PEM)")
+    common.add_argument("--admin-key", type=Path, metavar="FILE", help="mTLS: the client certificate's key")
     common.add_argument("--json", action="store_true", help="one JSON object per session")
     listing = actions.add_parser("list", parents=[common], help="stored sessions, tombstones included")
     listing.add_argument("--limit", type=int, default=operations.DEFAULT_LIST_LIMIT)
@@ -138,7 +232,10 @@ def add_parser(subparsers: Any) -> None:
 
 def _backend(args: argparse.Namespace) -> Backend:
     if args.admin:
-        return AdminBackend(args.admin)
+        return AdminBackend(args.admin, admin_credentials(args))
+    for flag in ("admin_token_file", "admin_ca", "admin_cert", "admin_key"):
+        if getattr(args, flag) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')} needs --admin HOST:PORT")
     config = load_config(args.config) if args.config else Config()
     url = args.store or config.store
     if url.startswith("memory:"):
@@ -243,6 +340,9 @@ def run(args: argparse.Namespace) -> int:
         return execute(args, backend)
     except InvalidSessionId as exc:
         print(f"authz-gateway: {exc}", file=sys.stderr)
+        return 2
+    except AdminRefused as exc:
+        print(f"authz-gateway: the admin API refused the credentials ({exc})", file=sys.stderr)
         return 2
     except StoreUnavailable as exc:
         print(f"authz-gateway: the session store is unavailable: {exc}", file=sys.stderr)

@@ -15,7 +15,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from gateway.policy.engines import CompiledExpression, CompileError, Engine, Expect, make_engine
-from gateway.policy.evaluate import FusedMemo
+from gateway.policy.memo import FusedMemo
 from gateway.policy.model import (
     ALL_ALLOW,
     ALL_ALLOW_TERMINATE,
@@ -26,63 +26,16 @@ from gateway.policy.model import (
     Rule,
     SessionSpec,
 )
+from gateway.policy.reads import analyze
 
 POLICY_SUFFIXES = (".yaml", ".yml")
 TEST_SUFFIXES = ("_test.yaml", "_test.yml")
 _REASON = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
-# CEL string literals (raw/bytes prefixes, triple quotes), so that the text inside them,
-# such as "mcp-session-id", is not mistaken for a reference to `mcp` or `body`.
-_STRING_LITERAL = re.compile(
-    "[rRbB]{0,2}("
-    + "|".join(("'''[\\s\\S]*?'''", r'"""[\s\S]*?"""', r"'(?:\\.|[^'\\\n])*'", r'"(?:\\.|[^"\\\n])*"'))
-    + ")"
-)
-# Strings and `//` comments, matched in one left-to-right pass, so that quotes inside a
-# comment, or `//` inside a string, cannot hide code from the analysis below.
-_STRING_OR_COMMENT = re.compile(f"(?P<string>{_STRING_LITERAL.pattern})|(?P<comment>//[^\n]*)")
-# `.mcp` counts too: a root-qualified name (`.mcp.name`) is the same variable.
-_BODY_REFERENCE = re.compile(r"(?<!\w)mcp\b|\bbody\b")
 _HEADER_LOOKUP = re.compile(
     r'^\s*"([a-z0-9-]+)"\s+in\s+request\.headers\s*\?\s*request\.headers\s*\[\s*"([a-z0-9-]+)"\s*\]\s*:\s*""\s*$'
 )
-
-
-_HEADER_NAME_LITERAL = re.compile(
-    r"""request\s*\.\s*headers\s*\[\s*(["'])(.*?)\1|(["'])([^"']*)\3\s+in\s+request\s*\.\s*headers"""
-)
-
-
-def _header_names(source: str) -> list[str]:
-    """Header names an expression looks up in request.headers by a string literal."""
-    matches = _HEADER_NAME_LITERAL.finditer(source)
-    return [m.group(2) if m.group(2) is not None else m.group(4) for m in matches]
-
-
-def _code_and_literals(source: str) -> tuple[str, list[str]]:
-    """The expression with string literals blanked and comments removed, and the literals."""
-    literals: list[str] = []
-
-    def blank(match: re.Match[str]) -> str:
-        if match.group("comment") is not None:
-            return " "
-        literals.append(match.group("string"))
-        return '""'
-
-    return _STRING_OR_COMMENT.sub(blank, source), literals
-
-
-def _reads_body(source: str) -> bool:
-    """Whether an expression reads the body: the `mcp` variable, a `body` field or key, or
-    the whole `request` map (which holds the body)."""
-    code, literals = _code_and_literals(source)
-    whole_request = any(_whole_request(m) for m in _VARIABLE_REFERENCE.finditer(code))
-    return (
-        whole_request
-        or bool(_BODY_REFERENCE.search(code))
-        or any(text.strip("'\"") == "body" for text in literals)
-    )
 
 
 POLICY_KEYS = {"name", "description", "mode", "when", "session", "rules"}
@@ -171,7 +124,7 @@ class _FileLoader:
             line, column = self._locate(node, exc.line, exc.column)
             self.problems.append(Problem(Location(self.path, line, column), f"{what}: {exc.message}"))
             return None
-        for name in _header_names(source):
+        for name in analyze(source).header_names:
             if name != name.lower():
                 # Header names arrive lower-case: this lookup could never match, and a session
                 # key built on it would silently bind nothing.
@@ -369,7 +322,7 @@ class _FileLoader:
             session=session,
             rules=tuple(rules),
             location=self.at(node),
-            uses_body=any(_reads_body(e.source) for e in _expressions(when, session, rules)),
+            uses_body=any(analyze(e.source).uses_body for e in _expressions(when, session, rules)),
             fused=self._fuse(rules, session),
         )
 
@@ -416,16 +369,6 @@ def _expressions(
         yield from (expr for _, expr in rule.deny.headers)
 
 
-_VARIABLE_REFERENCE = re.compile(
-    r"(?<!\w)(request|mcp|claims|auth|session|context|source|now)\b(\s*\.\s*(\w+)(\s*\()?)?"
-)
-
-
-def _whole_request(match: re.Match[str]) -> bool:
-    """`request` itself, or a method or macro on it (`request.exists(…)`), not one field."""
-    return match.group(1) == "request" and (match.group(3) is None or match.group(4) is not None)
-
-
 def _memo_fields(reads: Mapping[str, frozenset[str] | None]) -> tuple[tuple[str, str], ...] | None:
     """The (variable, field) pairs that make up every input of the rules; None when some
     input is read whole (a map walked by a macro, `now`), and results cannot be remembered."""
@@ -437,9 +380,9 @@ def _memo_fields(reads: Mapping[str, frozenset[str] | None]) -> tuple[tuple[str,
 def _reads(policies: Iterable[Policy]) -> dict[str, frozenset[str] | None]:
     """Each variable any expression may read, with the fields read of it (None: all of it).
 
-    String literals are blanked first. When in doubt it over-approximates, never under:
-    a variable or field left out of the activation would turn a valid expression into an
-    error. `variable.field(` is a method or macro on the whole map, not a field.
+    Found on each expression's syntax tree (gateway.policy.reads), which over-approximates
+    when in doubt, never under: a variable or field left out of the activation would turn a
+    valid expression into an error, or a remembered verdict into a stale one.
     """
     fields: dict[str, set[str] | None] = {}
 
@@ -456,9 +399,11 @@ def _reads(policies: Iterable[Policy]) -> dict[str, frozenset[str] | None]:
         for expr in _expressions(policy.when, policy.session, policy.rules):
             if policy.session is not None and policy.session.header and expr is policy.session.key:
                 continue  # read straight from the headers, not through CEL
-            for match in _VARIABLE_REFERENCE.finditer(_code_and_literals(expr.source)[0]):
-                whole = match.group(3) is None or match.group(4) is not None
-                add(match.group(1), None if whole else match.group(3))
+            for variable, read in analyze(expr.source).variables.items():
+                if read is None:
+                    add(variable, None)
+                for field in read or ():
+                    add(variable, field)
         for rule in policy.rules:
             if rule.deny.claim:
                 # The mismatch event reports the bound and the presented value of this claim.

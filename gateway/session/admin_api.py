@@ -1,29 +1,52 @@
 """The gRPC admin API (authz_gateway.admin.v1.SessionAdmin) over a session store.
 
-Off unless `admin.listen` is set. It has no authentication of its own: an address
-without a host (":9292") listens on loopback, and any other host is logged as a warning.
-Log lines never carry session ids or subjects.
+Off unless `admin.listen` is set. Every call is authenticated before it reaches the
+service: `start_admin_server` takes the server's TLS credentials (mTLS: the handshake
+itself refuses a client without a certificate from `admin.client_ca`) and an `Authenticate`
+callable run on each call, which names the caller or raises `Refused` (gRPC
+UNAUTHENTICATED or PERMISSION_DENIED). Both are built in gateway/admin.py from the config:
+this module knows nothing of tokens or certificates.
+
+Log lines never carry session ids, tokens, or the subjects a request names; a revoke
+names who asked for it (the caller `Authenticate` returned).
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
+from collections.abc import Callable
 from concurrent import futures
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import struct_pb2
 
 from gateway.adminpb import admin_pb2, admin_pb2_grpc
-from gateway.config import Config
+from gateway.config import is_loopback_listen
 from gateway.session import operations
 from gateway.session.operations import InvalidSessionId, SessionInfo
 from gateway.session.store import SessionStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-_LOOPBACK = ("127.0.0.1", "::1", "[::1]", "localhost")
+
+class Refused(Exception):
+    """A call the admin API does not serve: `code` is UNAUTHENTICATED (who is asking is not
+    established) or PERMISSION_DENIED (established, but not an administrator). The message
+    goes back to the caller and into the log: it must name no secret."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# Names the caller of one call (e.g. "token of iss=… sub=…"), or raises Refused.
+Authenticate = Callable[[grpc.ServicerContext], str]
+
+# The caller of the call being served, set by the guard for the service's log lines.
+_caller: contextvars.ContextVar[str] = contextvars.ContextVar("admin_caller", default="an unknown caller")
 
 
 def admin_address(listen: str) -> str:
@@ -85,7 +108,9 @@ class SessionAdminService(admin_pb2_grpc.SessionAdminServicer):  # type: ignore[
             )
         except (InvalidSessionId, StoreUnavailable) as exc:
             return self._fail(context, exc)
-        log.info("admin: revoked a session (state before: %s)", previous or "none")
+        log.info(
+            "admin: revoked a session (state before: %s), asked by %s", previous or "none", _caller.get()
+        )
         return admin_pb2.RevokeSessionResponse(previous_state=previous)
 
     def RevokeSubject(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -95,28 +120,94 @@ class SessionAdminService(admin_pb2_grpc.SessionAdminServicer):  # type: ignore[
             revoked = operations.revoke_subject(self._store, request.issuer, request.subject, time.time())
         except StoreUnavailable as exc:
             return self._fail(context, exc)
-        log.info("admin: revoked %d session(s) of one identity", revoked)
+        log.info("admin: revoked %d session(s) of one identity, asked by %s", revoked, _caller.get())
         return admin_pb2.RevokeSubjectResponse(revoked=revoked)
 
 
-def start_admin_server(listen: str, store: SessionStore, max_id_length: int = 256) -> tuple[grpc.Server, int]:
-    """Serve the admin API on `listen`; returns the server and the bound port."""
+if TYPE_CHECKING:
+    _Interceptor = grpc.ServerInterceptor[Any, Any]  # generic in grpc-stubs only
+else:
+    _Interceptor = grpc.ServerInterceptor
+
+
+class _Guard(_Interceptor):
+    """Runs `authenticate` before every method of the server, present and future: a method
+    the guard cannot wrap (a streaming one) is refused rather than served unchecked."""
+
+    def __init__(self, authenticate: Authenticate) -> None:
+        self._authenticate = authenticate
+
+    def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None:
+            return None  # an unknown method: gRPC answers UNIMPLEMENTED
+        behavior = handler.unary_unary
+        if behavior is None:
+            return grpc.unary_unary_rpc_method_handler(_unguardable)
+        authenticate = self._authenticate
+
+        def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                caller = authenticate(context)
+            except Refused as exc:
+                log.warning("admin: refused a call to %s (%s: %s)", details.method, exc.code.name, exc)
+                context.abort(exc.code, str(exc))
+            token = _caller.set(caller)
+            try:
+                return behavior(request, context)
+            finally:
+                _caller.reset(token)
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def _unguardable(_request: Any, context: grpc.ServicerContext) -> Any:
+    context.abort(grpc.StatusCode.UNIMPLEMENTED, "not served by the admin API")
+
+
+def _unauthenticated(_context: grpc.ServicerContext) -> str:
+    return "a caller on loopback (no authentication)"
+
+
+def start_admin_server(
+    listen: str,
+    store: SessionStore,
+    max_id_length: int = 256,
+    *,
+    credentials: grpc.ServerCredentials | None = None,
+    authenticate: Authenticate | None = None,
+) -> tuple[grpc.Server, int]:
+    """Serve the admin API on `listen`; returns the server and the bound port.
+
+    `credentials`: TLS (and mTLS) for the port, else plaintext. `authenticate`: run on every
+    call. Without one (in-process tests and embeddings, never from a config) the API is open,
+    so it may only listen on loopback. A serving gateway starts it through gateway/admin.py,
+    which always passes one.
+    """
     address = admin_address(listen)
     host = address.rpartition(":")[0]
-    if host not in _LOOPBACK:
-        log.warning("admin API on %s: it has no authentication, keep it off untrusted networks", address)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="admin"))
+    if authenticate is None:
+        if not is_loopback_listen(address):
+            raise ValueError(f"an admin API without authentication only listens on loopback, not {address}")
+        log.warning("admin API on %s without authentication (loopback only)", address)
+    interceptors: list[_Interceptor] = [_Guard(authenticate or _unauthenticated)]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="admin"), interceptors=interceptors
+    )
     admin_pb2_grpc.add_SessionAdminServicer_to_server(SessionAdminService(store, max_id_length), server)
-    port = server.add_insecure_port(address)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpcio's "Failed to bind"
+        port = 0
     if port == 0:
         raise OSError(f"cannot listen on {address} (admin.listen)")
     server.start()
-    log.info("admin API listening on %s", f"{host}:{port}")
+    log.info("admin API listening on %s (%s)", f"{host}:{port}", "TLS" if credentials else "plaintext")
     return server, port
-
-
-def start_session_admin(config: Config, store: SessionStore) -> grpc.Server | None:
-    """The admin API of a serving gateway, when `admin.listen` is set; else None."""
-    if not config.admin.listen:
-        return None
-    return start_admin_server(config.admin.listen, store, config.session.max_id_length)[0]

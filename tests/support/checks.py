@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-from envoy.service.auth.v3 import attribute_context_pb2 as attrs
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+
+from gateway.envoy_api.envoy.service.auth.v3 import attribute_context_pb2 as attrs
+from gateway.envoy_api.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 
 def check_request(
