@@ -15,6 +15,7 @@ from gateway.identity.keys import RemoteKeys
 from gateway.identity.verifier import TokenVerifier
 from gateway.pipeline import UPSTREAM_HEADERS, Authorizer, PolicyHolder
 from gateway.policy.loader import PolicyLoadError, load_policy_dir, resolve_policy_dir
+from gateway.policy.model import PolicySet
 from gateway.response import ResponseBuilder
 from gateway.server import CheckService, DecisionListener, build_server, set_serving
 from gateway.session import display_url, open_store
@@ -57,7 +58,8 @@ class Gateway:
         self.config = config
         self.policy_dir: Path = resolve_policy_dir(config.policies)
         self.telemetry = telemetry if telemetry is not None else Telemetry()
-        self.policies = PolicyHolder(load_policy_dir(self.policy_dir, config.engine))
+        self.policies = PolicyHolder(self._load_policies())
+        _log_policies(self.policies.current, "loaded")
         metrics.policy_reloads.add(1, {"result": "success"})
         observer = TelemetryObserver()
         self.verifier = TokenVerifier(config.auth, observer=observer)
@@ -109,6 +111,13 @@ class Gateway:
         serving = self._started and not self._stopped.is_set() and self.keys_loaded() and self.store_health.up
         set_serving(self.health, serving)
 
+    def _load_policies(self) -> PolicySet:
+        allow = self.config.allow_no_enforcing_policy
+        policies = load_policy_dir(self.policy_dir, self.config.engine, allow_unprotected=allow)
+        if not any(not policy.audit for policy in policies.policies):
+            log.warning("no enforcing policy in %s: allowed by allow_no_enforcing_policy", self.policy_dir)
+        return policies
+
     def keys_loaded(self) -> bool:
         return all(not isinstance(k, RemoteKeys) or k.loaded for k in self.verifier.key_sources)
 
@@ -145,7 +154,7 @@ class Gateway:
         """Load the directory as one unit; on any problem keep serving the previous set."""
         with self._reload_lock:
             try:
-                policies = load_policy_dir(self.policy_dir, self.config.engine)
+                policies = self._load_policies()
             except PolicyLoadError as exc:
                 metrics.policy_reloads.add(1, {"result": "failure"})
                 for problem in exc.problems:
@@ -154,6 +163,7 @@ class Gateway:
             self.policies.swap(policies)
             metrics.policy_reloads.add(1, {"result": "success"})
             log.info("policies reloaded from %s (%d policies)", self.policy_dir, len(policies.policies))
+            _log_policies(policies, "reloaded")
             return True
 
     def stop(self, grace: float | None = None) -> None:
@@ -170,6 +180,11 @@ class Gateway:
         self.store_health.stop()
         self.store.close()
         self.telemetry.shutdown()
+
+
+def _log_policies(policies: PolicySet, what: str) -> None:
+    for policy in policies.policies:
+        log.info("policy %s %s (%s) from %s", policy.name, what, policy.mode, policy.location.file)
 
 
 def _refuse_a_taken_port(listen: str) -> None:

@@ -151,6 +151,8 @@ class Config:
     max_request_bytes: int = 64 * 1024
     shutdown_grace: float = 10.0
     reload_debounce: float = 0.3
+    # A policy set without a single enforcing policy protects nothing: refused unless this says so.
+    allow_no_enforcing_policy: bool = False
     auth: AuthConfig = field(default_factory=AuthConfig)
     session: SessionConfig = field(default_factory=SessionConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
@@ -487,6 +489,7 @@ def config_from_mapping(data: object, source: str = "<config>", base: Path | Non
         max_request_bytes=top.integer("max_request_bytes", d.max_request_bytes, 1024),
         shutdown_grace=top.duration("shutdown_grace", d.shutdown_grace),
         reload_debounce=top.duration("reload_debounce", d.reload_debounce),
+        allow_no_enforcing_policy=top.boolean("allow_no_enforcing_policy", d.allow_no_enforcing_policy),
         auth=_auth(top.child("auth"), base),
         session=_session(top.child("session")),
         telemetry=_telemetry(top.child("telemetry")),

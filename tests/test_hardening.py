@@ -29,9 +29,12 @@ def idp() -> Iterator[TestIssuer]:
     issuer.stop()
 
 
-def _gateway(idp: TestIssuer, tmp_path: Path, policies: dict[str, str] | None = None) -> InProcessGateway:
+def _gateway(
+    idp: TestIssuer, tmp_path: Path, policies: dict[str, str] | None = None, **settings: object
+) -> InProcessGateway:
     config: dict[str, object] = {
-        "auth": {"issuers": [idp.issuer_config(jwks_file=idp.write_jwks(tmp_path / "jwks.json"))]}
+        "auth": {"issuers": [idp.issuer_config(jwks_file=idp.write_jwks(tmp_path / "jwks.json"))]},
+        **settings,
     }
     if policies is not None:
         directory = tmp_path / "policies"
@@ -194,7 +197,8 @@ rules:
 
 
 def test_an_audit_policy_that_fails_records_and_allows(idp: TestIssuer, tmp_path: Path) -> None:
-    gateway = _gateway(idp, tmp_path, {"tiers.yaml": AUDIT_POLICY})
+    # An audit policy alone protects nothing: served only when the config says so.
+    gateway = _gateway(idp, tmp_path, {"tiers.yaml": AUDIT_POLICY}, allow_no_enforcing_policy=True)
     try:
         assert gateway.client.status(token=idp.token("alice")) == 200  # no tier claim: `when` fails
         audited = gateway.last.audit_denies

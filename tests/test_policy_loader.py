@@ -281,6 +281,6 @@ def test_default_policy_copies_are_identical() -> None:
     for name in ("10-mcp-session-binding.yaml", "10-mcp-session-binding_test.yaml"):
         shipped = (packaged / name).read_bytes()
         assert (REPO / "policies" / name).read_bytes() == shipped, name
-    assert (REPO / "examples/policies/tool-scopes/10-mcp-session-binding.yaml").read_bytes() == (
-        packaged / "10-mcp-session-binding.yaml"
-    ).read_bytes()
+    for example in ("tool-scopes", "audit-mode"):
+        copy = REPO / "examples/policies" / example / "10-mcp-session-binding.yaml"
+        assert copy.read_bytes() == (packaged / "10-mcp-session-binding.yaml").read_bytes(), example

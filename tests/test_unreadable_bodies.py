@@ -44,13 +44,14 @@ def idp() -> Iterator[TestIssuer]:
     issuer.stop()
 
 
-def _gateway(idp: TestIssuer, tmp_path: Path, policy: str) -> InProcessGateway:
+def _gateway(idp: TestIssuer, tmp_path: Path, policy: str, **settings: object) -> InProcessGateway:
     directory = tmp_path / "policies"
     directory.mkdir()
     (directory / "tools.yaml").write_text(policy)
     config = {
         "auth": {"issuers": [idp.issuer_config(jwks_file=idp.write_jwks(tmp_path / "jwks.json"))]},
         "policies": str(directory),
+        **settings,
     }
     return InProcessGateway(config, tmp_path)
 
@@ -200,7 +201,7 @@ def test_without_a_policy_that_reads_the_body_nothing_is_parsed(idp: TestIssuer,
 def test_an_audit_policy_records_the_refusal_instead_of_enforcing_it(
     idp: TestIssuer, tmp_path: Path
 ) -> None:
-    gateway = _gateway(idp, tmp_path, AUDIT_TOOLS_POLICY)
+    gateway = _gateway(idp, tmp_path, AUDIT_TOOLS_POLICY, allow_no_enforcing_policy=True)
     try:
         headers, raw = UNREADABLE["bom"]
         assert _ask(gateway, idp.token("alice"), headers, raw=raw) == (200, decision.ALLOWED)

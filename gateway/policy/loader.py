@@ -477,8 +477,21 @@ def read_policy_dir(directory: Path) -> list[tuple[str, str]]:
     return sources
 
 
-def load_policy_dir(directory: Path, engine: Engine | str = "cel") -> PolicySet:
-    return load_policy_set(read_policy_dir(directory), engine)
+def load_policy_dir(
+    directory: Path, engine: Engine | str = "cel", *, allow_unprotected: bool = False
+) -> PolicySet:
+    """The directory's policy set. One without a single enforcing policy (empty, a mistyped
+    path to another folder, only test files, only audit policies) would protect nothing: it
+    is refused unless `allow_unprotected` (the config's allow_no_enforcing_policy) says so."""
+    policy_set = load_policy_set(read_policy_dir(directory), engine)
+    if not allow_unprotected and not any(not policy.audit for policy in policy_set.policies):
+        found = f"{len(policy_set.files)} policy file(s), {len(policy_set.policies)} audit-only"
+        message = (
+            f"no enforcing policy ({found}): the gateway would protect nothing; "
+            "set allow_no_enforcing_policy: true in the config to serve so anyway"
+        )
+        raise PolicyLoadError([Problem(Location(str(directory), 1, 1), message)])
+    return policy_set
 
 
 def default_policy_dir() -> Path:
