@@ -9,11 +9,12 @@ import ipaddress
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-import yaml
+from gateway.yaml_reader import Kind, YamlError, load, wrong_type
 
 DEFAULT_LISTEN = "127.0.0.1:9191"
 DEFAULT_ALGORITHMS = ("RS256", "ES256", "EdDSA")
@@ -193,16 +194,20 @@ def parse_hostport(value: str) -> tuple[str, int]:
 
 
 class _Reader:
-    """Walks one mapping of the YAML file, remembering the dotted path for error messages."""
+    """Walks one mapping of the config, remembering the dotted path for error messages.
+
+    The values are plain data (a file's, built by gateway.yaml_reader, or a mapping handed to
+    config_from_mapping), checked with the type phrases the other YAML readers use.
+    """
 
     def __init__(self, source: str, path: str, data: object) -> None:
         self.source = source
         self.path = path
         if data is None:
             data = {}
-        if not isinstance(data, dict):
-            raise self.error("must be a mapping")
-        self.data: dict[str, Any] = data
+        if wrong := wrong_type(data, "mapping"):
+            raise self.error(wrong)
+        self.data: Mapping[str, Any] = cast(Mapping[str, Any], data)
         self.seen: set[str] = set()
 
     def error(self, message: str, key: str | None = None) -> ConfigError:
@@ -216,23 +221,24 @@ class _Reader:
     def has(self, key: str) -> bool:
         return key in self.data
 
+    def typed(self, key: str, default: Any, kind: Kind, minimum: int | None = None) -> Any:
+        """The value at `key`, which must be of `kind` (gateway.yaml_reader.wrong_type)."""
+        value = self.get(key, default)
+        if wrong := wrong_type(value, kind, minimum):
+            raise self.error(wrong, key)
+        return value
+
     def string(self, key: str, default: str | None = None) -> str | None:
         value = self.get(key, default)
-        if value is not None and not isinstance(value, str):
-            raise self.error("must be a string", key)
-        return value
+        if value is not None and (wrong := wrong_type(value, "string")):
+            raise self.error(wrong, key)
+        return cast(str | None, value)
 
     def boolean(self, key: str, default: bool) -> bool:
-        value = self.get(key, default)
-        if not isinstance(value, bool):
-            raise self.error("must be true or false", key)
-        return value
+        return cast(bool, self.typed(key, default, "boolean"))
 
     def integer(self, key: str, default: int, minimum: int = 0) -> int:
-        value = self.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise self.error(f"must be an integer >= {minimum}", key)
-        return value
+        return cast(int, self.typed(key, default, "integer", minimum))
 
     def duration(self, key: str, default: float) -> float:
         if not self.has(key):
@@ -247,8 +253,8 @@ class _Reader:
         value = self.get(key, list(default))
         if isinstance(value, str):
             value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise self.error("must be a list of strings", key)
+        if wrong := wrong_type(value, "strings"):
+            raise self.error(wrong, key)
         return tuple(value)
 
     def child(self, key: str) -> _Reader:
@@ -300,9 +306,7 @@ def _issuer(reader: _Reader, base: Path) -> IssuerConfig:
 
 def _auth(reader: _Reader, base: Path) -> AuthConfig:
     defaults = AuthConfig()
-    raw_issuers = reader.get("issuers", [])
-    if not isinstance(raw_issuers, list):
-        raise reader.error("must be a list", "issuers")
+    raw_issuers = reader.typed("issuers", [], "list")
     issuers = tuple(
         _issuer(_Reader(reader.source, f"{reader.path}.issuers[{i}]", item), base)
         for i, item in enumerate(raw_issuers)
@@ -509,10 +513,7 @@ def load_config(path: str | Path) -> Config:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
+        _, data = load(str(path), text)
+    except YamlError as exc:
+        raise ConfigError(str(exc)) from None
     return config_from_mapping(data, str(path), path.parent.resolve())

@@ -129,6 +129,25 @@ def test_unreadable_or_invalid_files(tmp_path: Path) -> None:
     assert result.returncode == 2 and "must be a mapping" in result.stderr
 
 
+def test_invalid_yaml_is_located_where_the_mistake_is(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    # An unclosed quote: reported at the end of the file (6:1) before, not where it opens.
+    path.write_text('listen: 127.0.0.1:9191\nstore: memory://\nauth:\n  realm: "authz\nworkers: 2\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == (
+        f"{path}:4:10: invalid YAML: found unexpected end of stream "
+        "(a quoted string that starts here is never closed)"
+    )
+    # A character YAML refuses: its line and column (there were none).
+    path.write_text("listen: 127.0.0.1:9191\nstore: memory:\x07//\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == (
+        f"{path}:2:15: invalid YAML: unacceptable character #x0007: special characters are not allowed"
+    )
+
+
 def test_a_jwks_file_that_is_not_a_jwks_exits_non_zero(tmp_path: Path, jwks_file: Path) -> None:
     jwks_file.write_text('{"not": "a jwks"}')
     result = serve_once(write_config(tmp_path, base_config(jwks_file, free_port())))

@@ -166,6 +166,13 @@ def test_audit_expectations_are_compared() -> None:
             "t_test.yaml:4:14: session.state must be one of live, terminated, revoked, expired, legacy",
         ),
         ("cases: [\n", "t_test.yaml:2:1: invalid YAML"),
+        # An unclosed quote: where it opens, not at the end of the file (6:1).
+        (
+            "cases:\n  - name: a\n    claims: {iss: i, sub: s}\n    request: {path: \"/mcp}\n"
+            "    expect: {decision: allow}\n",
+            "t_test.yaml:4:21: invalid YAML: found unexpected end of stream "
+            "(a quoted string that starts here is never closed)",
+        ),
     ],
 )
 def test_case_file_problems_are_located(text: str, problem: str) -> None:

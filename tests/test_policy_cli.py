@@ -66,6 +66,31 @@ def test_check_lists_every_problem_and_exits_1(tmp_path: Path) -> None:
     ]
 
 
+def test_check_and_test_point_at_the_line_of_the_mistake(tmp_path: Path) -> None:
+    # A header name inside a block scalar: its own line, not the `|` (7:12).
+    (tmp_path / "10-a.yaml").write_text(
+        "name: a\nrules:\n  - name: r\n    deny: {reason: x}\n    when: request.method == 'POST'\n"
+        "    # the client\n    allow: |\n      request.path == '/mcp' &&\n"
+        "        request.headers['X-Client'] == 'cli'\n"
+    )
+    result = cli("check", str(tmp_path))
+    assert result.returncode == 1
+    problem = "allow: header names are lower-case in request.headers: 'X-Client'"
+    assert result.stdout.splitlines()[0] == f"{tmp_path}/10-a.yaml:9:26: {problem}"
+    # An unclosed quote in a test file: where it opens, not at the end of the file (6:1).
+    (tmp_path / "10-a.yaml").write_text("name: a\n")
+    (tmp_path / "10-a_test.yaml").write_text(
+        "cases:\n  - name: x\n    anonymous: true\n    request: {path: '/mcp}\n"
+        "    expect: {decision: allow}\n"
+    )
+    result = cli("test", "--engine", "cel", str(tmp_path))
+    assert result.returncode == 1
+    assert (
+        f"{tmp_path}/10-a_test.yaml:4:21: invalid YAML: found unexpected end of stream "
+        "(a quoted string that starts here is never closed)"
+    ) in result.stdout
+
+
 def test_check_with_one_engine(tmp_path: Path) -> None:
     (tmp_path / "10-a.yaml").write_text(
         "name: a\nrules:\n  - name: r\n    allow: 'size(1) > 0'\n    deny: {reason: x}\n"

@@ -57,6 +57,90 @@ def test_yaml_error_is_located(engine: str) -> None:
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_an_unclosed_quote_is_reported_where_it_opens(engine: str) -> None:
+    # The scanner only gives up at the end of the file (6:1 here): the mistake is the quote.
+    text = """\
+    name: p
+    rules:
+      - name: r
+        allow: "request.method == 'GET'
+        deny: {reason: x}
+    """
+    assert problems_of(text, engine) == [
+        "p.yaml:4:12: invalid YAML: found unexpected end of stream "
+        "(a quoted string that starts here is never closed)"
+    ]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_header_name_inside_a_block_scalar_is_located_on_its_line(engine: str) -> None:
+    # Reported at the `|` (7:12) before: the header name is two lines further down.
+    text = """\
+    name: p
+    rules:
+      - name: r
+        deny: {reason: x}
+        when: request.method == "POST"
+        # the client's name
+        allow: |
+          request.path == "/mcp" &&
+            request.headers["X-Client"] == "cli"
+    """
+    assert problems_of(text, engine) == [
+        "p.yaml:9:26: allow: header names are lower-case in request.headers: 'X-Client'"
+    ]
+
+
+HEADER_LOOKUPS = {
+    # On one line: the column of the name, not of the expression.
+    "quoted": (
+        """\
+        name: p
+        session:
+          key: 'request.headers.Session == "" ? "" : "s"'
+        """,
+        "p.yaml:3:25",
+    ),
+    "folded-in": (
+        """\
+        name: p
+        session:
+          key: >
+            "Mcp-Session-Id" in request.headers
+            ? request.headers["Mcp-Session-Id"] : ""
+        """,
+        "p.yaml:4:6",
+    ),
+    "literal-index": (
+        """\
+        name: p
+        session:
+          key: |
+            "" + (
+              request["headers"]["X-Up"])
+        """,
+        "p.yaml:5:27",
+    ),
+    "double-quoted-escapes": (
+        """\
+        name: p
+        session:
+          key: "\\"\\" +
+            request.headers.Accept"
+        """,
+        "p.yaml:4:21",
+    ),
+}
+
+
+@pytest.mark.parametrize(("text", "expected"), HEADER_LOOKUPS.values(), ids=HEADER_LOOKUPS)
+def test_a_header_name_is_located_in_any_scalar_style(text: str, expected: str) -> None:
+    found = problems_of(text)
+    assert len(found) == 1, found
+    assert found[0].startswith(f"{expected}: session.key: header names are lower-case"), found
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_unknown_keys_are_located(engine: str) -> None:
     text = """\
     name: p

@@ -23,10 +23,9 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-import yaml
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.nodes import Node, SequenceNode
 
 from gateway import decision
 from gateway.config import AuthConfig, SessionConfig
@@ -44,6 +43,7 @@ from gateway.session.memory import MemoryStore
 from gateway.session.record import ENDED_REVOKED, ENDED_TERMINATED, new_record, owner_key, tombstone
 from gateway.session.store import StoreSettings
 from gateway.text import safe_value
+from gateway.yaml_reader import NodeReader, Position, YamlError, load, values, wrong_type
 
 # 2026-01-01T00:00:00Z: a fixed clock, so that a case means the same thing every day.
 DEFAULT_NOW = 1_767_225_600.0
@@ -145,36 +145,23 @@ def _merge(base: Any, override: Any) -> Any:
     return override
 
 
-class _CaseReader:
+class _CaseReader(NodeReader):
     """Validates one test file, with the node tree for locations and plain values for content."""
 
-    def __init__(self, path: str, single: bool = False) -> None:
-        self.path = path
+    def __init__(self, path: str, text: str, single: bool = False) -> None:
+        super().__init__(path, text)
         # One case on its own (an `explain` input): its name defaults to the file's, and
         # it need not expect anything.
         self.single = single
         self.problems: list[str] = []
 
-    def problem(self, node: Node | None, message: str) -> None:
-        line, column = (node.start_mark.line + 1, node.start_mark.column + 1) if node is not None else (1, 1)
-        self.problems.append(f"{self.path}:{line}:{column}: {message}")
+    def report(self, position: Position, message: str) -> None:
+        self.problems.append(f"{position}: {message}")
 
     def keys(self, node: Node | None, allowed: set[str], what: str) -> dict[str, Node]:
-        """The mapping's key nodes by name; unknown keys are problems (YAML `<<` merges pass)."""
-        found: dict[str, Node] = {}
-        if not isinstance(node, MappingNode):
-            return found
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, ScalarNode) else None
-            if key == "<<":
-                continue
-            if not isinstance(key, str) or key not in allowed:
-                self.problem(
-                    key_node, f"unknown key {key!r} in {what} (allowed: {', '.join(sorted(allowed))})"
-                )
-                continue
-            found[key] = value_node
-        return found
+        """The mapping's value nodes by name; unknown keys are problems (YAML `<<` merges pass)."""
+        found = self.fields(node, allowed, what, constructed=True) or {}
+        return {key: value_node for key, (_, value_node) in found.items()}
 
     def validate_case_keys(self, node: Node | None) -> dict[str, Node]:
         """Unknown keys anywhere in a case (or in `defaults`), each at its own line."""
@@ -185,16 +172,16 @@ class _CaseReader:
         self.keys(expect.get("session"), EXPECT_SESSION_KEYS, "expect.session")
         return nodes
 
-    def mapping(self, value: Any, node: Node | None, what: str) -> Mapping[str, Any] | None:
+    def mapping_value(self, value: Any, node: Node | None, what: str) -> Mapping[str, Any] | None:
         if value is None:
             return None
-        if not isinstance(value, Mapping):
-            self.problem(node, f"{what} must be a mapping")
+        if wrong := wrong_type(value, "mapping"):
+            self.problem(node, f"{what} {wrong}")
             return None
-        return value
+        return cast(Mapping[str, Any], value)
 
     def strings(self, value: Any, node: Node | None, what: str) -> dict[str, str]:
-        mapping = self.mapping(value, node, what) or {}
+        mapping = self.mapping_value(value, node, what) or {}
         result: dict[str, str] = {}
         for key, item in mapping.items():
             if isinstance(item, bool) or not isinstance(item, str | int | float):
@@ -218,18 +205,15 @@ class _CaseReader:
         if not isinstance(name, str) or not name:
             self.problem(node, f"case {index + 1} needs a name")
             name = f"case-{index + 1}"
-        location = Location(
-            self.path,
-            *((node.start_mark.line + 1, node.start_mark.column + 1) if node is not None else (1, 1)),
-        )
+        location = Location(*self.where(node))
         request = self.request(merged.get("request") or {}, nodes.get("request", node))
         anonymous = merged.get("anonymous", False)
-        if not isinstance(anonymous, bool):
-            self.problem(nodes.get("anonymous", node), "anonymous must be true or false")
+        if wrong := wrong_type(anonymous, "boolean"):
+            self.problem(nodes.get("anonymous", node), f"anonymous {wrong}")
         claims = (
             None
             if anonymous is True
-            else self.mapping(merged.get("claims"), nodes.get("claims", node), "claims")
+            else self.mapping_value(merged.get("claims"), nodes.get("claims", node), "claims")
         )
         if anonymous is not True and claims is None:
             self.problem(node, f"case {name!r} needs claims, or anonymous: true")
@@ -270,7 +254,7 @@ class _CaseReader:
         return float(value)
 
     def request(self, value: Any, node: Node | None) -> Mapping[str, Any]:
-        mapping = self.mapping(value, node, "request") or {}
+        mapping = self.mapping_value(value, node, "request") or {}
         request: dict[str, Any] = {
             "method": str(mapping.get("method", "POST")).upper(),
             "path": str(mapping.get("path", "/mcp")),
@@ -293,7 +277,7 @@ class _CaseReader:
         return request
 
     def session(self, value: Any, node: Node | None, request: Mapping[str, Any]) -> StoredSession | None:
-        mapping = self.mapping(value, node, "session")
+        mapping = self.mapping_value(value, node, "session")
         if mapping is None:
             return None
         session_id = mapping.get("id", request["headers"].get("mcp-session-id"))
@@ -304,8 +288,8 @@ class _CaseReader:
         if state not in SESSION_STATES:
             self.problem(node, f"session.state must be one of {', '.join(SESSION_STATES)}")
             return None
-        bound = self.mapping(mapping.get("bound"), node, "session.bound") or {}
-        record = self.mapping(mapping.get("record"), node, "session.record")
+        bound = self.mapping_value(mapping.get("bound"), node, "session.bound") or {}
+        record = self.mapping_value(mapping.get("record"), node, "session.record")
         anonymous = mapping.get("anonymous", False)
         created = mapping.get("created", 60.0)
         idle = mapping.get("idle", 1.0)
@@ -318,23 +302,23 @@ class _CaseReader:
         )
 
     def expectation(self, value: Any, node: Node | None) -> Expectation | None:
-        mapping = self.mapping(value, node, "expect")
+        mapping = self.mapping_value(value, node, "expect")
         if mapping is None:
             return None
-        nodes = {k: v for k, v in _children(node).items() if k in EXPECT_KEYS}
+        nodes = {k: v for k, v in values(node).items() if k in EXPECT_KEYS}
         outcome = mapping.get("decision")
         if outcome not in ("allow", "deny"):
             self.problem(nodes.get("decision", node), "expect.decision must be allow or deny")
             return None
         status = mapping.get("status")
-        if status is not None and (isinstance(status, bool) or not isinstance(status, int)):
-            self.problem(nodes.get("status", node), "expect.status must be an integer")
+        if status is not None and (wrong := wrong_type(status, "integer")):
+            self.problem(nodes.get("status", node), f"expect.status {wrong}")
             return None
         audit = mapping.get("audit")
         if audit is not None and not (isinstance(audit, list) and all(isinstance(a, Mapping) for a in audit)):
             self.problem(nodes.get("audit", node), "expect.audit must be a list of {policy, rule, reason}")
             return None
-        session = self.mapping(mapping.get("session"), nodes.get("session", node), "expect.session")
+        session = self.mapping_value(mapping.get("session"), nodes.get("session", node), "expect.session")
         if session is not None and session.get("state", "live") not in STATES_AFTER:
             self.problem(
                 nodes.get("session", node),
@@ -355,34 +339,18 @@ class _CaseReader:
         )
 
 
-def _children(node: Node | None) -> dict[str, Node]:
-    if not isinstance(node, MappingNode):
-        return {}
-    return {k.value: v for k, v in node.value if isinstance(k, ScalarNode) and isinstance(k.value, str)}
-
-
-def _document(path: str, text: str) -> tuple[Any, Node | None]:
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        raise CaseFileError(
-            [f"{path}:{line}:{column}: invalid YAML: {getattr(exc, 'problem', None) or exc}"]
-        ) from None
-    return value, node
-
-
 def parse_cases(path: str, text: str) -> list[PolicyCase]:
     """The cases of one test file (a mapping with `cases`, or one case on its own)."""
-    value, node = _document(path, text)
+    try:
+        node, value = load(path, text)
+    except YamlError as exc:
+        raise CaseFileError([str(exc)]) from None
     single = isinstance(value, Mapping) and "cases" not in value
-    reader = _CaseReader(path, single)
+    reader = _CaseReader(path, text, single)
     if isinstance(value, Mapping) and "cases" in value:
         nodes = reader.keys(node, FILE_KEYS, "a test file")
         reader.validate_case_keys(nodes.get("defaults"))
-        defaults = reader.mapping(value.get("defaults"), nodes.get("defaults"), "defaults") or {}
+        defaults = reader.mapping_value(value.get("defaults"), nodes.get("defaults"), "defaults") or {}
         items, items_node = value["cases"], nodes.get("cases")
         if not isinstance(items, list):
             reader.problem(items_node, "cases must be a list")

@@ -11,8 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.nodes import MappingNode, Node, ScalarNode
 
 from gateway.policy.engines import CompiledExpression, CompileError, Engine, Expect, make_engine
 from gateway.policy.memo import FusedMemo
@@ -27,6 +26,7 @@ from gateway.policy.model import (
     SessionSpec,
 )
 from gateway.policy.reads import analyze
+from gateway.yaml_reader import NodeReader, Position, YamlError, compose_all, offset_in
 
 POLICY_SUFFIXES = (".yaml", ".yml")
 TEST_SUFFIXES = ("_test.yaml", "_test.yml")
@@ -69,44 +69,19 @@ def policy_files(directory: Path) -> list[Path]:
     )
 
 
-class _FileLoader:
+class _FileLoader(NodeReader):
+    """One policy file's documents to policies; problems go to the set's list."""
+
     def __init__(self, path: str, text: str, engine: Engine, problems: list[Problem]) -> None:
-        self.path = path
-        self.text = text
+        super().__init__(path, text)
         self.engine = engine
         self.problems = problems
 
+    def report(self, position: Position, message: str) -> None:
+        self.problems.append(Problem(Location(*position), message))
+
     def at(self, node: Node) -> Location:
-        return Location(self.path, node.start_mark.line + 1, node.start_mark.column + 1)
-
-    def problem(self, node: Node, message: str) -> None:
-        self.problems.append(Problem(self.at(node), message))
-
-    def mapping(self, node: Node, allowed: set[str], what: str) -> dict[str, tuple[Node, Node]] | None:
-        if not isinstance(node, MappingNode):
-            self.problem(node, f"{what} must be a mapping")
-            return None
-        result: dict[str, tuple[Node, Node]] = {}
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, ScalarNode) else None
-            if not isinstance(key, str):
-                self.problem(key_node, f"{what} keys must be strings")
-                continue
-            if key in result:
-                self.problem(key_node, f"duplicate key {key!r}")
-                continue
-            if key not in allowed:
-                known = ", ".join(sorted(allowed))
-                self.problem(key_node, f"unknown key {key!r} in {what} (allowed: {known})")
-                continue
-            result[key] = (key_node, value_node)
-        return result
-
-    def scalar(self, node: Node, what: str) -> str | None:
-        if not isinstance(node, ScalarNode):
-            self.problem(node, f"{what} must be a scalar")
-            return None
-        return str(node.value)
+        return Location(*self.where(node))
 
     def expression(self, node: Node, expect: Expect, what: str) -> CompiledExpression | None:
         if not isinstance(node, ScalarNode):
@@ -121,54 +96,17 @@ class _FileLoader:
         try:
             compiled = self.engine.compile(source, expect)
         except CompileError as exc:
-            line, column = self._locate(node, exc.line, exc.column)
-            self.problems.append(Problem(Location(self.path, line, column), f"{what}: {exc.message}"))
+            where = self.where_in(node, offset_in(source, exc.line, exc.column))
+            self.report(where, f"{what}: {exc.message}")
             return None
         for name in analyze(source).header_names:
             if name != name.lower():
                 # Header names arrive lower-case: this lookup could never match, and a session
                 # key built on it would silently bind nothing.
-                self.problem(node, f"{what}: header names are lower-case in request.headers: {name!r}")
+                where = self.where_in(node, _header_offset(source, name))
+                self.report(where, f"{what}: header names are lower-case in request.headers: {name!r}")
                 return None
         return compiled
-
-    def _locate(self, node: ScalarNode, line: int, column: int) -> tuple[int, int]:
-        """Map a position inside the expression to a position in the file.
-
-        The expression is the scalar's value; the file holds its raw text, with quotes,
-        escapes, indentation and folded lines. Every non-blank character of the value
-        appears in the raw text in the same order, so walking both in step finds it.
-        """
-        value = str(node.value)
-        value_lines = value.split("\n")
-        offset = sum(len(text) + 1 for text in value_lines[: line - 1]) + column - 1
-        offset = max(0, min(offset, len(value)))
-        raw_start = node.start_mark.index
-        raw = self.text[raw_start : node.end_mark.index]
-        # Past the opening quote, or past a block's indicator line (which may hold a comment).
-        position = 1 if node.style in ("'", '"') else 0
-        if node.style in ("|", ">"):
-            position = raw.find("\n") + 1
-        for character in value[:offset]:
-            if not character.isspace():
-                found = raw.find(character, position)
-                position = found + 1 if found >= 0 else position
-        if offset < len(value) and not value[offset].isspace():
-            found = raw.find(value[offset], position)
-            position = found if found >= 0 else position
-        absolute = raw_start + position
-        line_start = self.text.rfind("\n", 0, absolute) + 1
-        return self.text.count("\n", 0, absolute) + 1, absolute - line_start + 1
-
-    def integer(self, node: Node, what: str) -> int | None:
-        value = self.scalar(node, what)
-        if value is None:
-            return None
-        try:
-            return int(value)
-        except ValueError:
-            self.problem(node, f"{what} must be an integer")
-            return None
 
     def deny(self, node: Node) -> DenySpec | None:
         fields = self.mapping(node, DENY_KEYS, "deny")
@@ -290,22 +228,19 @@ class _FileLoader:
         rules: list[Rule] = []
         rules_ok = True
         if "rules" in fields:
-            rules_node = fields["rules"][1]
-            if not isinstance(rules_node, SequenceNode):
-                self.problem(rules_node, "rules must be a list")
-                rules_ok = False
-            else:
-                seen: set[str] = set()
-                for index, rule_node in enumerate(rules_node.value):
-                    rule = self.rule(rule_node, index)
-                    if rule is None:
-                        rules_ok = False
-                        continue
-                    if rule.name in seen:
-                        self.problem(rule_node, f"duplicate rule name {rule.name!r} in policy {name!r}")
-                        rules_ok = False
-                    seen.add(rule.name)
-                    rules.append(rule)
+            rule_nodes = self.sequence(fields["rules"][1], "rules")
+            rules_ok = rule_nodes is not None
+            seen: set[str] = set()
+            for index, rule_node in enumerate(rule_nodes or ()):
+                rule = self.rule(rule_node, index)
+                if rule is None:
+                    rules_ok = False
+                    continue
+                if rule.name in seen:
+                    self.problem(rule_node, f"duplicate rule name {rule.name!r} in policy {name!r}")
+                    rules_ok = False
+                seen.add(rule.name)
+                rules.append(rule)
         broken = (
             name is None
             or not rules_ok
@@ -346,6 +281,29 @@ class _FileLoader:
             return self.engine.compile(tail, "any")
         except CompileError:
             return None  # rule-by-rule still works; only the shortcut is lost
+
+
+# `request.headers`, `.request.headers`, `request["headers"]`
+_HEADERS = r"""\.?request\s*(?:\.\s*headers|\[\s*[rR]?["']headers["']\s*\])"""
+
+
+def _header_offset(source: str, name: str) -> int:
+    """Where `source` looks up the header `name` (gateway.policy.reads finds the lookups but
+    keeps no position): the first lookup; else where the name is first quoted; else 0."""
+    escaped = re.escape(name)
+    lookups = (
+        # request.headers["Name"], request["headers"]['Name'], request.headers.Name
+        _HEADERS + r"""\s*(?:\.\s*|\[\s*[rR]?["']{1,3})(""" + escaped + r")(?![\w-])",
+        # "Name" in request.headers
+        r"""["'](""" + escaped + r""")["']{1,3}\s+in\s+""" + _HEADERS,
+        # quoted anywhere
+        r"""["'](""" + escaped + r""")["']""",
+    )
+    for patterns in (lookups[:2], lookups[2:]):
+        found = [match.start(1) for pattern in patterns if (match := re.search(pattern, source))]
+        if found:
+            return min(found)
+    return 0
 
 
 def _is_true(node: Node) -> bool:
@@ -415,21 +373,11 @@ def _reads(policies: Iterable[Policy]) -> dict[str, frozenset[str] | None]:
 def load_documents(path: str, text: str, engine: Engine, problems: list[Problem]) -> list[Policy]:
     loader = _FileLoader(path, text, engine, problems)
     try:
-        documents = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        problem = getattr(exc, "problem", None) or str(exc)
-        problems.append(Problem(Location(path, line, column), f"invalid YAML: {problem}"))
+        documents = compose_all(path, text)
+    except YamlError as exc:
+        problems.append(Problem(Location(*exc.position), f"invalid YAML: {exc.problem}"))
         return []
-    policies = []
-    for document in documents:
-        if document is None:
-            continue
-        policy = loader.policy(document)
-        if policy is not None:
-            policies.append(policy)
-    return policies
+    return [policy for policy in map(loader.policy, documents) if policy is not None]
 
 
 def load_policy_set(
