@@ -46,7 +46,10 @@ except ImportError:  # a revision before gateway/envoy_api (bench_inprocess.py -
     from envoy.service.auth.v3 import attribute_context_pb2 as attrs
     from envoy.service.auth.v3 import external_auth_pb2
     from google.rpc import code_pb2, status_pb2
-from gateway.example_keys import SigningKeyPair, claims_for, jwks  # noqa: E402
+try:
+    from gateway.example_keys import SigningKeyPair, claims_for, jwks
+except ImportError:  # a revision before the rename (bench_inprocess.py --baseline)
+    from gateway.testing_keys import SigningKeyPair, claims_for, jwks  # type: ignore[no-redef]
 from gateway.policy.loader import default_policy_dir  # noqa: E402
 
 CHECK_PATH = "/envoy.service.auth.v3.Authorization/Check"

@@ -26,17 +26,20 @@ REPO = Path(__file__).resolve().parents[1]
 POLICY_SETS = {"default": None, "tool-scopes": "examples/policies/tool-scopes"}
 
 
-def _measure(tree: Path, policies: str | None, batches: int, size: int) -> float:
+def _measure(tree: Path, policies: str | None, batches: int, size: int, extra: list[str]) -> float:
     """Runs inside a worker: the best batch, in µs of process CPU per Check."""
+    # The tree given, not the one an editable install maps `gateway` to, nor the one
+    # bench_check.py would put first on the path (it does not when REPO is on it already).
+    editable = [finder for finder in sys.meta_path if "Editable" in getattr(finder, "__name__", "")]
+    for finder in editable:
+        sys.meta_path.remove(finder)
     sys.path.insert(0, str(tree))
     sys.path.insert(1, str(REPO / "bench"))
+    sys.path.append(str(REPO))
+    sys.path.extend(extra)  # after site-packages: only what the venv lacks comes from there
     import yaml
-    from bench_check import AUDIENCE, ISSUER, SUBJECT, build_check_request
+    from bench_check import AUDIENCE, ISSUER, SUBJECT, SigningKeyPair, build_check_request, claims_for, jwks
 
-    try:
-        from gateway.example_keys import SigningKeyPair, claims_for, jwks
-    except ImportError:  # revisions before the rename
-        from gateway.testing_keys import SigningKeyPair, claims_for, jwks  # type: ignore[no-redef]
     from gateway.app import Gateway
     from gateway.config import load_config
 
@@ -54,6 +57,10 @@ def _measure(tree: Path, policies: str | None, batches: int, size: int) -> float
         config["policies"] = str(tree / policies)
     (work / "gateway.yaml").write_text(yaml.safe_dump(config))
     gateway = Gateway(load_config(work / "gateway.yaml"))
+    import gateway as package
+
+    if Path(package.__file__).resolve().parent != (tree / "gateway").resolve():
+        raise SystemExit(f"measured {package.__file__}, not {tree}")
     claims = claims_for(issuer=ISSUER, audience=AUDIENCE, subject=SUBJECT, scope="mcp tools:search")
     token = key.sign(claims)
     request = build_check_request(token)
@@ -83,9 +90,9 @@ def _worktree(revision: str) -> Path:
     return path
 
 
-def _run(tree: Path, policies: str, batches: int, size: int) -> float:
+def _run(tree: Path, policies: str, batches: int, size: int, extra: tuple[str, ...] = ()) -> float:
     command = [sys.executable, __file__, "--worker", str(tree), "--policies", policies,
-               "--batches", str(batches), "--size", str(size)]
+               "--batches", str(batches), "--size", str(size), *(f"--extra-path={p}" for p in extra)]
     env = {**os.environ, "OTEL_SDK_DISABLED": "true"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if result.returncode != 0:
@@ -99,11 +106,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batches", type=int, default=7)
     parser.add_argument("--size", type=int, default=5000)
+    parser.add_argument(
+        "--extra-path", action="append", default=[],
+        help="for the baseline only: a directory searched after site-packages (e.g. pip install"
+        " --target DIR xds-protos, for revisions that imported Envoy's API from it)",
+    )
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--policies", default="default", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
-        print(_measure(args.worker, POLICY_SETS[args.policies], args.batches, args.size))
+        print(_measure(args.worker, POLICY_SETS[args.policies], args.batches, args.size, args.extra_path))
         return
     baseline = None if args.baseline == "none" else _worktree(args.baseline)
     try:
@@ -112,7 +124,7 @@ def main() -> None:
             theirs: list[float] = []
             for round_number in range(1, args.rounds + 1):
                 if baseline is not None:
-                    theirs.append(_run(baseline, policies, args.batches, args.size))
+                    theirs.append(_run(baseline, policies, args.batches, args.size, tuple(args.extra_path)))
                 ours.append(_run(REPO, policies, args.batches, args.size))
                 line = f"{policies:12} round {round_number}: this tree {ours[-1]:6.1f} µs"
                 if baseline is not None:

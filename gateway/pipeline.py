@@ -8,6 +8,7 @@ that cannot be read, store down, CEL error) ends in a deny, never an allow.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from gateway import decision
@@ -15,7 +16,7 @@ from gateway.config import AuthConfig, SessionConfig
 from gateway.decision import Allows, AuditDeny, Decision
 from gateway.identity.verifier import ANONYMOUS_AUTH_MAP, Identity, TokenRejected, TokenVerifier, authenticate
 from gateway.mcp import NOT_MCP, McpCall
-from gateway.policy.activation import Activations, policy_variables, session_variable
+from gateway.policy.activation import NO_SESSION, Activations, Once, session_variable, timestamp
 from gateway.policy.evaluate import PolicyFailure, Tracer, applies, bind_values, judge, session_key
 from gateway.policy.model import Policy, PolicyHolder, PolicySet
 from gateway.request import RequestContext
@@ -27,6 +28,8 @@ UPSTREAM_ISSUER = "x-authz-issuer"
 UPSTREAM_HEADERS = (UPSTREAM_SUBJECT, UPSTREAM_ISSUER)
 
 __all__ = ["UPSTREAM_HEADERS", "Authorizer", "PolicyHolder"]
+
+_ONCE: tuple[McpCall | None, ...] = (None,)  # the request judged once, `mcp` as gathered
 
 
 @dataclass(slots=True)
@@ -43,6 +46,7 @@ class _Check:
     sessions: dict[str, tuple[Session, dict[str, Any]] | None] = field(default_factory=dict)
     audits: list[AuditDeny] = field(default_factory=list)
     ending: dict[str, Session] = field(default_factory=dict)
+    session_new: bool = False  # this check bound a new session
 
     def audit(self, policy: str, denied: Decision) -> None:
         self.audits.append(AuditDeny(policy, denied.rule, denied.reason, denied.status))
@@ -94,10 +98,12 @@ class Authorizer:
             return decision.deny(decision.STORE_UNAVAILABLE, error=f"session store: {exc}")
 
     def _authorize(self, check: _Check) -> Decision:
-        refused = _read_body(check) or _gather_variables(check)
+        reads_body = check.policy_set.uses_body or "mcp" in check.policy_set.reads
+        refused = (_read_body(check) if reads_body else None) or _gather_variables(check)
         if refused is not None:
             return refused
-        for call in _calls_to_judge(check):
+        calls = _calls_to_judge(check) if reads_body or check.trace is not None else _ONCE
+        for call in calls:
             if call is not None:
                 check.variables["mcp"] = call.as_cel()
                 if check.trace is not None:
@@ -113,7 +119,7 @@ class Authorizer:
     def _judge_call(self, check: _Check) -> Decision | None:
         """The first enforced deny of one call (a batch has several), or None."""
         activations = Activations(check.policy_set)
-        shared = activations.once(check.variables)
+        shared = Once(partial(activations.activation, check.variables))
         for policy in check.policy_set.policies:
             if check.unreadable is not None and policy.uses_body:
                 check.audit(policy.name, check.unreadable)
@@ -133,7 +139,7 @@ class Authorizer:
             variables, activation = check.variables, shared
             if found is not None:
                 variables = {**check.variables, "session": found[1]}
-                activation = activations.once(variables)
+                activation = Once(partial(activations.activation, variables))
             verdict = judge(policy, activation, variables, check.trace, check.policy_set.memo)
             if verdict.enforced is not None:
                 return verdict.enforced
@@ -172,16 +178,19 @@ class Authorizer:
         fields = check.policy_set.reads.get("session")
         result = None if found is None else (found, session_variable(key, found.data, found.existed, fields))
         check.sessions[policy.name] = result
+        check.session_new = check.session_new or (found is not None and not found.existed)
         return result
 
     def _allow(self, check: _Check) -> Decision:
-        session_new = any(found is not None and not found[0].existed for found in check.sessions.values())
-        headers = self._upstream_headers(check.identity)
-        if check.audits or session_new:
-            return Decision(True, decision.ALLOWED, audit_denies=tuple(check.audits),
-                            session_new=session_new, upstream_headers=headers)
         identity = check.identity
-        return self._allows.plain(None if identity is None else (identity.issuer, identity.subject), headers)
+        if check.audits or check.session_new:
+            return Decision(True, decision.ALLOWED, audit_denies=tuple(check.audits),
+                            session_new=check.session_new, upstream_headers=self._upstream_headers(identity))
+        key = None if identity is None else (identity.issuer, identity.subject)
+        allowed = self._allows.get(key)
+        if allowed is None:
+            allowed = self._allows.remember(key, self._upstream_headers(identity))
+        return allowed
 
     def _upstream_headers(self, identity: Identity | None) -> tuple[tuple[str, str], ...]:
         if identity is None or not self._auth.upstream_headers:
@@ -193,10 +202,7 @@ def _read_body(check: _Check) -> Decision | None:
     """Where a policy reads the body, it is read before any policy runs: a `when` must not be
     skipped by an empty MCP view while a lenient server reads the body as a call."""
     policy_set = check.policy_set
-    reads_mcp = "mcp" in policy_set.reads
-    if not (policy_set.uses_body or reads_mcp):
-        return None
-    refused = check.context.body_refusal(reads_mcp)
+    refused = check.context.body_refusal("mcp" in policy_set.reads)
     if refused is None:
         return None
     readers = [p for p in policy_set.policies if p.uses_body]
@@ -208,22 +214,28 @@ def _read_body(check: _Check) -> Decision | None:
 
 
 def _gather_variables(check: _Check) -> Decision | None:
-    """The variables the policy set reads, as plain values; a deny for a query it cannot judge."""
+    """The variables the policy set reads, as plain values (docs/policies.md, Variables); a deny for a
+    query it cannot judge. What no expression reads is never built."""
     reads, context, identity = check.policy_set.reads, check.context, check.identity
-    fields = reads.get("request", frozenset())
-    if "request" in reads and context.query_repeated and (fields is None or "query" in fields):
-        message = "a policy reads the query, and a parameter repeats"
-        return decision.deny(decision.REQUEST_INVALID, error=message)
-    check.variables = policy_variables(
-        reads,
-        claims=identity.claims if identity else {},
-        auth=identity.auth_map if identity else ANONYMOUS_AUTH_MAP,
-        request=context.request_map,
-        mcp=lambda: (context.mcp if check.unreadable is None else NOT_MCP).as_cel(),
-        context=context.context_extensions,
-        source=lambda: {"address": context.source_address, "principal": context.source_principal},
-        now=check.now,
-    )
+    variables: dict[str, Any] = {
+        "claims": identity.claims if identity else {},
+        "auth": identity.auth_map if identity else ANONYMOUS_AUTH_MAP,
+        "session": NO_SESSION,
+        "context": context.context_extensions,
+    }
+    if "request" in reads:
+        fields = reads["request"]
+        if context.query_repeated and (fields is None or "query" in fields):
+            message = "a policy reads the query, and a parameter repeats"
+            return decision.deny(decision.REQUEST_INVALID, error=message)
+        variables["request"] = context.request_map(fields)
+    if "mcp" in reads:
+        variables["mcp"] = (context.mcp if check.unreadable is None else NOT_MCP).as_cel()
+    if "source" in reads:
+        variables["source"] = {"address": context.source_address, "principal": context.source_principal}
+    if "now" in reads:
+        variables["now"] = timestamp(check.now)
+    check.variables = variables
     return None
 
 

@@ -22,6 +22,14 @@ def safe_text(text: str) -> bool:
 
 def safe_value(value: Any) -> bool:
     """Every string in a JSON-like value (map keys included) is safe_text."""
+    if type(value) is dict:
+        try:
+            # The common case, a map of strings (a session's bound iss and sub): one check.
+            joined = "".join(value) + "".join(value.values())
+        except TypeError:
+            pass  # a value that is not a string: walk it
+        else:
+            return "\x00" not in joined and (joined.isascii() or safe_text(joined))
     stack = [value]
     while stack:
         item = stack.pop()

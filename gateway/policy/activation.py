@@ -42,31 +42,6 @@ def session_variable(
     return variable
 
 
-def policy_variables(
-    reads: Mapping[str, frozenset[str] | None],
-    *,
-    claims: Mapping[str, Any],
-    auth: Mapping[str, Any],
-    request: Callable[[frozenset[str] | None], Mapping[str, Any]],
-    mcp: Callable[[], Mapping[str, str]],
-    context: Mapping[str, str],
-    source: Callable[[], Mapping[str, str]],
-    now: float,
-) -> dict[str, Any]:
-    """The variables policies see (docs/policies.md, Variables), built only where some expression reads
-    them: `request`, `mcp` and `source` are made on demand (`request` with the fields read)."""
-    variables: dict[str, Any] = {"claims": claims, "auth": auth, "session": NO_SESSION, "context": context}
-    if "request" in reads:
-        variables["request"] = request(reads["request"])
-    if "mcp" in reads:
-        variables["mcp"] = mcp()
-    if "source" in reads:
-        variables["source"] = source()
-    if "now" in reads:
-        variables["now"] = timestamp(now)
-    return variables
-
-
 class Once:
     """Calls `make` the first time it is called, and returns that result ever after."""
 
@@ -102,7 +77,3 @@ class Activations:
                 value = {k: value[k] for k in fields if k in value}
             data[name] = value
         return self._engine.activation(data)
-
-    def once(self, variables: Mapping[str, Any]) -> Once:
-        """A callable that builds the activation of `variables` when first called."""
-        return Once(lambda: self.activation(variables))

@@ -93,7 +93,14 @@ class HealthTrackedStore(SessionStore):
         return result
 
     def load(self, session_id: str, now: float) -> Loaded | None:
-        loaded: Loaded | None = self._tracked(lambda: self.inner.load(session_id, now))
+        # Written out, not through _tracked: this is every session check's one store call.
+        try:
+            loaded = self.inner.load(session_id, now)
+        except StoreUnavailable as exc:
+            self._health.failed(str(exc))
+            raise
+        if self._health._up is not True:
+            self._health.succeeded()
         return loaded
 
     def create(self, session_id: str, data: Mapping[str, Any], now: float, max_per_owner: int) -> Created:
