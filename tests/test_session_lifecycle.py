@@ -19,7 +19,7 @@ import pytest
 
 from gateway import decision
 from gateway.adminpb import admin_pb2, admin_pb2_grpc
-from gateway.session.admin_api import start_admin_server
+from gateway.session.admin_api import Refused, start_admin_server
 from tests.support.checks import check_request, http_status
 from tests.support.inprocess import InProcessGateway
 from tests.support.issuer import TestIssuer
@@ -189,11 +189,33 @@ def test_the_longest_id_is_fine(start: Start) -> None:
     assert c.ask("a" * 256, "alice") == (200, decision.ALLOWED)
 
 
+class _WithMetadata(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    def __init__(self, *metadata: tuple[str, str]) -> None:
+        self._metadata = metadata
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        details = details._replace(metadata=(*(details.metadata or ()), *self._metadata))
+        return continuation(details, request)
+
+
 def test_revoked_through_the_admin_api_is_404_session_terminated(start: Start) -> None:
     c = start()
-    server, port = start_admin_server(":0", c.gateway.gateway.store)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    # The operator's credentials as gateway/admin.py would check them (tests/test_admin_auth.py
+    # covers the real mTLS and token checks): here, one shared value in the metadata.
+    def authenticate(context: grpc.ServicerContext) -> str:
+        if ("authorization", "Bearer operator") not in tuple(context.invocation_metadata()):
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, "no operator credentials")
+        return "the operator"
+
+    server, port = start_admin_server(":0", c.gateway.gateway.store, authenticate=authenticate)
+    channel = grpc.intercept_channel(
+        grpc.insecure_channel(f"127.0.0.1:{port}"), _WithMetadata(("authorization", "Bearer operator"))
+    )
     admin = admin_pb2_grpc.SessionAdminStub(channel)
+    anonymous = admin_pb2_grpc.SessionAdminStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    with pytest.raises(grpc.RpcError) as refused:
+        anonymous.ListSessions(admin_pb2.ListSessionsRequest(), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     try:
         one, two, bobs = new_id(), new_id(), new_id()
         for session, who in ((one, "alice"), (two, "alice"), (bobs, "bob")):

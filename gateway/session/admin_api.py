@@ -24,7 +24,6 @@ import grpc
 from google.protobuf import struct_pb2
 
 from gateway.adminpb import admin_pb2, admin_pb2_grpc
-from gateway.config import is_loopback_listen
 from gateway.session import operations
 from gateway.session.operations import InvalidSessionId, SessionInfo
 from gateway.session.store import SessionStore, StoreUnavailable
@@ -169,32 +168,22 @@ def _unguardable(_request: Any, context: grpc.ServicerContext) -> Any:
     context.abort(grpc.StatusCode.UNIMPLEMENTED, "not served by the admin API")
 
 
-def _unauthenticated(_context: grpc.ServicerContext) -> str:
-    return "a caller on loopback (no authentication)"
-
-
 def start_admin_server(
     listen: str,
     store: SessionStore,
     max_id_length: int = 256,
     *,
+    authenticate: Authenticate,
     credentials: grpc.ServerCredentials | None = None,
-    authenticate: Authenticate | None = None,
 ) -> tuple[grpc.Server, int]:
     """Serve the admin API on `listen`; returns the server and the bound port.
 
-    `credentials`: TLS (and mTLS) for the port, else plaintext. `authenticate`: run on every
-    call. Without one (in-process tests and embeddings, never from a config) the API is open,
-    so it may only listen on loopback. A serving gateway starts it through gateway/admin.py,
-    which always passes one.
+    `authenticate` runs on every call (gateway/admin.py builds it from the config: there is
+    no admin API without one). `credentials`: TLS (and mTLS) for the port, else plaintext.
     """
     address = admin_address(listen)
     host = address.rpartition(":")[0]
-    if authenticate is None:
-        if not is_loopback_listen(address):
-            raise ValueError(f"an admin API without authentication only listens on loopback, not {address}")
-        log.warning("admin API on %s without authentication (loopback only)", address)
-    interceptors: list[_Interceptor] = [_Guard(authenticate or _unauthenticated)]
+    interceptors: list[_Interceptor] = [_Guard(authenticate)]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="admin"), interceptors=interceptors
     )
