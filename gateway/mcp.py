@@ -55,14 +55,18 @@ class UnsafeText(ValueError):
 
 
 def media_type(headers: Mapping[str, str]) -> tuple[str, str | None]:
-    """The lower-case media type of Content-Type, and its charset parameter if any."""
+    """The lower-case media type of Content-Type, and its charset parameter if any. Of
+    several charset parameters, the first that is not UTF-8 counts: servers disagree on which
+    one they read, so any other charset must refuse."""
     value = headers.get("content-type", "")
     kind, _, parameters = value.partition(";")
     charset = None
     for parameter in parameters.split(";"):
         key, _, raw = parameter.partition("=")
         if key.strip().lower() == "charset":
-            charset = raw.strip().strip('"').strip().lower()
+            given = raw.strip().strip('"').strip().lower()
+            if charset is None or charset in ("utf-8", "utf8"):
+                charset = given
     return kind.strip().lower(), charset
 
 

@@ -82,21 +82,15 @@ class RequestContext:
         except RequestError:
             return NOT_MCP
 
-    def check_body_readable(self) -> None:
-        """Raises RequestError unless the body is exactly the text a server would read."""
-        problem = _body_problem(self)
-        if problem is not None:
-            raise problem
-
     def body_refusal(self, reads_mcp: bool) -> RequestError | None:
         """Why a policy that reads the body (`reads_mcp`: and the MCP view) cannot judge this
         request: cut short by Envoy, or not readable exactly as a server would read it."""
         if self.body_partial:
             return RequestError(decision.REQUEST_BODY_PARTIAL, "Envoy sent only part of the body")
+        if not reads_mcp:
+            return _body_problem(self)
         try:
-            self.check_body_readable()
-            if reads_mcp:
-                self.mcp_calls  # noqa: B018 - parsed now, so that a refusal comes first
+            self.mcp_calls  # noqa: B018 - parsed now (its body checks included), so a refusal comes first
         except RequestError as exc:
             return exc
         return None
@@ -272,7 +266,7 @@ def from_check_request(check_request: Any, max_bytes: int = 64 * 1024) -> Reques
     extensions = dict(attributes.context_extensions)
     principal = attributes.source.principal
     address = attributes.source.address.socket_address.address
-    # The body is checked where a policy reads it (RequestContext.check_body_readable).
+    # The body is checked where a policy reads it (RequestContext.body_refusal).
     _refuse_unsafe_text(
         http.method, path, http.host, http.scheme, http.id, principal, address,
         *headers, *headers.values(), *query, *query.values(), *extensions, *extensions.values(),

@@ -93,6 +93,7 @@ UNREADABLE: dict[str, tuple[dict[str, str], bytes]] = {
     "utf-16le": ({"content-type": "application/json; charset=utf-16le"}, FORBIDDEN.encode()),
     "utf-16-quoted": ({"content-type": 'application/json; charset="UTF-16"'}, FORBIDDEN.encode()),
     "latin-1": ({"content-type": "application/json;charset=iso-8859-1"}, FORBIDDEN.encode()),
+    "two-charsets": ({"content-type": "application/json;charset=utf-8;charset=utf-16le"}, FORBIDDEN.encode()),
     "5000-digit-number": (JSON, _with_arguments('{"n": ' + "9" * 5000 + "}")),
     "infinite-number": (JSON, _with_arguments('{"n": 1e999}')),
     "nan-literal": (JSON, _with_arguments('{"n": NaN}')),
