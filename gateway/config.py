@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
-from gateway.yaml_reader import Kind, YamlError, load, wrong_type
+from gateway.yaml_reader import Kind, YamlError, load, locate, wrong_type
 
 DEFAULT_LISTEN = "127.0.0.1:9191"
 DEFAULT_ALGORITHMS = ("RS256", "ES256", "EdDSA")
@@ -37,7 +37,18 @@ def token_type_key(typ: str) -> str:
 
 
 class ConfigError(Exception):
-    """A configuration problem, already phrased for the operator (file and key included)."""
+    """A configuration problem, already phrased for the operator (file and key included).
+
+    `keys` is the path of the key at fault (empty when none is), so that a file's error can be
+    located `file:line:col` once the file's nodes are at hand (`load_config`)."""
+
+    def __init__(
+        self, message: str, keys: tuple[str, ...] = (), detail: str = "", on_key: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.keys = keys
+        self.detail = detail or message
+        self.on_key = on_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,9 +221,10 @@ class _Reader:
         self.data: Mapping[str, Any] = cast(Mapping[str, Any], data)
         self.seen: set[str] = set()
 
-    def error(self, message: str, key: str | None = None) -> ConfigError:
-        where = ".".join(p for p in (self.path, key) if p) or "(top level)"
-        return ConfigError(f"{self.source}: {where}: {message}")
+    def error(self, message: str, key: str | None = None, on_key: bool = False) -> ConfigError:
+        keys = tuple(p for p in (*self.path.split("."), key) if p)
+        detail = f"{'.'.join(keys[:-1] if on_key else keys) or '(top level)'}: {message}"
+        return ConfigError(f"{self.source}: {detail}", keys, detail, on_key)
 
     def get(self, key: str, default: Any = None) -> Any:
         self.seen.add(key)
@@ -263,7 +275,7 @@ class _Reader:
     def finish(self) -> None:
         unknown = sorted(set(self.data) - self.seen)
         if unknown:
-            raise self.error(f"unknown key {unknown[0]!r}")
+            raise self.error(f"unknown key {unknown[0]!r}", unknown[0], on_key=True)
 
 
 def _issuer(reader: _Reader, base: Path) -> IssuerConfig:
@@ -513,7 +525,13 @@ def load_config(path: str | Path) -> Config:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
     try:
-        _, data = load(str(path), text)
+        node, data = load(str(path), text)
     except YamlError as exc:
         raise ConfigError(str(exc)) from None
-    return config_from_mapping(data, str(path), path.parent.resolve())
+    try:
+        return config_from_mapping(data, str(path), path.parent.resolve())
+    except ConfigError as exc:
+        if node is None:
+            raise
+        position = locate(str(path), node, exc.keys, exc.on_key)
+        raise ConfigError(f"{position}: {exc.detail}", exc.keys, exc.detail, exc.on_key) from None

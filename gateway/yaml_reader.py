@@ -17,7 +17,7 @@ Each file kind keeps its own schema code; this module holds the rest:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import yaml
@@ -26,6 +26,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.reader import ReaderError
 
 __all__ = [
+    "locate",
     "Kind",
     "NodeReader",
     "Position",
@@ -105,6 +106,25 @@ def values(node: Node | None) -> dict[str, Node]:
     if not isinstance(node, MappingNode):
         return {}
     return {k.value: v for k, v in node.value if isinstance(k, ScalarNode) and isinstance(k.value, str)}
+
+
+def locate(path: str, root: Node, keys: Sequence[str], on_key: bool = False) -> Position:
+    """Where the value at `keys` is written (with `on_key`, its key: for a key that should not
+    be there), or as deep as the path goes in the file."""
+    node = root
+    for index, key in enumerate(keys):
+        name, _, item = key.partition("[")  # "issuers[0]": the first item of issuers
+        if not isinstance(node, MappingNode):
+            break
+        entry = next(((k, v) for k, v in node.value if isinstance(k, ScalarNode) and k.value == name), None)
+        if entry is None:
+            break
+        node = entry[0] if on_key and index == len(keys) - 1 else entry[1]
+        position = item.rstrip("]")
+        if position.isdigit() and isinstance(node, SequenceNode) and int(position) < len(node.value):
+            node = node.value[int(position)]
+    mark = node.start_mark
+    return Position(path, mark.line + 1, mark.column + 1)
 
 
 def offset_in(value: str, line: int, column: int) -> int:

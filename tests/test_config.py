@@ -162,6 +162,33 @@ def test_unknown_keys_are_found_at_every_level() -> None:
         config_from_mapping({"admin": {"port": 1}}, "conf.yaml")
 
 
+def test_a_config_file_error_is_located_where_the_key_is(tmp_path: Path) -> None:
+    """Errors in a file say file:line:col, like policy errors: the value at fault, or the key
+    that should not be there."""
+    path = tmp_path / "gateway.yaml"
+    cases = [
+        ("listen: 127.0.0.1:9191\nsession:\n  ttl: banana\n", "3:8: session.ttl: not a duration"),
+        ("listen: 127.0.0.1:9191\nbogus: 1\n", "2:1: (top level): unknown key 'bogus'"),
+        ("listen: 127.0.0.1:9191\ntelemetry:\n\n  colour: red\n", "4:3: telemetry: unknown key 'colour'"),
+        ("listen: nope\n", "1:9: listen: not HOST:PORT"),
+        (
+            "auth:\n  issuers:\n    - issuer: https://a\n      jwks_uri: https://a/k\n      audiences: [x]\n"
+            "    - issuer: https://b\n      jwks_uri: 7\n      audiences: [x]\n",
+            "7:17: auth.issuers[1].jwks_uri:",
+        ),
+        # A key that is missing: where its mapping starts.
+        (
+            "auth:\n  issuers:\n    - issuer: https://a\n      jwks_uri: https://a/k\n",
+            "3:7: auth.issuers[0].audiences",
+        ),
+    ]
+    for text, expected in cases:
+        path.write_text(text)
+        with pytest.raises(ConfigError) as caught:
+            load_config(path)
+        assert str(caught.value).startswith(f"{path}:{expected}"), (text, str(caught.value))
+
+
 # ---------------------------------------------------------------- flags override the file
 
 
