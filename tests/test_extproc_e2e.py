@@ -8,6 +8,7 @@ it answered: a guessed or early-used id is refused before its owner ever uses it
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -296,17 +297,24 @@ class IssuingUpstream:
     header (comma-separated: several headers), raw bytes from `x-issue-hex`."""
 
     def __init__(self) -> None:
+        self.arrived = 0
+        self.answered: list[str] = []
+        outer = self
+
         class Handler(BaseHTTPRequestHandler):
             def _answer(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 if length:
                     self.rfile.read(length)
+                outer.arrived += 1
+                time.sleep(float(self.headers.get("x-delay") or 0))
                 payload = b'{"jsonrpc":"2.0","id":1,"result":{}}'
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(payload)))
                 for value in filter(None, (self.headers.get("x-issue") or "").split(",")):
                     self.send_header("mcp-session-id", value)
+                    outer.answered.append(value)
                 if self.headers.get("x-issue-hex"):
                     raw = bytes.fromhex(self.headers["x-issue-hex"])
                     self._headers_buffer.append(b"mcp-session-id: " + raw + b"\r\n")  # type: ignore[attr-defined]
@@ -320,8 +328,6 @@ class IssuingUpstream:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = int(self.server.server_address[1])
-        import threading
-
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def stop(self) -> None:
@@ -334,9 +340,14 @@ class IssuingStack:
     url: str
     idp: TestIssuer
     gateway: GatewayProcess
+    upstream: IssuingUpstream
 
-    def send(self, subject: str, *, issue: str = "", issue_hex: str = "", session: str = "") -> httpx.Response:
+    def send(
+        self, subject: str, *, issue: str = "", issue_hex: str = "", session: str = "", delay: float = 0
+    ) -> httpx.Response:
         headers = {"authorization": f"Bearer {self.idp.token(subject)}", "content-type": "application/json"}
+        if delay:
+            headers["x-delay"] = str(delay)
         if issue:
             headers["x-issue"] = issue
         if issue_hex:
@@ -357,7 +368,7 @@ def issuing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IssuingStack]:
         started.append(gateway)
         envoy, listener_port = start_envoy(work, [gateway.port], upstream.port)
         started.append(envoy)
-        yield IssuingStack(f"http://127.0.0.1:{listener_port}/mcp", idp, gateway)
+        yield IssuingStack(f"http://127.0.0.1:{listener_port}/mcp", idp, gateway, upstream)
     finally:
         for part in reversed(started):
             part.stop()
@@ -390,17 +401,31 @@ def test_a_malformed_issued_id_is_refused_and_binds_nothing(
     issuing: IssuingStack, issue: str, issue_hex: str
 ) -> None:
     response = issuing.send("alice", issue=issue, issue_hex=issue_hex)
-    assert response.status_code in (500, 502)
+    # The stream ends with INVALID_ARGUMENT; Envoy (failure_mode_allow: false) answers 500.
+    assert response.status_code == 500 and response.content == b""
     assert "mcp-session-id" not in response.headers
     for candidate in ("dup-a", "dup-b", "id,id"):
         assert issuing.send("alice", session=candidate).status_code in (400, 404)
     assert issuing.gateway.alive()
 
 
-def test_when_the_gateway_is_gone_the_response_is_not_delivered(issuing: IssuingStack) -> None:
-    """Failure mode: Envoy answers the client itself; the upstream's response is never seen."""
-    assert issuing.send("erin", issue="before-stop").status_code == 200
-    issuing.gateway.stop()
-    response = issuing.send("erin", issue="after-stop")
-    assert response.status_code in (500, 503)
+def test_when_the_stream_fails_mid_request_the_response_is_not_delivered(issuing: IssuingStack) -> None:
+    """The gateway dies while the upstream prepares its answer: Envoy answers the client itself
+    (500, empty body), and the upstream's response, with the id it issued, never reaches it."""
+    assert issuing.send("erin", issue="before-kill").status_code == 200
+    answered: dict[str, httpx.Response] = {}
+    arrived_before = issuing.upstream.arrived
+
+    def slow_request() -> None:
+        answered["response"] = issuing.send("erin", issue="during-kill", delay=1.5)
+
+    thread = threading.Thread(target=slow_request)
+    thread.start()
+    wait_until(lambda: issuing.upstream.arrived > arrived_before, what="the request at the upstream")
+    issuing.gateway.kill()
+    thread.join(15)
+    response = answered["response"]
+    assert response.status_code == 500 and response.content == b""
     assert "mcp-session-id" not in response.headers
+    # Envoy answered at once, when the stream broke; the upstream's answer came later, to no one.
+    wait_until(lambda: "during-kill" in issuing.upstream.answered, what="the upstream's answer")
