@@ -29,6 +29,7 @@ from tests.support.issuer import TestIssuer
 from tests.support.processes import GatewayProcess, health_status
 
 METHOD = f"/{SERVICE_NAME}/Process"
+NOT_FOUND = MCP_SDK_SESSION_NOT_FOUND_BODY.encode()
 
 
 def headers(*pairs: tuple[str, str | bytes], end: bool = False) -> pb.HttpHeaders:
@@ -47,7 +48,9 @@ def request(token: str | None, session: str | None = None, path: str = "/mcp") -
     return pb.ProcessingRequest(request_headers=headers(*pairs))
 
 
-def response(status: int = 200, *sessions: str | bytes, content_type: str = "application/json") -> pb.ProcessingRequest:
+def response(
+    status: int = 200, *sessions: str | bytes, content_type: str = "application/json"
+) -> pb.ProcessingRequest:
     pairs: list[tuple[str, str | bytes]] = [(":status", str(status)), ("content-type", content_type)]
     pairs += [("mcp-session-id", s) for s in sessions]
     return pb.ProcessingRequest(response_headers=headers(*pairs))
@@ -123,7 +126,8 @@ def test_the_issued_id_is_bound_to_the_requests_identity(
     assert record["owner"] == owner_key(idp.issuer, "alice")
     assert record["bound"] == {"iss": idp.issuer, "sub": "alice"}
     # Check sees it as alice's; bob's request with it is refused; an unknown id is unknown.
-    assert gateway.client.check(check_request(token=idp.token("alice"), session_id="issued-1")).status.code == 0
+    alice = check_request(token=idp.token("alice"), session_id="issued-1")
+    assert gateway.client.check(alice).status.code == 0
     assert gateway.last.reason == "allowed"
     gateway.client.check(check_request(token=idp.token("bob"), session_id="issued-1"))
     assert gateway.last.reason == "subject_mismatch"
@@ -170,11 +174,9 @@ def test_a_404_with_the_servers_session_not_found_ends_the_session(
     replies = processor.exchange(request(token, "forgot-1"), response(404, content_type="text/event-stream"))
     assert not replies[1].HasField("mode_override")
     # Another identity's 404 (it never passes Check, but if it came) ends nothing either.
-    processor.exchange(
-        request(idp.token("mallory"), "forgot-1"), response(404), body(MCP_SDK_SESSION_NOT_FOUND_BODY.encode())
-    )
+    processor.exchange(request(idp.token("mallory"), "forgot-1"), response(404), body(NOT_FOUND))
     assert stored(gateway, "forgot-1")["terminated"] is False
-    processor.exchange(request(token, "forgot-1"), response(404), body(MCP_SDK_SESSION_NOT_FOUND_BODY.encode()))
+    processor.exchange(request(token, "forgot-1"), response(404), body(NOT_FOUND))
     record = stored(gateway, "forgot-1")
     assert (record["terminated"], record["ended"]) == (True, "terminated")
     # Never bound again, even when a server hands it out afresh.
@@ -266,11 +268,11 @@ def test_a_thousand_abandoned_streams_leave_memory_flat(tmp_path: Path, idp: Tes
             for _ in range(count):
                 release = threading.Event()
 
-                def messages() -> Iterator[pb.ProcessingRequest]:
+                def messages(release: threading.Event) -> Iterator[pb.ProcessingRequest]:
                     yield request(token)
                     release.wait(10)  # opened, half done, then abandoned
 
-                replies = call(messages(), timeout=10)
+                replies = call(messages(release), timeout=10)
                 assert next(replies).WhichOneof("response") == "request_headers"
                 replies.cancel()
                 release.set()
