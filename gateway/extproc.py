@@ -17,7 +17,8 @@ A stream that starts with response headers is a local reply (an ext_authz deny, 
 issue #38261): it passes untouched and binds nothing. Anything a processor must not receive
 (an empty or unknown message, a second request headers, a session header repeated or not
 visible ASCII) ends the stream with INVALID_ARGUMENT; Envoy, with failure_mode_allow: false,
-then answers the client itself (500) and delivers nothing of the response.
+then answers the client itself (the example config's status_on_error, 503) and delivers
+nothing of the response.
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 METHOD = "Process"
-BOUND_AT = "authz.session.bound_at"
 
 _UNPARSABLE = ext_proc_pb2.ProcessingRequest()
 _CONTINUE = ext_proc_pb2.CommonResponse()
@@ -204,7 +204,7 @@ class ProcessService:
             if not outcome.allowed:
                 return self._refuse(outcome, exchange)
             if outcome.session_new:
-                exchange.extra[BOUND_AT] = "response"
+                exchange.extra["authz.session.bound_at"] = "response"
         carried = any(context.headers.get(h) for h in self.authorizer.session_headers())
         if status == 404 and carried and not content_type.startswith(_EVENT_STREAM):
             # Whether the server forgot the session, or the path is wrong: the body tells.

@@ -358,8 +358,9 @@ def test_a_malformed_issued_id_is_refused_and_binds_nothing(
     issuing: IssuingStack, issue: str, issue_hex: str
 ) -> None:
     response = issuing.send("alice", issue=issue, issue_hex=issue_hex)
-    # The stream ends with INVALID_ARGUMENT; Envoy (failure_mode_allow: false) answers 500.
-    assert response.status_code == 500 and response.content == b""
+    # The stream ends with INVALID_ARGUMENT; Envoy (failure_mode_allow: false) answers its
+    # status_on_error, 503, itself.
+    assert response.status_code == 503 and response.content == b""
     assert "mcp-session-id" not in response.headers
     for candidate in ("dup-a", "dup-b", "id,id"):
         assert issuing.send("alice", session=candidate).status_code in (400, 404)
@@ -368,7 +369,7 @@ def test_a_malformed_issued_id_is_refused_and_binds_nothing(
 
 def test_when_the_stream_fails_mid_request_the_response_is_not_delivered(issuing: IssuingStack) -> None:
     """The gateway dies while the upstream prepares its answer: Envoy answers the client itself
-    (500, empty body), and the upstream's response, with the id it issued, never reaches it."""
+    (its status_on_error, 503, empty body), and the upstream's response, with the id it issued, never reaches it."""
     assert issuing.send("erin", issue="before-kill").status_code == 200
     answered: dict[str, httpx.Response] = {}
     arrived_before = issuing.upstream.arrived
@@ -382,7 +383,7 @@ def test_when_the_stream_fails_mid_request_the_response_is_not_delivered(issuing
     issuing.gateway.kill()
     thread.join(15)
     response = answered["response"]
-    assert response.status_code == 500 and response.content == b""
+    assert response.status_code == 503 and response.content == b""
     assert "mcp-session-id" not in response.headers
     # Envoy answered at once, when the stream broke; the upstream's answer came later, to no one.
     wait_until(lambda: "during-kill" in issuing.upstream.answered, what="the upstream's answer")
