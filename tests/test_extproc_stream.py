@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
+from opentelemetry.proto.trace.v1 import trace_pb2
 
 from gateway.config import MCP_SDK_SESSION_NOT_FOUND_BODY
 from gateway.envoy_api.envoy.config.core.v3 import base_pb2
@@ -23,10 +24,12 @@ from gateway.envoy_api.envoy.service.ext_proc.v3 import external_processor_pb2 a
 from gateway.extproc import SERVICE_NAME
 from gateway.policy.loader import default_policy_dir
 from gateway.session.record import owner_key
+from gateway.telemetry.tracing import PROCESS_SPAN_NAME
 from tests.support.checks import check_request
 from tests.support.inprocess import InProcessGateway
 from tests.support.issuer import TestIssuer
-from tests.support.processes import GatewayProcess, health_status
+from tests.support.otlp import OtlpReceiver
+from tests.support.processes import GatewayProcess, RedisServer, health_status, wait_until
 
 METHOD = f"/{SERVICE_NAME}/Process"
 NOT_FOUND = MCP_SDK_SESSION_NOT_FOUND_BODY.encode()
@@ -298,3 +301,55 @@ def test_a_thousand_abandoned_streams_leave_memory_flat(tmp_path: Path, idp: Tes
 
 def test_health_answers_for_the_processing_service(gateway: InProcessGateway) -> None:
     assert health_status(gateway.address, SERVICE_NAME) == "SERVING"
+
+
+def test_the_process_span_with_store_children_and_no_session_id(tmp_path: Path, idp: TestIssuer) -> None:
+    receiver = OtlpReceiver()
+    redis = RedisServer(tmp_path)
+    config = {
+        "policies": str(default_policy_dir()),
+        "store": redis.url,
+        "auth": {"issuers": [idp.issuer_config()]},
+        "session": {"bind_on": "response"},
+    }
+    env = {
+        "OTEL_SDK_DISABLED": "false",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.grpc_endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+    }
+    process = GatewayProcess(config, tmp_path, env=env)
+    client = Processor(process.address)
+    try:
+        trace_id, parent = "ab" * 16, "cd" * 8
+        metadata = (("traceparent", f"00-{trace_id}-{parent}-01"),)
+        session_id = "secret-session-4f2a9c"
+        messages = iter([request(idp.token("alice")), response(200, session_id)])
+        assert len(list(client.call(messages, timeout=5, metadata=metadata))) == 2
+        messages = iter([request(idp.token("bob")), response(200, session_id)])
+        other = (("traceparent", f"00-{'ef' * 16}-{parent}-01"),)
+        replies = list(client.call(messages, timeout=5, metadata=other))
+        assert replies[-1].immediate_response.details == "session_reissued"
+
+        (bound,) = wait_until(
+            lambda: [s for s in receiver.spans(name=PROCESS_SPAN_NAME) if s.trace_id == trace_id],
+            what="the Process span",
+        )
+        assert bound.kind == trace_pb2.Span.SPAN_KIND_SERVER and bound.parent_span_id == parent
+        assert bound.attributes["authz.session.bound_at"] == "response"
+        assert bound.attributes["authz.session.new"] is True
+        children = [s for s in receiver.spans() if s.parent_span_id == bound.span_id]
+        assert "redis EVALSHA" in {s.name for s in children}
+        (refused,) = wait_until(
+            lambda: [s for s in receiver.spans(name=PROCESS_SPAN_NAME) if s.trace_id == "ef" * 16],
+            what="the refusal's span",
+        )
+        assert refused.attributes["authz.reason"] == "session_reissued"
+        assert refused.attributes["http.response.status_code"] == 502
+        assert "authz.session.bound_at" not in refused.attributes
+        exported = b"".join(r.SerializeToString() for r in receiver.trace_requests)
+        assert session_id.encode() not in exported
+    finally:
+        client.close()
+        process.stop()
+        redis.stop()
+        receiver.stop()
