@@ -55,6 +55,20 @@ _CONTINUE = ext_proc_pb2.CommonResponse()
 _BUFFER_RESPONSE_BODY = processing_mode_pb2.ProcessingMode(
     response_body_mode=processing_mode_pb2.ProcessingMode.BUFFERED
 )
+# Replies that change nothing, built once (never mutated: grpc only serializes them).
+_REQUEST_HEADERS_DONE = ext_proc_pb2.ProcessingResponse(
+    request_headers=ext_proc_pb2.HeadersResponse(response=_CONTINUE)
+)
+_RESPONSE_HEADERS_DONE = ext_proc_pb2.ProcessingResponse(
+    response_headers=ext_proc_pb2.HeadersResponse(response=_CONTINUE)
+)
+_RESPONSE_BODY_DONE = ext_proc_pb2.ProcessingResponse(
+    response_body=ext_proc_pb2.BodyResponse(response=_CONTINUE)
+)
+_ASK_FOR_BODY = ext_proc_pb2.ProcessingResponse(
+    response_headers=ext_proc_pb2.HeadersResponse(response=_CONTINUE),
+    mode_override=_BUFFER_RESPONSE_BODY,
+)
 _EVENT_STREAM = "text/event-stream"
 _MAX_BODY = 64 * 1024  # a "session not found" answer is tens of bytes
 
@@ -74,10 +88,11 @@ class StreamError(Exception):
 class _Exchange:
     """What one stream learns of its request and response."""
 
-    __slots__ = ("requested", "context", "identity", "status", "outcome", "extra", "error", "body")
+    __slots__ = ("requested", "request", "context", "identity", "status", "outcome", "extra", "error", "body")
 
     def __init__(self) -> None:
         self.requested = False
+        self.request: Any = None  # the request's HeaderMap (bind_on: response)
         self.context: RequestContext | None = None
         self.identity: Identity | None = None
         self.status = 0
@@ -174,44 +189,66 @@ class ProcessService:
     def _request_headers(
         self, headers: ext_proc_pb2.HttpHeaders, exchange: _Exchange
     ) -> tuple[ext_proc_pb2.ProcessingResponse, bool]:
-        if not self.authorizer.binds_on_response:
-            return _reply("request_headers"), True  # bind_on: first_use: nothing to learn here
+        if self.authorizer.binds_on_response:  # bind_on: first_use: nothing to learn here
+            exchange.request = headers.headers  # read when the response needs it, not before
+        return _REQUEST_HEADERS_DONE, True
+
+    def _identify(self, exchange: _Exchange) -> Decision | None:
+        """The request's context and identity, through the same verifier and cache as Check (a
+        cache hit: Check verified the token a moment ago); a deny when they cannot be had. Only
+        a response that issues an id, or a 404 in a session, needs them."""
+        assert exchange.request is not None
         try:
-            context = from_header_map(headers.headers, self._max_request_bytes)
+            context = from_header_map(exchange.request, self._max_request_bytes)
         except RequestError as exc:
-            return self._refuse(decision.deny(exc.reason, error=str(exc)), exchange)
+            return decision.deny(exc.reason, error=str(exc))
         exchange.context = context
         identity = self.authorizer.identify(context, time.time())
         if isinstance(identity, Decision):  # Check allowed it a moment ago; fail closed all the same
-            return self._refuse(identity, exchange)
+            return identity
         exchange.identity = identity
-        return _reply("request_headers"), True
+        return None
 
     def _response_headers(
         self, headers: ext_proc_pb2.HttpHeaders, exchange: _Exchange
     ) -> tuple[ext_proc_pb2.ProcessingResponse, bool]:
         status, issued, content_type = self._read_response(headers)
         exchange.status = status or -1
-        context = exchange.context
-        if context is None or not self.authorizer.binds_on_response:
+        if exchange.request is None:
             # A local reply (ext_authz's deny; Envoy opens the stream at the response), or
             # bind_on: first_use: passed untouched.
-            return _reply("response_headers"), False
-        now = time.time()
-        if issued:
-            outcome = self.authorizer.bind_issued(context, exchange.identity, issued, now)
+            return _RESPONSE_HEADERS_DONE, False
+        presented = self._presented(exchange.request)
+        new = {header: value for header, value in issued.items() if presented.get(header) != value}
+        # Whether the server forgot the session, or the path is wrong: only the body tells.
+        ask_body = status == 404 and bool(presented) and not content_type.startswith(_EVENT_STREAM)
+        if not new and not ask_body:
+            return _RESPONSE_HEADERS_DONE, False  # the steady state: the session's own id, repeated
+        refused = self._identify(exchange)
+        if refused is not None:
+            return self._refuse(refused, exchange)
+        assert exchange.context is not None
+        if new:
+            outcome = self.authorizer.bind_issued(exchange.context, exchange.identity, new, time.time())
             exchange.outcome = outcome
             if not outcome.allowed:
                 return self._refuse(outcome, exchange)
             if outcome.session_new:
                 exchange.extra["authz.session.bound_at"] = "response"
-        carried = any(context.headers.get(h) for h in self.authorizer.session_headers())
-        if status == 404 and carried and not content_type.startswith(_EVENT_STREAM):
-            # Whether the server forgot the session, or the path is wrong: the body tells.
-            reply = _reply("response_headers")
-            reply.mode_override.CopyFrom(_BUFFER_RESPONSE_BODY)
-            return reply, True
-        return _reply("response_headers"), False
+        if ask_body:
+            return _ASK_FOR_BODY, True
+        return _RESPONSE_HEADERS_DONE, False
+
+    def _presented(self, request: Any) -> dict[str, str]:
+        """The session ids the request carried (session header → value, repeats comma-joined)."""
+        watched = self.authorizer.session_headers()
+        presented: dict[str, str] = {}
+        for entry in request.headers:
+            key = entry.key.lower()
+            if key in watched:
+                value = (entry.raw_value or entry.value.encode()).decode("latin-1")
+                presented[key] = f"{presented[key]},{value}" if key in presented else value
+        return presented
 
     def _response_body(
         self, body: ext_proc_pb2.HttpBody, exchange: _Exchange
@@ -221,7 +258,7 @@ class ProcessService:
         else:
             exchange.body = b"\0"  # too long to be the "session not found" answer
         if not body.end_of_stream:
-            return _reply("response_body"), True
+            return _RESPONSE_BODY_DONE, True
         assert exchange.context is not None
         if exchange.body == self._not_found:
             try:
@@ -229,11 +266,11 @@ class ProcessService:
             except Exception as exc:  # the 404 still goes to the client; the span says what failed
                 exchange.error = exc
                 exchange.outcome = decision.deny(decision.STORE_UNAVAILABLE, error=type(exc).__name__)
-                return _reply("response_body"), False
+                return _RESPONSE_BODY_DONE, False
             if ended:
                 # The upstream's own 404 goes on to the client: the session ends, nothing is refused.
                 exchange.outcome = _FORGOTTEN
-        return _reply("response_body"), False
+        return _RESPONSE_BODY_DONE, False
 
     def _read_response(self, headers: ext_proc_pb2.HttpHeaders) -> tuple[int, dict[str, str], str]:
         """The status, the session ids issued (header → id), and the content type."""
@@ -273,12 +310,6 @@ class ProcessService:
             details=outcome.reason,
         )
         return ext_proc_pb2.ProcessingResponse(immediate_response=immediate), False
-
-
-def _reply(kind: str) -> ext_proc_pb2.ProcessingResponse:
-    if kind == "response_body":
-        return ext_proc_pb2.ProcessingResponse(response_body=ext_proc_pb2.BodyResponse(response=_CONTINUE))
-    return ext_proc_pb2.ProcessingResponse(**{kind: ext_proc_pb2.HeadersResponse(response=_CONTINUE)})
 
 
 def handler(service: ProcessService) -> grpc.RpcMethodHandler[Any, Any]:

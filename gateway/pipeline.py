@@ -67,6 +67,7 @@ class Authorizer:
         self._binder = Binder(store, sessions)
         self.policies = policies
         self._allows = Allows()
+        self._session_headers: tuple[PolicySet | None, frozenset[str]] = (None, frozenset())
 
     @property
     def store(self) -> SessionStore:
@@ -191,9 +192,13 @@ class Authorizer:
 
     def session_headers(self) -> frozenset[str]:
         """The headers that carry a session id (the policies' `session.header`)."""
-        return frozenset(
-            p.session.header for p in self.policies.current.policies if p.session and p.session.header
-        )
+        policy_set = self.policies.current
+        known = self._session_headers
+        if known[0] is not policy_set:  # computed once per loaded policy set
+            policies = policy_set.policies
+            headers = frozenset(p.session.header for p in policies if p.session and p.session.header)
+            known = self._session_headers = (policy_set, headers)
+        return known[1]
 
     def bind_issued(
         self, context: RequestContext, identity: Identity | None, issued: dict[str, str], now: float
