@@ -3,6 +3,7 @@ ext_authz + ext_proc (headers only), each request in a live session of its owner
 
     python bench/bench_extproc.py                        # 3 alternating rounds of 5 s per way
     python bench/bench_extproc.py --rounds 1 --duration 3
+    python bench/bench_extproc.py --in-process            # the gateway's own code, without gRPC
 
 Two stacks run side by side, built from examples/envoy/envoy.yaml with free ports:
 - **ext_authz**: the example without its ext_proc filter; the gateway with `bind_on: first_use`;
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -53,34 +53,43 @@ SESSION_ID = "bench-session-7f3c2a9e5b1d4c6f8a0e2b4d6f8a1c3e"
 TICKS = os.sysconf("SC_CLK_TCK")
 EXAMPLE = REPO / "examples" / "envoy" / "envoy.yaml"
 BODY = json.dumps(
-    {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "x"}}}
+    {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"text": "x"}},
+    }
 )
 
-UPSTREAM = """
-static_resources:
-  listeners:
-    - address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
-      filter_chains:
-        - filters:
-            - name: envoy.filters.network.http_connection_manager
-              typed_config:
-                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-                stat_prefix: upstream
-                route_config:
-                  virtual_hosts:
-                    - name: all
-                      domains: ["*"]
-                      routes:
-                        - match: {{ prefix: "/" }}
-                          direct_response: {{ status: 200, body: {{ inline_string: '{{"jsonrpc":"2.0","id":1,"result":{{}}}}' }} }}
-                          response_headers_to_add:
-                            - header: {{ key: content-type, value: application/json }}
-                            - header: {{ key: mcp-session-id, value: "%REQ(mcp-session-id)%" }}
-                http_filters:
-                  - name: envoy.filters.http.router
-                    typed_config:
-                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-"""
+_MANAGER = (
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+)
+_ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+
+
+def upstream_config(port: int) -> str:
+    """An Envoy answering every request itself, repeating its Mcp-Session-Id as the SDK's server does."""
+    route = {
+        "match": {"prefix": "/"},
+        "direct_response": {"status": 200, "body": {"inline_string": '{"jsonrpc":"2.0","id":1,"result":{}}'}},
+        "response_headers_to_add": [
+            {"header": {"key": "content-type", "value": "application/json"}},
+            {"header": {"key": "mcp-session-id", "value": "%REQ(mcp-session-id)%"}},
+        ],
+    }
+    manager = {
+        "@type": _MANAGER,
+        "stat_prefix": "upstream",
+        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [route]}]},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}}],
+    }
+    listener = {
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]}
+        ],
+    }
+    return str(yaml.safe_dump({"static_resources": {"listeners": [listener]}}, sort_keys=False))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -132,8 +141,18 @@ def start(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subp
 def start_envoy(text: str, work: Path, name: str, base_id: int) -> subprocess.Popen[bytes]:
     path = work / f"{name}.yaml"
     path.write_text(text)
-    argv = [envoy_binary(), "-c", str(path), "--base-id", str(base_id), "--concurrency", "1",
-            "--log-level", "warn", "--disable-hot-restart"]
+    argv = [
+        envoy_binary(),
+        "-c",
+        str(path),
+        "--base-id",
+        str(base_id),
+        "--concurrency",
+        "1",
+        "--log-level",
+        "warn",
+        "--disable-hot-restart",
+    ]
     return start(argv, work / f"{name}.log")
 
 
@@ -168,16 +187,30 @@ def wait_grpc(port: int, timeout: float = 30) -> None:
 
 def issue_session(port: int, token: str) -> None:
     """Bind the session as a server's response would issue it (bind_on: response)."""
+
     def header_map(pairs: dict[str, str]) -> base_pb2.HeaderMap:
-        return base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs.items()])
+        return base_pb2.HeaderMap(
+            headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs.items()]
+        )
 
     messages = [
-        pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=header_map(
-            {":method": "POST", ":path": "/mcp", ":authority": "bench", "authorization": f"Bearer {token}"}
-        ))),
-        pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=header_map(
-            {":status": "200", "mcp-session-id": SESSION_ID}
-        ))),
+        pb.ProcessingRequest(
+            request_headers=pb.HttpHeaders(
+                headers=header_map(
+                    {
+                        ":method": "POST",
+                        ":path": "/mcp",
+                        ":authority": "bench",
+                        "authorization": f"Bearer {token}",
+                    }
+                )
+            )
+        ),
+        pb.ProcessingRequest(
+            response_headers=pb.HttpHeaders(
+                headers=header_map({":status": "200", "mcp-session-id": SESSION_ID})
+            )
+        ),
     ]
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         call = channel.stream_stream(
@@ -194,9 +227,16 @@ def one_request(port: int, token: str) -> int:
     import http.client
 
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    connection.request("POST", "/mcp", body=BODY, headers={
-        "authorization": f"Bearer {token}", "mcp-session-id": SESSION_ID, "content-type": "application/json",
-    })
+    connection.request(
+        "POST",
+        "/mcp",
+        body=BODY,
+        headers={
+            "authorization": f"Bearer {token}",
+            "mcp-session-id": SESSION_ID,
+            "content-type": "application/json",
+        },
+    )
     status = connection.getresponse().status
     connection.close()
     return status
@@ -206,22 +246,108 @@ def h2load(port: int, token: str, body_file: Path, duration: float, clients: int
     binary = shutil.which("h2load")
     if binary is None:
         raise RuntimeError("h2load is not installed (apt-get install nghttp2-client)")
-    argv = [binary, f"http://127.0.0.1:{port}/mcp", "-d", str(body_file), "-c", str(clients), "-m", "1",
-            "-t", "1", "-D", f"{duration:g}",
-            "-H", f"authorization: Bearer {token}", "-H", f"mcp-session-id: {SESSION_ID}",
-            "-H", "content-type: application/json", "-H", "accept: application/json, text/event-stream"]
+    argv = [
+        binary,
+        f"http://127.0.0.1:{port}/mcp",
+        "-d",
+        str(body_file),
+        "-c",
+        str(clients),
+        "-m",
+        "1",
+        "-t",
+        "1",
+        "-D",
+        f"{duration:g}",
+        "-H",
+        f"authorization: Bearer {token}",
+        "-H",
+        f"mcp-session-id: {SESSION_ID}",
+        "-H",
+        "content-type: application/json",
+        "-H",
+        "accept: application/json, text/event-stream",
+    ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
     if done.returncode != 0:
         raise RuntimeError(f"h2load failed:\n{done.stdout}\n{done.stderr}")
     return parse_h2load(done.stdout, None)
 
 
+def in_process(count: int) -> None:
+    """The servicers called directly (no gRPC, no threads): what the gateway's own code costs
+    per Check and per ext_proc stream in the steady state (the session's own id repeated)."""
+    from gateway.app import Gateway
+    from gateway.config import load_config
+    from gateway.envoy_api.envoy.service.auth.v3 import attribute_context_pb2 as attrs
+    from gateway.envoy_api.envoy.service.auth.v3 import external_auth_pb2
+
+    class Rpc:
+        def invocation_metadata(self) -> tuple[()]:
+            return ()
+
+        def abort(self, *args: Any) -> None:
+            raise RuntimeError(args)
+
+    work = Path(tempfile.mkdtemp(prefix="bench-extproc-"))
+    identity = make_identity(work)
+    gateway = Gateway(load_config(gateway_config(work, identity, 0, session={"bind_on": "response"})))
+    issued = [request_headers(identity.token, None), response_headers(SESSION_ID)]
+    list(gateway.processor.Process(iter(issued), Rpc()))
+    steady = [request_headers(identity.token, SESSION_ID), response_headers(SESSION_ID)]
+    headers = {
+        ":method": "POST",
+        ":path": "/mcp",
+        ":authority": "bench",
+        "authorization": f"Bearer {identity.token}",
+        "mcp-session-id": SESSION_ID,
+        "content-type": "application/json",
+    }
+    http = attrs.AttributeContext.HttpRequest(
+        method="POST", path="/mcp", host="bench", headers=headers, body=BODY
+    )
+    check = external_auth_pb2.CheckRequest(
+        attributes=attrs.AttributeContext(request=attrs.AttributeContext.Request(http=http))
+    )
+    rpc = Rpc()
+    for label, call in (
+        ("Check", lambda: gateway.service.Check(check, rpc)),  # type: ignore[arg-type]
+        ("ext_proc stream", lambda: list(gateway.processor.Process(iter(steady), rpc))),  # type: ignore[arg-type]
+    ):
+        for _ in range(count // 10):
+            call()
+        start = time.perf_counter()
+        for _ in range(count):
+            call()
+        print(f"{label:<16} {(time.perf_counter() - start) / count * 1e6:7.1f} µs per call (in process)")
+
+
+def request_headers(token: str, session: str | None) -> pb.ProcessingRequest:
+    pairs = {":method": "POST", ":path": "/mcp", ":authority": "bench", "authorization": f"Bearer {token}"}
+    if session:
+        pairs["mcp-session-id"] = session
+    entries = [base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs.items()]
+    return pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=entries)))
+
+
+def response_headers(session: str) -> pb.ProcessingRequest:
+    pairs = {":status": "200", "content-type": "application/json", "mcp-session-id": session}
+    entries = [base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs.items()]
+    return pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=entries)))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--in-process", action="store_true", help="time the servicers alone, without gRPC")
     args = parser.parse_args(argv)
+    if args.in_process:
+        in_process(20_000)
+        return 0
     work = Path(tempfile.mkdtemp(prefix="bench-extproc-"))
     identity: BenchIdentity = make_identity(work)
     body_file = work / "body.json"
@@ -230,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     upstream_port = free_port()
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        upstream = start_envoy(UPSTREAM.format(port=upstream_port), work, "upstream", base_id)
+        upstream = start_envoy(upstream_config(upstream_port), work, "upstream", base_id)
         processes.append(upstream)
         ways = []
         for i, (label, with_ext_proc) in enumerate((("ext_authz", False), ("ext_authz + ext_proc", True))):
@@ -240,11 +366,16 @@ def main(argv: list[str] | None = None) -> int:
             config = gateway_config(
                 sub, identity, port, session={"bind_on": "response" if with_ext_proc else "first_use"}
             )
-            gateway = start([sys.executable, "-m", "gateway", "serve", "--config", str(config)], sub / "gw.log")
+            gateway = start(
+                [sys.executable, "-m", "gateway", "serve", "--config", str(config)], sub / "gw.log"
+            )
             processes.append(gateway)
             listener = free_port()
             envoy = start_envoy(
-                front_config(listener, free_port(), port, upstream_port, with_ext_proc), sub, "envoy", base_id + 1 + i
+                front_config(listener, free_port(), port, upstream_port, with_ext_proc),
+                sub,
+                "envoy",
+                base_id + 1 + i,
             )
             processes.append(envoy)
             ways.append(Way(label, gateway, port, envoy, listener))
@@ -257,8 +388,10 @@ def main(argv: list[str] | None = None) -> int:
             status = one_request(way.listener, identity.token)  # ext_authz alone: binds on first use
             if status != 200:
                 raise RuntimeError(f"{way.label}: a request in the session got {status}")
-        totals: dict[str, dict[str, float]] = {w.label: {"requests": 0, "seconds": 0, "gateway": 0, "envoy": 0,
-                                                          "upstream": 0, "non2xx": 0} for w in ways}
+        totals: dict[str, dict[str, float]] = {
+            w.label: {"requests": 0, "seconds": 0, "gateway": 0, "envoy": 0, "upstream": 0, "non2xx": 0}
+            for w in ways
+        }
         for round_number in range(args.rounds):
             for way in ways:
                 pids = {"gateway": way.gateway.pid, "envoy": way.envoy.pid, "upstream": upstream.pid}
@@ -272,9 +405,12 @@ def main(argv: list[str] | None = None) -> int:
                 for k in pids:
                     total[k] += after[k] - before[k]
                 per = {k: (after[k] - before[k]) / max(1, result.succeeded) * 1e6 for k in pids}
-                print(f"round {round_number} {way.label:<22} {result.checks_per_s:8.0f} req/s  "
-                      + "  ".join(f"{k} {v:6.0f} µs" for k, v in per.items())
-                      + f"  (non-2xx {result.succeeded - result.status_2xx})", flush=True)
+                print(
+                    f"round {round_number} {way.label:<22} {result.checks_per_s:8.0f} req/s  "
+                    + "  ".join(f"{k} {v:6.0f} µs" for k, v in per.items())
+                    + f"  (non-2xx {result.succeeded - result.status_2xx})",
+                    flush=True,
+                )
         print()
         print("| way | req/s | gateway CPU/request | Envoy CPU/request | upstream CPU/request | non-2xx |")
         print("|---|---|---|---|---|---|")
@@ -282,12 +418,16 @@ def main(argv: list[str] | None = None) -> int:
         for label, total in totals.items():
             requests = max(1, total["requests"])
             per_request[label] = total["gateway"] / requests * 1e6
-            print(f"| {label} | {total['requests'] / total['seconds']:,.0f} | {per_request[label]:.0f} µs | "
-                  f"{total['envoy'] / requests * 1e6:.0f} µs | {total['upstream'] / requests * 1e6:.0f} µs | "
-                  f"{total['non2xx']:.0f} |")
+            print(
+                f"| {label} | {total['requests'] / total['seconds']:,.0f} | {per_request[label]:.0f} µs | "
+                f"{total['envoy'] / requests * 1e6:.0f} µs | {total['upstream'] / requests * 1e6:.0f} µs | "
+                f"{total['non2xx']:.0f} |"
+            )
         alone, both = per_request["ext_authz"], per_request["ext_authz + ext_proc"]
-        print(f"\ngateway CPU per request, ext_proc over ext_authz alone: {(both / alone - 1) * 100:+.1f}%"
-              " (target: at most +30%)")
+        print(
+            f"\ngateway CPU per request, ext_proc over ext_authz alone: {(both / alone - 1) * 100:+.1f}%"
+            " (target: at most +30%)"
+        )
         return 0
     finally:
         for process in reversed(processes):

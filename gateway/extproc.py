@@ -2,8 +2,9 @@
 
 One bidirectional stream per HTTP request, on the same listener as Check. With
 `session.bind_on: response` (docs/sessions.md):
-- request headers: the request's identity, through the same verifier and cache as Check
-  (`Authorizer.identify`); Envoy only sends them once ext_authz has allowed the request;
+- request headers (Envoy only sends them once ext_authz has allowed the request): kept, and
+  read only when the response needs the request's identity, which then comes through the same
+  verifier and cache as Check (`Authorizer.identify`);
 - response headers: a session id the upstream issued is bound to that identity before the
   response goes on (`Authorizer.bind_issued`); one it may not have is refused with 502
   `session_reissued`, and the response never reaches the client;

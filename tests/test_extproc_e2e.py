@@ -369,7 +369,8 @@ def test_a_malformed_issued_id_is_refused_and_binds_nothing(
 
 def test_when_the_stream_fails_mid_request_the_response_is_not_delivered(issuing: IssuingStack) -> None:
     """The gateway dies while the upstream prepares its answer: Envoy answers the client itself
-    (its status_on_error, 503, empty body), and the upstream's response, with the id it issued, never reaches it."""
+    (its status_on_error, 503, empty body), and the upstream's response, with the id it issued,
+    never reaches it."""
     assert issuing.send("erin", issue="before-kill").status_code == 200
     answered: dict[str, httpx.Response] = {}
     arrived_before = issuing.upstream.arrived
