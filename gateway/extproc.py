@@ -213,12 +213,13 @@ class ProcessService:
     def _response_headers(
         self, headers: ext_proc_pb2.HttpHeaders, exchange: _Exchange
     ) -> tuple[ext_proc_pb2.ProcessingResponse, bool]:
-        status, issued, content_type = self._read_response(headers)
-        exchange.status = status or -1
         if exchange.request is None:
             # A local reply (ext_authz's deny; Envoy opens the stream at the response), or
-            # bind_on: first_use: passed untouched.
+            # bind_on: first_use: passed untouched, not even read.
+            exchange.status = -1
             return _RESPONSE_HEADERS_DONE, False
+        status, issued, content_type = self._read_response(headers)
+        exchange.status = status or -1
         presented = self._presented(exchange.request)
         new = {header: value for header, value in issued.items() if presented.get(header) != value}
         # Whether the server forgot the session, or the path is wrong: only the body tells.
