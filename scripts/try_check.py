@@ -23,8 +23,8 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.envoy_api.envoy.service.auth.v3 import attribute_context_pb2 as attrs
 from gateway.envoy_api.envoy.config.core.v3 import base_pb2
+from gateway.envoy_api.envoy.service.auth.v3 import attribute_context_pb2 as attrs
 from gateway.envoy_api.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from gateway.envoy_api.envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 
