@@ -133,6 +133,38 @@ def test_the_sdk_session_is_bound_when_the_server_issues_it(stack: Stack) -> Non
     assert all(s.parent_span_id for s in stack.processes(trace_id))
 
 
+def test_the_long_lived_get_stream_and_sse_answers_flow_through(stack: Stack) -> None:
+    """Headers only: the SDK's GET stream stays open while the session works, and POST answers
+    come as SSE, neither buffered by the response path."""
+    token = stack.idp.token("frank")
+    sent = SentRequests()
+    seen: dict[str, Any] = {}
+
+    async def scenario() -> None:
+        async with mcp_session(stack.url, BearerAuth(token), sent) as client:
+            await client.list_tools()
+            session_id = sent.session_ids()[-1]
+
+            def get_stream_open() -> bool:
+                return any(
+                    r.method == "GET" and r.session_id == session_id and r.status == 200
+                    for r in stack.upstream.seen
+                )
+
+            await anyio.to_thread.run_sync(lambda: wait_until(get_stream_open, what="the GET stream"))
+            seen["echo"] = text_of(await client.call_tool("echo", {"text": "while streaming"}))
+            seen["sse"] = await anyio.to_thread.run_sync(
+                lambda: raw_call(stack.url, token, session_id, "echo")
+            )
+
+    anyio.run(scenario)
+
+    assert seen["echo"] == "while streaming"
+    sse: httpx.Response = seen["sse"]
+    assert sse.status_code == 200 and sse.headers["content-type"].startswith("text/event-stream")
+    assert "while streaming" not in sse.text and '"text":"x"' in sse.text.replace(" ", "")
+
+
 def test_an_id_used_by_someone_else_before_its_owner_is_refused_and_the_owner_carries_on(
     stack: Stack,
 ) -> None:
