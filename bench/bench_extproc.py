@@ -104,7 +104,10 @@ def envoy_binary() -> str:
     return found
 
 
-def front_config(listener: int, admin: int, gateway: int, upstream: int, with_ext_proc: bool) -> str:
+def front_config(
+    listener: int, admin: int, gateway: int, upstream: int, with_ext_proc: bool, processor: int = 0
+) -> str:
+    """The example config with these ports; ext_proc at `processor` instead, when given."""
     config = yaml.safe_load(EXAMPLE.read_text())
     resources = config["static_resources"]
     config["admin"]["address"]["socket_address"]["port_value"] = admin
@@ -118,6 +121,14 @@ def front_config(listener: int, admin: int, gateway: int, upstream: int, with_ex
         ]
     ports = {"authz_gateway": gateway, "upstream": upstream}
     resources["clusters"] = [c for c in resources["clusters"] if c["name"] in ports]
+    if processor:
+        noop = json.loads(json.dumps(next(c for c in resources["clusters"] if c["name"] == "authz_gateway")))
+        noop["name"] = noop["load_assignment"]["cluster_name"] = "noop_processor"
+        resources["clusters"].append(noop)
+        ports["noop_processor"] = processor
+        for f in manager["http_filters"]:
+            if f["name"] == "envoy.filters.http.ext_proc":
+                f["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = "noop_processor"
     for cluster in resources["clusters"]:
         endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
         endpoint["address"]["socket_address"]["port_value"] = ports[cluster["name"]]
@@ -131,6 +142,42 @@ class Way:
     gateway_port: int
     envoy: subprocess.Popen[bytes]
     listener: int
+    processor: subprocess.Popen[bytes] | None = None
+
+
+def serve_noop_processor(port: int) -> None:
+    """The floor: an ext_proc servicer that changes nothing, on the same grpcio server as the
+    gateway's (sync, 16 threads), ending each stream after the response headers."""
+    from concurrent import futures
+
+    done = {
+        kind: pb.ProcessingResponse(**{kind: pb.HeadersResponse()})
+        for kind in ("request_headers", "response_headers")
+    }
+
+    def process(requests: Any, _context: Any) -> Any:
+        for message in requests:
+            kind = message.WhichOneof("request")
+            yield done[kind]
+            if kind == "response_headers":
+                return
+
+    handler = grpc.stream_stream_rpc_method_handler(
+        process,
+        request_deserializer=pb.ProcessingRequest.FromString,
+        response_serializer=pb.ProcessingResponse.SerializeToString,
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "envoy.service.ext_proc.v3.ExternalProcessor", {"Process": handler}
+            ),
+        )
+    )
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
 
 
 def start(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -344,7 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--in-process", action="store_true", help="time the servicers alone, without gRPC")
+    parser.add_argument("--serve-noop-processor", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve_noop_processor:
+        serve_noop_processor(args.serve_noop_processor)
+        return 0
     if args.in_process:
         in_process(20_000)
         return 0
@@ -359,42 +410,65 @@ def main(argv: list[str] | None = None) -> int:
         upstream = start_envoy(upstream_config(upstream_port), work, "upstream", base_id)
         processes.append(upstream)
         ways = []
-        for i, (label, with_ext_proc) in enumerate((("ext_authz", False), ("ext_authz + ext_proc", True))):
+        kinds = (("ext_authz", False, False), ("ext_authz + ext_proc", True, False))
+        kinds += (("ext_authz + no-op ext_proc", True, True),)
+        for i, (label, with_ext_proc, noop) in enumerate(kinds):
             sub = work / f"way{i}"
             sub.mkdir()
             port = free_port()
-            config = gateway_config(
-                sub, identity, port, session={"bind_on": "response" if with_ext_proc else "first_use"}
-            )
+            bind_on = "response" if with_ext_proc and not noop else "first_use"
+            config = gateway_config(sub, identity, port, session={"bind_on": bind_on})
+            processor = processor_port = None
+            if noop:
+                processor_port = free_port()
+                argv = [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--serve-noop-processor",
+                    str(processor_port),
+                ]
+                processor = start(argv, sub / "noop.log")
+                processes.append(processor)
             gateway = start(
                 [sys.executable, "-m", "gateway", "serve", "--config", str(config)], sub / "gw.log"
             )
             processes.append(gateway)
             listener = free_port()
             envoy = start_envoy(
-                front_config(listener, free_port(), port, upstream_port, with_ext_proc),
+                front_config(listener, free_port(), port, upstream_port, with_ext_proc, processor_port or 0),
                 sub,
                 "envoy",
                 base_id + 1 + i,
             )
             processes.append(envoy)
-            ways.append(Way(label, gateway, port, envoy, listener))
+            ways.append(Way(label, gateway, port, envoy, listener, processor))
         wait_http(upstream_port)
         for way in ways:
             wait_grpc(way.gateway_port)
             wait_http(way.listener)
+        time.sleep(1)  # the no-op processor
         issue_session(ways[1].gateway_port, identity.token)
         for way in ways:
             status = one_request(way.listener, identity.token)  # ext_authz alone: binds on first use
             if status != 200:
                 raise RuntimeError(f"{way.label}: a request in the session got {status}")
         totals: dict[str, dict[str, float]] = {
-            w.label: {"requests": 0, "seconds": 0, "gateway": 0, "envoy": 0, "upstream": 0, "non2xx": 0}
+            w.label: {
+                "requests": 0,
+                "seconds": 0,
+                "gateway": 0,
+                "envoy": 0,
+                "upstream": 0,
+                "processor": 0,
+                "non2xx": 0,
+            }
             for w in ways
         }
         for round_number in range(args.rounds):
             for way in ways:
                 pids = {"gateway": way.gateway.pid, "envoy": way.envoy.pid, "upstream": upstream.pid}
+                if way.processor is not None:
+                    pids["processor"] = way.processor.pid
                 before = {k: cpu_seconds(p) for k, p in pids.items()}
                 result = h2load(way.listener, identity.token, body_file, args.duration, args.clients)
                 after = {k: cpu_seconds(p) for k, p in pids.items()}
@@ -412,14 +486,18 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
         print()
-        print("| way | req/s | gateway CPU/request | Envoy CPU/request | upstream CPU/request | non-2xx |")
-        print("|---|---|---|---|---|---|")
+        print(
+            "| way | req/s | gateway CPU/request | no-op ext_proc server CPU/request | Envoy CPU/request"
+            " | upstream CPU/request | non-2xx |"
+        )
+        print("|---|---|---|---|---|---|---|")
         per_request = {}
         for label, total in totals.items():
             requests = max(1, total["requests"])
             per_request[label] = total["gateway"] / requests * 1e6
             print(
                 f"| {label} | {total['requests'] / total['seconds']:,.0f} | {per_request[label]:.0f} µs | "
+                f"{total['processor'] / requests * 1e6:.0f} µs | "
                 f"{total['envoy'] / requests * 1e6:.0f} µs | {total['upstream'] / requests * 1e6:.0f} µs | "
                 f"{total['non2xx']:.0f} |"
             )
