@@ -31,6 +31,10 @@ REQUEST_INVALID = "request_invalid"
 REQUEST_UNPARSEABLE = "request_unparseable"
 REQUEST_BODY_PARTIAL = "request_body_partial"
 MCP_HEADER_MISMATCH = "mcp_header_mismatch"
+# session.bind_on: response (docs/sessions.md): an id no response of the server issued, and a
+# response that hands out an id already bound to another identity (or ended).
+SESSION_UNKNOWN = "session_unknown"
+SESSION_REISSUED = "session_reissued"
 
 STATUS_OF: dict[str, int] = {
     TOKEN_MISSING: 401,
@@ -53,6 +57,8 @@ STATUS_OF: dict[str, int] = {
     REQUEST_UNPARSEABLE: 400,
     REQUEST_BODY_PARTIAL: 413,
     MCP_HEADER_MISMATCH: 400,
+    SESSION_UNKNOWN: 404,
+    SESSION_REISSUED: 502,
 }
 
 

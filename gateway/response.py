@@ -32,6 +32,7 @@ _PUBLIC_ERROR = {
     413: "request_too_large",
     429: "too_many_sessions",
     500: "internal_error",
+    502: "bad_gateway",
     503: "unavailable",
 }
 _ALLOWED_CACHE_SIZE = 10_000
@@ -129,9 +130,14 @@ class ResponseBuilder:
             ),
         )
 
-    def _denied_response(
+    def denial(self, outcome: Decision) -> tuple[str, list[tuple[str, str]]]:
+        """The body and headers of a deny, as the client receives them (Check's denied_response,
+        and the ext_proc ImmediateResponse of the response path)."""
+        return self._denial(outcome.reason, outcome.status, outcome.headers)
+
+    def _denial(
         self, reason: str, status: int, extra_headers: tuple[tuple[str, str], ...]
-    ) -> external_auth_pb2.CheckResponse:
+    ) -> tuple[str, list[tuple[str, str]]]:
         body = self.body(reason, status)
         # Envoy fills in content-length itself (in place), then appends date and server. Listing
         # content-length first gives a denial the header order of an upstream response after
@@ -145,6 +151,12 @@ class ResponseBuilder:
         if status == 401:
             headers.append(("www-authenticate", self.challenge(reason)))
         headers.extend((k.lower(), v) for k, v in extra_headers)
+        return body, headers
+
+    def _denied_response(
+        self, reason: str, status: int, extra_headers: tuple[tuple[str, str], ...]
+    ) -> external_auth_pb2.CheckResponse:
+        body, headers = self._denial(reason, status, extra_headers)
         grpc_code = code_pb2.UNAUTHENTICATED if status == 401 else code_pb2.PERMISSION_DENIED
         return external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=grpc_code),
