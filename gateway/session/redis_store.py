@@ -31,6 +31,7 @@ finds no record looks for them and reports a legacy record, so the check answers
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -39,7 +40,6 @@ from typing import Any, TypeVar
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
-from redis.connection import AbstractConnection
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
@@ -96,8 +96,10 @@ class RedisStore(SessionStore):
         if self._target.kind == "cluster" and ("{" in self._prefix or "}" in self._prefix):
             raise RedisURLError("session.key_prefix must not hold { or } with redis+cluster:// (hash tags)")
         self._idle_ms = str(max(1, _ms(settings.idle_timeout)))
-        # WAIT answers before the socket timeout does, so a slow replica is a clean "not confirmed".
-        self._wait_ms = max(1, _ms(settings.timeout * 0.8))
+        # The replica has the whole store timeout to confirm; WAIT's own answer then gets as long
+        # again to arrive, so a slow replica is a clean "not confirmed", not a broken connection.
+        self._wait_ms = max(1, _ms(settings.timeout))
+        self._wait_read_timeout = 2 * settings.timeout
         timeouts: dict[str, Any] = {
             "socket_timeout": settings.timeout,
             "socket_connect_timeout": settings.timeout,
@@ -124,7 +126,7 @@ class RedisStore(SessionStore):
                 "username": target.sentinel_username,
                 "password": target.sentinel_password,
             }
-            self._sentinel = Sentinel(
+            self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
                 list(target.hosts),
                 sentinel_kwargs=sentinel_kwargs,
                 username=target.username,
@@ -132,7 +134,7 @@ class RedisStore(SessionStore):
                 db=target.db,
                 **timeouts,
             )
-            self._client = self._sentinel.master_for(target.master_name)
+            self._client = self._sentinel.master_for(target.master_name)  # type: ignore[no-untyped-call]
         else:
             self._cluster_kwargs = {
                 **timeouts,
@@ -154,7 +156,7 @@ class RedisStore(SessionStore):
         if cluster is None:
             with self._lock:
                 if self._cluster is None:
-                    nodes = [ClusterNode(host, port) for host, port in self._target.hosts]
+                    nodes = [ClusterNode(host, port) for host, port in self._target.hosts]  # type: ignore[no-untyped-call]
                     self._cluster = RedisCluster(startup_nodes=nodes, **self._cluster_kwargs)
                 cluster = self._cluster
         return cluster
@@ -184,17 +186,15 @@ class RedisStore(SessionStore):
         if kind == "single" or key is None or self._cluster is None:
             return None
         try:
-            node = self._cluster.get_node_from_key(key)
+            node = self._cluster.get_node_from_key(key)  # type: ignore[no-untyped-call]
         except _ERRORS:
             return None
         return str(node.host), int(node.port)
 
     def _failed(self, operation: str, exc: Exception) -> StoreUnavailable:
         if self._target.kind == "cluster" and isinstance(exc, _TOPOLOGY_ERRORS) and self._cluster is not None:
-            try:  # read the slot map again, so the next operation goes to the new master
+            with contextlib.suppress(*_ERRORS):  # the slot map again: the next operation finds the new master
                 self._cluster.nodes_manager.initialize()
-            except _ERRORS:
-                pass
         return StoreUnavailable(f"Redis {operation}: {type(exc).__name__}: {exc}")
 
     def _round_trip(self, operation: str, call: Callable[[], T], key: str | None = None) -> T:
@@ -244,10 +244,12 @@ class RedisStore(SessionStore):
                     request.failed(exc)
                     raise self._failed(operation, exc) from None
                 raise
-        with self._observer.operation("redis WAIT", self._attributes("WAIT", address), within_check=True) as request:
+        with self._observer.operation(
+            "redis WAIT", self._attributes("WAIT", address), within_check=True
+        ) as request:
             try:
                 connection.send_command("WAIT", 1, self._wait_ms)
-                acknowledged = int(connection.read_response())
+                acknowledged = int(connection.read_response(timeout=self._wait_read_timeout))
                 if acknowledged < 1:
                     raise NotConfirmed(f"no replica confirmed the write within {self._wait_ms} ms")
             except redis.exceptions.RedisError as exc:
@@ -259,7 +261,7 @@ class RedisStore(SessionStore):
                 pool.release(connection)
         return reply
 
-    def _wait_needed(self, connection: AbstractConnection, address: tuple[str, int] | None) -> bool:
+    def _wait_needed(self, connection: Any, address: tuple[str, int] | None) -> bool:
         mode = self._target.replica_ack
         if mode != "auto":
             return mode == "required"
@@ -364,8 +366,11 @@ class RedisStore(SessionStore):
             # Not live for sure: another record stands there (a tombstone, another owner's), or
             # the record is gone and its marker says it was bound (idle past its timeout).
             # Gone without a marker: a bind may be on its way; only an old place is given back.
-            ended = [i for i, raw, mark in zip(entries, records, markers, strict=True)
-                     if (raw is not None and not _live_of(raw, owner)) or (raw is None and mark is not None)]
+            ended = [
+                i
+                for i, raw, mark in zip(entries, records, markers, strict=True)
+                if (raw is not None and not _live_of(raw, owner)) or (raw is None and mark is not None)
+            ]
             unsure = [i for i, raw, mark in zip(entries, records, markers, strict=True)
                       if raw is None and mark is None]  # fmt: skip
             if not ended and not unsure:
@@ -387,7 +392,9 @@ class RedisStore(SessionStore):
         if left <= 0:
             self._confirmed_write(key, "DEL", ("DEL", key), lambda reply: True)
         else:
-            self._confirmed_write(key, "SET", ("SET", key, encode_record(data), "PX", left), lambda reply: True)
+            self._confirmed_write(
+                key, "SET", ("SET", key, encode_record(data), "PX", left), lambda reply: True
+            )
         # Only now, with the tombstone confirmed: a record of the old layout goes.
         old = layout.legacy_keys(self._prefix, session_id)
         self._round_trip("DEL", lambda: self._keyed().delete(*old))
@@ -456,7 +463,9 @@ class RedisStore(SessionStore):
 
     def ids_of_owner(self, owner: str) -> list[str]:
         index = layout.owner_index_key(self._prefix, owner)
-        members = self._round_trip("ZRANGE", lambda: self._keyed().execute_command("ZRANGE", index, 0, -1), index)
+        members = self._round_trip(
+            "ZRANGE", lambda: self._keyed().execute_command("ZRANGE", index, 0, -1), index
+        )
         ids = [m.decode("utf-8", "replace") for m in members]
         now = time.time()
         live = []

@@ -14,7 +14,7 @@ Every scheme takes `replica_ack=auto|required|off` (see `gateway.session.redis_s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 SINGLE_SCHEMES = ("redis", "rediss", "unix")
 SENTINEL_SCHEME = "redis+sentinel"
@@ -75,8 +75,10 @@ def parse(url: str) -> RedisTarget:
     if replica_ack not in REPLICA_ACK_MODES:
         raise RedisURLError(f"replica_ack must be one of {', '.join(REPLICA_ACK_MODES)}")
     if scheme in SINGLE_SCHEMES:
+        # Rebuilt by hand: urlunsplit would turn unix:///path into unix:/path.
+        base, _, _ = url.partition("?")
         rest = urlencode([(k, v) for k, v in query if k not in _OWN_PARAMETERS])
-        return RedisTarget("single", replica_ack, single_url=urlunsplit(parts._replace(query=rest)))
+        return RedisTarget("single", replica_ack, single_url=f"{base}?{rest}" if rest else base)
     if scheme not in (SENTINEL_SCHEME, CLUSTER_SCHEME):
         raise RedisURLError(f"not a Redis URL scheme: {scheme!r}")
     unknown = sorted({k for k, _ in query} - set(_OWN_PARAMETERS))
@@ -122,4 +124,3 @@ def display(url: str) -> str:
     if question and "password" in query.lower():
         query = "[redacted]"
     return f"{scheme}://{netloc}{slash}{path}{question}{query}"
-

@@ -10,15 +10,18 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 
 from tests.support.processes import ManagedProcess, free_port, wait_for_port, wait_until
 
 MASTER_NAME = "gatewaymaster"
+# Both topologies require passwords, so every test on them exercises authentication too.
+REDIS_PASSWORD = "topology-redis-pw"
+SENTINEL_PASSWORD = "topology-sentinel-pw"
 
 
 def _binary(name: str) -> str:
@@ -28,8 +31,14 @@ def _binary(name: str) -> str:
     return found
 
 
-def _client(port: int, **kwargs: Any) -> redis.Redis:
-    return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=2, **kwargs)
+def _client(port: int, password: str = REDIS_PASSWORD) -> redis.Redis:
+    return redis.Redis(
+        host="127.0.0.1", port=port, password=password, socket_timeout=2, socket_connect_timeout=2
+    )
+
+
+def _sentinel(port: int) -> redis.Redis:
+    return _client(port, SENTINEL_PASSWORD)
 
 
 def _info(port: int, section: str) -> dict[str, Any]:
@@ -49,7 +58,8 @@ class RedisNode(ManagedProcess):
         self.extra = extra
         argv = [
             _binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", str(work_dir), *extra,
+            "--appendonly", "no", "--dir", str(work_dir), "--requirepass", REDIS_PASSWORD,
+            "--masterauth", REDIS_PASSWORD, *extra,
         ]  # fmt: skip
         super().__init__(f"{name}-{port}", argv, work_dir)
         wait_for_port(port, 10)
@@ -80,6 +90,8 @@ class SentinelTopology:
                 f"sentinel down-after-milliseconds {MASTER_NAME} 1000\n"
                 f"sentinel failover-timeout {MASTER_NAME} 4000\n"
                 f"sentinel parallel-syncs {MASTER_NAME} 1\n"
+                f"sentinel auth-pass {MASTER_NAME} {REDIS_PASSWORD}\n"
+                f"requirepass {SENTINEL_PASSWORD}\nsentinel sentinel-pass {SENTINEL_PASSWORD}\n"
             )
             process = ManagedProcess(
                 f"sentinel-{index}-{port}", [_binary("redis-server"), str(conf), "--sentinel"], work_dir
@@ -93,13 +105,19 @@ class SentinelTopology:
     @property
     def url(self) -> str:
         hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
-        return f"redis+sentinel://{hosts}/{MASTER_NAME}"
+        return (
+            f"redis+sentinel://:{REDIS_PASSWORD}@{hosts}/{MASTER_NAME}?sentinel_password={SENTINEL_PASSWORD}"
+        )
 
     def master_port(self) -> int:
         """The master, as the sentinels see it."""
-        with contextlib.closing(_client(self.sentinel_ports[0])) as sentinel:
+        with contextlib.closing(_sentinel(self.sentinel_ports[0])) as sentinel:
             host, port = sentinel.sentinel_get_master_addr_by_name(MASTER_NAME)
         return int(port)
+
+    def admin(self) -> redis.Redis:
+        """A client on the current master."""
+        return _client(self.master_port())
 
     def wait_healthy(self, timeout: float = 40.0) -> int:
         """Until every sentinel names the same master, which has a replica in sync and the
@@ -109,10 +127,13 @@ class SentinelTopology:
             try:
                 seen = set()
                 for port in self.sentinel_ports:
-                    with contextlib.closing(_client(port)) as sentinel:
+                    with contextlib.closing(_sentinel(port)) as sentinel:
                         seen.add(int(sentinel.sentinel_get_master_addr_by_name(MASTER_NAME)[1]))
                         state = sentinel.sentinel_master(MASTER_NAME)
-                        if "s_down" in str(state.get("flags")) or int(state.get("num-other-sentinels", 0)) < 2:
+                        if (
+                            "s_down" in str(state.get("flags"))
+                            or int(state.get("num-other-sentinels", 0)) < 2
+                        ):
                             return None
                         if int(state.get("num-slaves", 0)) < 1:
                             return None
@@ -134,7 +155,7 @@ class SentinelTopology:
     def failover(self) -> int:
         """SENTINEL FAILOVER (a planned switch); the new master's port, once healthy again."""
         before = self.master_port()
-        with contextlib.closing(_client(self.sentinel_ports[0])) as sentinel:
+        with contextlib.closing(_sentinel(self.sentinel_ports[0])) as sentinel:
             sentinel.execute_command("SENTINEL", "FAILOVER", MASTER_NAME)
         wait_until(lambda: self.master_port() != before, 20, 0.1, "a new master")
         return self.wait_healthy()
@@ -147,7 +168,9 @@ class SentinelTopology:
 
     def restart_as_replica(self, port: int) -> None:
         """The killed node back (empty: no persistence), as a replica of the current master."""
-        master = wait_until(lambda: self.master_port() != port and self.master_port(), 30, 0.2, "a new master")
+        master = wait_until(
+            lambda: self.master_port() != port and self.master_port(), 30, 0.2, "a new master"
+        )
         old = self.nodes[port]
         old.stop()
         self.nodes[port] = RedisNode(
@@ -173,7 +196,8 @@ class ClusterTopology:
             self.nodes[port] = RedisNode(work_dir, port, self._cluster_options(port), "cluster")
         created = subprocess.run(
             [
-                _binary("redis-cli"), "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.nodes),
+                _binary("redis-cli"), "--no-auth-warning", "-a", REDIS_PASSWORD,
+                "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.nodes),
                 "--cluster-replicas", "1", "--cluster-yes",
             ],
             capture_output=True, text=True, timeout=60, check=False,
@@ -190,10 +214,19 @@ class ClusterTopology:
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in list(self.nodes)[:3])
+        return f"redis+cluster://:{REDIS_PASSWORD}@" + ",".join(
+            f"127.0.0.1:{p}" for p in list(self.nodes)[:3]
+        )
+
+    def admin(self) -> RedisCluster:
+        """A Cluster client (it routes each key to its master)."""
+        port = self.masters()[0]
+        return RedisCluster(host="127.0.0.1", port=port, password=REDIS_PASSWORD, socket_timeout=2)
 
     def masters(self) -> list[int]:
-        return [p for p in self.nodes if self.nodes[p].alive() and _info(p, "replication").get("role") == "master"]
+        return [
+            p for p in self.nodes if self.nodes[p].alive() and _info(p, "replication").get("role") == "master"
+        ]
 
     def wait_healthy(self, timeout: float = 40.0) -> None:
         """Until every running node says cluster_state:ok and each of 3 masters has a replica online."""
@@ -241,11 +274,3 @@ class ClusterTopology:
     def stop(self) -> None:
         for node in self.nodes.values():
             node.stop(5)
-
-
-def wait_for_new_master(topology: SentinelTopology, old_port: int, timeout: float = 30.0) -> int:
-    return int(wait_until(lambda: (p := topology.master_port()) != old_port and p, timeout, 0.1, "failover"))
-
-
-def elapsed_since(started: float) -> float:
-    return time.monotonic() - started
