@@ -475,3 +475,68 @@ def test_gateway_health_follows_a_sentinel_failover_and_never_logs_passwords(
         assert gateway.stop() == 0
         if killed is not None:
             sentinel_topology.restart_as_replica(killed)
+
+
+def test_two_gateway_replicas_behind_envoy_share_sessions_through_a_sentinel_failover(
+    tmp_path: Path, sentinel_topology: SentinelTopology, idp: TestIssuer, jwks_file: Path
+) -> None:
+    """tests/test_replicas_e2e.py's scenario on Sentinel: a session bound through one replica holds
+    on the other, and both follow the master's SIGKILL without a restart."""
+    from tests.support.processes import EnvoyProcess, RecordingUpstream, envoy_config, wait_for_port
+    from tests.test_replicas_e2e import NOT_FOUND, Stack
+
+    config = {
+        "store": sentinel_topology.url,
+        "auth": {"issuers": [idp.issuer_config(jwks_file=jwks_file)]},
+        "session": {"store_timeout": "1s", "key_prefix": "envoy:"},
+    }
+    replicas = [GatewayProcess(config, tmp_path, name=f"sentinel-replica-{i}") for i in (1, 2)]
+    upstream = RecordingUpstream()
+    listener_port, admin_port = free_port(), free_port()
+    text = envoy_config(
+        listener_port=listener_port, admin_port=admin_port,
+        gateway_ports=[r.port for r in replicas], upstream_port=upstream.port,
+    )  # fmt: skip
+    envoy = EnvoyProcess(text, tmp_path)
+    killed = None
+    try:
+        wait_for_port(admin_port, 30)
+        wait_for_port(listener_port, 30)
+        stack = Stack(idp, None, {r.port: r for r in replicas}, envoy, upstream, listener_port, admin_port)  # type: ignore[arg-type]
+        ok = (200, b'{"ok": true, "path": "/mcp"}')
+        session = f"s-{new_id()}"
+        assert stack.send(session, "alice")[0] == 200
+        assert stack.on_both(session, "alice") == {ok}
+        assert stack.on_both(session, "mallory") == {(404, NOT_FOUND)}
+
+        killed = sentinel_topology.kill_master()
+        started = time.monotonic()
+        during: set[int] = set()
+
+        def both_serve_alice() -> bool:
+            answers = stack.on_both(session, "alice")
+            during.update(status for status, _ in answers)
+            return answers == {ok}
+
+        wait_until(both_serve_alice, RECOVERY_LIMIT + 5, 0.1, "both replicas serving after the failover")
+        assert time.monotonic() - started < RECOVERY_LIMIT
+        assert during <= {200, 503}
+        assert stack.on_both(session, "mallory") == {(404, NOT_FOUND)}  # the binding survived
+        fresh = f"s-{new_id()}"
+        # The new master has no replica until the killed node is back: no bind can be confirmed.
+        assert stack.send(fresh, "bob")[0] == 503
+        sentinel_topology.restart_as_replica(killed)
+        killed = None
+        assert stack.send(fresh, "bob")[0] == 200
+        assert stack.on_both(fresh, "bob") == {ok}
+        assert stack.on_both(fresh, "alice") == {(404, NOT_FOUND)}
+        for replica in replicas:
+            assert replica.alive()
+            assert REDIS_PASSWORD not in replica.log_text() and SENTINEL_PASSWORD not in replica.log_text()
+    finally:
+        envoy.stop()
+        upstream.stop()
+        for replica in replicas:
+            assert replica.stop() == 0, replica.log_text()
+        if killed is not None:
+            sentinel_topology.restart_as_replica(killed)
