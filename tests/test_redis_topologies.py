@@ -540,3 +540,45 @@ def test_two_gateway_replicas_behind_envoy_share_sessions_through_a_sentinel_fai
             assert replica.stop() == 0, replica.log_text()
         if killed is not None:
             sentinel_topology.restart_as_replica(killed)
+
+
+# ---- URLs ----
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+sentinel://127.0.0.1:1/",  # no master name
+        "redis+sentinel://127.0.0.1/mymaster",  # no port
+        "redis+sentinel://127.0.0.1:99999/mymaster",
+        "redis+sentinel://127.0.0.1:1,/mymaster",
+        "redis+sentinel://127.0.0.1:1/mymaster/notadb",
+        "redis+sentinel://127.0.0.1:1/mymaster/0/extra",
+        "redis+sentinel://127.0.0.1:1/mymaster?db=1",  # an unknown parameter
+        "redis+cluster://127.0.0.1:1/0",  # a Cluster has one db
+        "redis+cluster://127.0.0.1:1?sentinel_password=x",
+        "redis+cluster://:secret@127.0.0.1:1?replica_ack=sometimes",
+        "redis://127.0.0.1:1/0?replica_ack=\x00",
+    ],
+)
+def test_bad_redis_urls_are_refused_at_open_without_the_password(url: str) -> None:
+    from gateway.session import StoreURLError
+
+    with pytest.raises(StoreURLError) as refused:
+        open_store(url, StoreSettings(10, 10))
+    assert "secret" not in str(refused.value)
+
+
+def test_a_cluster_key_prefix_with_a_hash_tag_is_refused(cluster_topology: ClusterTopology) -> None:
+    from gateway.session import StoreURLError
+
+    with pytest.raises(StoreURLError, match="key_prefix"):
+        open_store(cluster_topology.url, StoreSettings(10, 10, key_prefix="a{b}:"))
+
+
+def test_multi_host_urls_are_shown_without_passwords() -> None:
+    shown = display_url("redis+sentinel://user:pw1@h1:26379,h2:26379/mymaster/2?sentinel_password=pw2")
+    assert shown == "redis+sentinel://user:***@h1:26379,h2:26379/mymaster/2?[redacted]"
+    assert display_url("redis+cluster://:pw1@h1:7000,[::1]:7001") == "redis+cluster://:***@h1:7000,[::1]:7001"
+    assert display_url("redis+cluster://h1:7000?replica_ack=off") == "redis+cluster://h1:7000?replica_ack=off"
+    assert "pw" not in display_url("redis+cluster://:p@w@h1:7000")
