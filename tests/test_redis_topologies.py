@@ -355,11 +355,19 @@ def test_an_unconfirmed_bind_fails_closed(tmp_path: Path) -> None:
         import os
         import signal
 
+        from gateway.session.health import HealthTrackedStore, StoreHealth
+
+        changes: list[bool] = []
+        health = StoreHealth(store, lambda up, why: changes.append(up))
+        tracked = HealthTrackedStore(store, health)
+        assert tracked.load("confirmed", now) is not None and changes == [True]
         os.kill(replica.proc.pid, signal.SIGSTOP)
         try:
             started = time.monotonic()
             with pytest.raises(StoreUnavailable, match="NotConfirmed"):
-                store.create("unconfirmed", record_for("alice", "i", now), now, 10)
+                tracked.create("unconfirmed", record_for("alice", "i", now), now, 10)
+            # The master answers: the store stays up (the check above is 503 all the same).
+            assert health.up and changes == [True]
             assert time.monotonic() - started < 1.0  # bounded by the store timeout
             with pytest.raises(StoreUnavailable, match="NotConfirmed"):
                 store.replace("confirmed", tombstone(None, "terminated", now), now)

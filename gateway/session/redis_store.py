@@ -55,6 +55,7 @@ from gateway.session.store import (
     SessionStore,
     StoreSettings,
     StoreUnavailable,
+    StoreUnconfirmed,
     expiry_of,
     is_tombstone,
 )
@@ -195,6 +196,8 @@ class RedisStore(SessionStore):
         if self._target.kind == "cluster" and isinstance(exc, _TOPOLOGY_ERRORS) and self._cluster is not None:
             with contextlib.suppress(*_ERRORS):  # the slot map again: the next operation finds the new master
                 self._cluster.nodes_manager.initialize()
+        if isinstance(exc, NotConfirmed):
+            return StoreUnconfirmed(f"Redis {operation}: {type(exc).__name__}: {exc}")
         return StoreUnavailable(f"Redis {operation}: {type(exc).__name__}: {exc}")
 
     def _round_trip(self, operation: str, call: Callable[[], T], key: str | None = None) -> T:
