@@ -65,6 +65,7 @@ _TOMBSTONE_MARK = b'"terminated":true'
 _SCAN_BATCH = 500
 _RESERVATION_GRACE = 5.0  # seconds; far beyond any bind that has not failed with a timeout
 _REPLICA_COUNT_MAX_AGE = 1.0
+_SLOT_MAP_INTERVAL = 0.25  # seconds between two reads of a Cluster's slot map after errors
 # Errors after which the Cluster's slot map is read again: the slot moved (failover).
 _TOPOLOGY_ERRORS = (
     redis.exceptions.ConnectionError,
@@ -111,6 +112,8 @@ class RedisStore(SessionStore):
         }
         self._lock = threading.Lock()
         self._cluster: RedisCluster | None = None
+        self._slot_map_lock = threading.Lock()
+        self._slot_map_read = 0.0
         self._replicas: dict[tuple[str, int], tuple[float, int]] = {}
         self._span_attributes: dict[str, Any] = {"db.system.name": "redis"}
         target = self._target
@@ -194,11 +197,23 @@ class RedisStore(SessionStore):
 
     def _failed(self, operation: str, exc: Exception) -> StoreUnavailable:
         if self._target.kind == "cluster" and isinstance(exc, _TOPOLOGY_ERRORS) and self._cluster is not None:
-            with contextlib.suppress(*_ERRORS):  # the slot map again: the next operation finds the new master
-                self._cluster.nodes_manager.initialize()
+            self._read_slot_map(self._cluster)
         if isinstance(exc, NotConfirmed):
             return StoreUnconfirmed(f"Redis {operation}: {type(exc).__name__}: {exc}")
         return StoreUnavailable(f"Redis {operation}: {type(exc).__name__}: {exc}")
+
+    def _read_slot_map(self, cluster: RedisCluster) -> None:
+        """The slot map again, so the next operation finds a promoted master: by one thread at a
+        time and at most every `_SLOT_MAP_INTERVAL`; the others fail fast (their check is 503)."""
+        now = time.monotonic()
+        if now - self._slot_map_read < _SLOT_MAP_INTERVAL or not self._slot_map_lock.acquire(blocking=False):
+            return
+        try:
+            self._slot_map_read = now
+            with contextlib.suppress(*_ERRORS):
+                cluster.nodes_manager.initialize()
+        finally:
+            self._slot_map_lock.release()
 
     def _round_trip(self, operation: str, call: Callable[[], T], key: str | None = None) -> T:
         """One request to Redis (a client span if the check's span records); errors → StoreUnavailable."""
