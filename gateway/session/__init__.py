@@ -5,6 +5,8 @@ from __future__ import annotations
 from urllib.parse import urlsplit, urlunsplit
 
 from gateway.observe import NO_OBSERVER, Observer
+from gateway.session import redis_url
+from gateway.session.redis_url import CLUSTER_SCHEME, REDIS_SCHEMES, SENTINEL_SCHEME, RedisURLError
 from gateway.session.store import SessionStore, StoreSettings
 
 
@@ -13,7 +15,8 @@ class StoreURLError(ValueError):
 
 
 def open_store(url: str, settings: StoreSettings, observer: Observer = NO_OBSERVER) -> SessionStore:
-    """memory://, sqlite:///path, redis://host:port/db, rediss://…, unix:///path.sock."""
+    """memory://, sqlite:///path, redis://host:port/db, rediss://…, unix:///path.sock,
+    redis+sentinel://HOST:PORT[,HOST:PORT…]/MASTER_NAME[/DB], redis+cluster://HOST:PORT[,…]."""
     scheme = urlsplit(url).scheme
     if scheme == "memory":
         from gateway.session.memory import MemoryStore
@@ -23,15 +26,23 @@ def open_store(url: str, settings: StoreSettings, observer: Observer = NO_OBSERV
         from gateway.session.sqlite import SQLiteStore
 
         return SQLiteStore(url, settings, observer)
-    if scheme in ("redis", "rediss", "unix"):
+    if scheme in REDIS_SCHEMES:
         from gateway.session.redis_store import RedisStore
 
-        return RedisStore(url, settings, observer)
-    raise StoreURLError(f"unsupported store URL scheme {scheme!r} (memory://, sqlite:///path, redis://, unix://)")
+        try:
+            return RedisStore(url, settings, observer)
+        except RedisURLError as exc:
+            raise StoreURLError(str(exc)) from None
+    raise StoreURLError(
+        f"unsupported store URL scheme {scheme!r} (memory://, sqlite:///path, redis://, unix://,"
+        " redis+sentinel://, redis+cluster://)"
+    )
 
 
 def display_url(url: str) -> str:
     """The store URL for a log line: a password (in the userinfo or the query) never shown."""
+    if url.partition("://")[0].lower() in (SENTINEL_SCHEME, CLUSTER_SCHEME):
+        return redis_url.display(url)  # several hosts: urlsplit cannot tell their ports
     try:
         parts = urlsplit(url)
         port = f":{parts.port}" if parts.port else ""

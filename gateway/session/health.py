@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from gateway.session.store import Created, Loaded, SessionStore, StoreUnavailable
+from gateway.session.store import Created, Loaded, SessionStore, StoreUnavailable, StoreUnconfirmed
 
 
 class StoreHealth:
@@ -85,6 +85,11 @@ class HealthTrackedStore(SessionStore):
     def _tracked(self, call: Callable[[], Any]) -> Any:
         try:
             result = call()
+        except StoreUnconfirmed:
+            # The master answers; only a replica is missing or late. Every replica of the
+            # gateway shares the store, so NOT_SERVING would steer traffic nowhere better and
+            # would also stop the checks of existing sessions, which still work.
+            raise
         except StoreUnavailable as exc:
             self._health.failed(str(exc))
             raise

@@ -32,6 +32,11 @@ class StoreUnavailable(Exception):
     """The store did not answer in time, or failed. The check fails closed (503)."""
 
 
+class StoreUnconfirmed(StoreUnavailable):
+    """The store answered, but no replica confirmed a write in time (Redis `WAIT`). The check
+    fails closed (503) all the same; the store itself is up, so its health stays as it is."""
+
+
 @dataclass(frozen=True, slots=True)
 class Loaded:
     data: Mapping[str, Any]

@@ -74,7 +74,8 @@ class InstrumentedStore(SessionStore):
 def store_kind(url: str) -> str:
     """The metric label for a store URL: memory, sqlite or redis; never the URL (it may hold a password)."""
     scheme = url.partition("://")[0].lower()
-    return "redis" if scheme in ("redis", "rediss", "unix") else scheme or "custom"
+    redis_schemes = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
+    return "redis" if scheme in redis_schemes else scheme or "custom"
 
 
 def instrument_store(store: SessionStore, url: str) -> SessionStore:
