@@ -490,7 +490,13 @@ def test_two_gateway_replicas_behind_envoy_share_sessions_through_a_sentinel_fai
 ) -> None:
     """tests/test_replicas_e2e.py's scenario on Sentinel: a session bound through one replica holds
     on the other, and both follow the master's SIGKILL without a restart."""
-    from tests.support.processes import EnvoyProcess, RecordingUpstream, envoy_config, wait_for_port
+    from tests.support.processes import (
+        EnvoyProcess,
+        RecordingUpstream,
+        envoy_config,
+        split_process_cluster,
+        wait_for_port,
+    )
     from tests.test_replicas_e2e import NOT_FOUND, Stack
 
     config = {
@@ -505,7 +511,8 @@ def test_two_gateway_replicas_behind_envoy_share_sessions_through_a_sentinel_fai
         listener_port=listener_port, admin_port=admin_port,
         gateway_ports=[r.port for r in replicas], upstream_port=upstream.port,
     )  # fmt: skip
-    envoy = EnvoyProcess(text, tmp_path)
+    # Checks and Process streams counted apart: each request opens both.
+    envoy = EnvoyProcess(split_process_cluster(text), tmp_path)
     killed = None
     try:
         wait_for_port(admin_port, 30)
