@@ -91,6 +91,7 @@ class Gateway:
             config.max_request_bytes,
             config.responses.session_not_found.body,
             config.session.max_id_length,
+            config.max_process_streams,
         )
         self.health = health.HealthServicer()
         set_serving(self.health, False)

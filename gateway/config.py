@@ -167,6 +167,7 @@ class Config:
     engine: str = "cel"
     workers: int = 1
     max_request_bytes: int = 64 * 1024
+    max_process_streams: int = 256
     shutdown_grace: float = 10.0
     reload_debounce: float = 0.3
     # A policy set without a single enforcing policy protects nothing: refused unless this says so.
@@ -512,6 +513,7 @@ def config_from_mapping(data: object, source: str = "<config>", base: Path | Non
         engine=engine,
         workers=top.integer("workers", d.workers, 1),
         max_request_bytes=top.integer("max_request_bytes", d.max_request_bytes, 1024),
+        max_process_streams=top.integer("max_process_streams", d.max_process_streams, 1),
         shutdown_grace=top.duration("shutdown_grace", d.shutdown_grace),
         reload_debounce=top.duration("reload_debounce", d.reload_debounce),
         allow_no_enforcing_policy=top.boolean("allow_no_enforcing_policy", d.allow_no_enforcing_policy),

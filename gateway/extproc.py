@@ -25,6 +25,7 @@ nothing of the response.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -116,8 +117,14 @@ class ProcessService:
         max_request_bytes: int,
         not_found_body: str,
         max_id_length: int = 256,
+        max_streams: int = 256,
     ) -> None:
         self.authorizer = authorizer
+        # A stream holds a pool thread until its response headers come (the whole of a slow tool
+        # call): past this many at once a stream is refused (Envoy answers status_on_error), so
+        # the threads kept for Check are never taken (gateway.server.build_server).
+        self.max_streams = max_streams
+        self._streams = threading.BoundedSemaphore(max_streams)
         self._responses = responses
         self._spans = spans
         self._max_request_bytes = max_request_bytes
@@ -125,6 +132,16 @@ class ProcessService:
         self._max_id_length = max_id_length
 
     def Process(
+        self, requests: Iterator[ext_proc_pb2.ProcessingRequest], rpc: grpc.ServicerContext
+    ) -> Iterator[ext_proc_pb2.ProcessingResponse]:
+        if not self._streams.acquire(blocking=False):
+            rpc.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"more than {self.max_streams} processing streams")
+        try:
+            yield from self._process(requests, rpc)
+        finally:
+            self._streams.release()
+
+    def _process(
         self, requests: Iterator[ext_proc_pb2.ProcessingRequest], rpc: grpc.ServicerContext
     ) -> Iterator[ext_proc_pb2.ProcessingResponse]:
         start_ns = time.time_ns()

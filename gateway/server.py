@@ -178,6 +178,8 @@ def build_server(
         request_deserializer=_lenient_parse,
         response_serializer=external_auth_pb2.CheckResponse.SerializeToString,
     )
+    if processor is not None:  # every stream may hold a thread: Check keeps max_workers of its own
+        max_workers += processor.max_streams
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="check"),
         options=[("grpc.so_reuseport", 1 if reuse_port else 0)],

@@ -11,6 +11,7 @@ import gc
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -338,7 +339,7 @@ def test_the_process_span_with_store_children_and_no_session_id(tmp_path: Path, 
         assert bound.attributes["authz.session.bound_at"] == "response"
         assert bound.attributes["authz.session.new"] is True
         children = [s for s in receiver.spans() if s.parent_span_id == bound.span_id]
-        assert "redis EVALSHA" in {s.name for s in children}
+        assert "redis EVAL" in {s.name for s in children}  # the bind script
         (refused,) = wait_until(
             lambda: [s for s in receiver.spans(name=PROCESS_SPAN_NAME) if s.trace_id == "ef" * 16],
             what="the refusal's span",
@@ -353,3 +354,52 @@ def test_the_process_span_with_store_children_and_no_session_id(tmp_path: Path, 
         process.stop()
         redis.stop()
         receiver.stop()
+
+
+def test_open_streams_are_capped_and_never_starve_check(idp: TestIssuer) -> None:
+    """A stream holds a thread until its response headers come (a slow tool call): past
+    max_process_streams a new stream is refused, and Check keeps threads of its own."""
+    config = {
+        "policies": str(default_policy_dir()),
+        "store": "memory://",
+        "auth": {"issuers": [idp.issuer_config()]},
+        "session": {"bind_on": "response"},
+        "max_process_streams": 2,
+    }
+    running = InProcessGateway(config)
+    client = Processor(running.address)
+    release = threading.Event()
+    token = idp.token("alice")
+
+    def slow_call() -> Iterator[pb.ProcessingRequest]:
+        yield request(token)
+        release.wait(30)  # the upstream has not answered yet
+
+    held = [client.call(slow_call(), timeout=30) for _ in range(2)]
+    try:
+        for call in held:
+            assert next(call).WhichOneof("response") == "request_headers"
+        with pytest.raises(grpc.RpcError) as refused:
+            client.exchange(request(token), response(200, "over-the-cap"))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert stored(running, "over-the-cap") is None
+        # 20 Checks at once while both streams hold their threads: every one answered.
+        with ThreadPoolExecutor(20) as pool:
+            statuses = list(pool.map(lambda _: running.client.status(token=token), range(20)))
+        assert statuses == [200] * 20
+    finally:
+        release.set()
+        for call in held:
+            call.cancel()
+
+    def a_slot_is_free() -> bool:
+        try:
+            return bool(client.exchange(request(token), response(200, "after-the-cap")))
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+            return False
+
+    wait_until(a_slot_is_free, 10, what="a free stream once the held ones ended")
+    assert stored(running, "after-the-cap") is not None
+    client.close()
+    running.stop()
