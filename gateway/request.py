@@ -54,6 +54,9 @@ class RequestContext:
     body_undecodable: bool = False
     source_address: str = ""
     source_principal: str = ""
+    # The TLS peer's certificate as Envoy sends it (URL-encoded PEM, with
+    # include_peer_certificate: true); "" without one. For certificate-bound tokens (RFC 8705).
+    client_certificate: str = ""
     context_extensions: dict[str, str] = field(default_factory=dict)
     # None: not parsed yet. The body is parsed on first use, as most checks never need it;
     # a RequestError: it cannot be judged, and every use refuses the request.
@@ -286,6 +289,7 @@ def from_check_request(check_request: Any, max_bytes: int = 64 * 1024) -> Reques
         body_undecodable=body_undecodable,
         source_address=address,
         source_principal=principal,
+        client_certificate=attributes.source.certificate,
         context_extensions=extensions,
     )
     if "mcp-method" in headers or "mcp-name" in headers:

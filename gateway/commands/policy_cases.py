@@ -32,7 +32,7 @@ from gateway.config import AuthConfig, SessionConfig
 from gateway.decision import Decision
 from gateway.envoy_api.envoy.config.core.v3 import address_pb2
 from gateway.envoy_api.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
-from gateway.identity.verifier import Identity, TokenVerifier
+from gateway.identity.verifier import Identity, TokenVerifier, auth_map_for, confirmation_of
 from gateway.pipeline import UPSTREAM_HEADERS, Authorizer, PolicyHolder
 from gateway.policy.evaluate import Tracer
 from gateway.policy.loader import TEST_SUFFIXES
@@ -394,10 +394,11 @@ def identity_from_claims(claims: Mapping[str, Any], now: float) -> Identity:
     issuer, subject = str(claims["iss"]), str(claims["sub"])
     raw = claims.get("scope", claims.get("scp", ()))
     scopes = tuple(raw.split()) if isinstance(raw, str) else tuple(s for s in raw if isinstance(s, str))
-    auth_map = {"authenticated": True, "issuer": issuer, "subject": subject, "scopes": list(scopes)}
+    jkt, x5t = confirmation_of(claims)  # as if the proof or certificate had passed
+    auth_map = auth_map_for(issuer, subject, scopes, jkt, x5t)
     expires = claims.get("exp", now + 3600)
     expires_at = float(expires) if isinstance(expires, int | float) else now + 3600
-    return Identity(dict(claims), issuer, subject, scopes, expires_at, auth_map)
+    return Identity(dict(claims), issuer, subject, scopes, expires_at, auth_map, jkt, x5t)
 
 
 def check_request_for(request: Mapping[str, Any]) -> external_auth_pb2.CheckRequest:

@@ -284,6 +284,12 @@ class RedisStore(SessionStore):
                 live.append(session_id)
         return live
 
+    def set_if_absent(self, key: str, ttl_ms: int) -> bool:
+        """`SET key 1 NX PX ttl_ms` (the DPoP replay cache, gateway/session/replay.py): True
+        when this call created the key. One key, so one slot in a cluster."""
+        created = self._round_trip("SET", lambda: self._command("SET", key, b"1", "NX", "PX", ttl_ms))
+        return created is not None
+
     def ping(self) -> None:
         self._round_trip("PING", lambda: self._command("PING"))
 
