@@ -542,11 +542,15 @@ def failures(expect: Expectation, outcome: Outcome) -> list[str]:
     if expect.rule is not None and d.rule != expect.rule:
         found.append(f"expected rule {expect.rule!r}, got {d.rule!r}")
     if expect.headers:
-        headers = {h.header.key.lower(): h.header.value for h in outcome.response.denied_response.headers}
-        headers.update({h.header.key.lower(): h.header.value for h in outcome.response.ok_response.headers})
+        # A header may come more than once (a 401's Bearer and DPoP challenges): any value may match.
+        headers: dict[str, list[str]] = {}
+        for option in (*outcome.response.denied_response.headers, *outcome.response.ok_response.headers):
+            headers.setdefault(option.header.key.lower(), []).append(option.header.value)
         for name, value in expect.headers.items():
-            if headers.get(name) != value:
-                found.append(f"expected header {name}: {value!r}, got {headers.get(name)!r}")
+            got = headers.get(name, [])
+            if value not in got:
+                shown = got[0] if len(got) == 1 else got or None
+                found.append(f"expected header {name}: {value!r}, got {shown!r}")
     if expect.body is not None and outcome.response.denied_response.body != expect.body:
         found.append(f"expected body {expect.body!r}, got {outcome.response.denied_response.body!r}")
     if expect.audit is not None:
