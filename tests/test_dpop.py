@@ -132,6 +132,10 @@ class Stack:
         return http_status(response), self.gateway.last, response
 
 
+def challenges(response: external_auth_pb2.CheckResponse) -> list[str]:
+    return [h.header.value for h in response.denied_response.headers if h.header.key == "www-authenticate"]
+
+
 def _stack(tmp: Path, **dpop: Any) -> Stack:
     idp = TestIssuer("ES256", serve=False)
     jwks = idp.write_jwks(tmp / "jwks.json")
@@ -185,11 +189,11 @@ def test_a_key_bound_token_sent_as_bearer_is_dpop_required(stack: Stack, client_
     token = _bound_token(stack, client_key)
     status, outcome, response = stack.check(token, client_key.proof("POST", URL, token), scheme="Bearer")
     assert (status, outcome.reason) == (401, decision.DPOP_REQUIRED)
-    challenges = [h for h in response.denied_response.headers if h.header.key == "www-authenticate"]
-    assert [h.header.value.split(" ")[0] for h in challenges] == ["Bearer", "DPoP"]
+    options = [h for h in response.denied_response.headers if h.header.key == "www-authenticate"]
+    assert [h.header.value.split(" ")[0] for h in options] == ["Bearer", "DPoP"]
     # The second value is added beside the first, not in its place.
-    assert challenges[1].append_action == base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
-    assert 'algs="ES256 RS256 PS256 EdDSA"' in challenges[1].header.value
+    assert options[1].append_action == base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
+    assert 'algs="ES256 RS256 PS256 EdDSA"' in options[1].header.value
 
 
 def test_the_dpop_scheme_with_an_unbound_token_is_refused(stack: Stack, client_key: DpopKey) -> None:
@@ -203,7 +207,7 @@ def test_a_proof_from_another_key_is_a_key_mismatch(stack: Stack, client_key: Dp
     thief = DpopKey("ES256")
     status, outcome, response = stack.check(token, thief.proof("POST", URL, token))
     assert (status, outcome.reason, outcome.dpop_failure) == (401, decision.DPOP_KEY_MISMATCH, "jkt")
-    dpop = [h.header.value for h in response.denied_response.headers if h.header.key == "www-authenticate"][1]
+    dpop = challenges(response)[1]
     assert dpop.startswith('DPoP realm="authz-gateway", error="invalid_dpop_proof", algs="')
     assert json.loads(response.denied_response.body) == {"error": "invalid_dpop_proof"}
 
@@ -301,7 +305,7 @@ def test_each_bad_proof_is_refused_with_its_own_failure(stack: Stack, client_key
     [
         f"{URL}?query=1",
         f"{URL}#fragment",
-        f"http://MCP.EXAMPLE.test/mcp",
+        "http://MCP.EXAMPLE.test/mcp",
         f"HTTP://{HOST}:80/mcp",
         f"http://{HOST}/./mcp",
     ],
@@ -349,7 +353,7 @@ def test_an_algorithm_not_configured_is_refused(tmp_path: Path) -> None:
         token = _bound_token(stack, key)
         status, outcome, response = stack.check(token, key.proof("POST", URL, token))
         assert (status, outcome.dpop_failure) == (401, "alg")
-        values = [h.header.value for h in response.denied_response.headers if h.header.key == "www-authenticate"]
+        values = challenges(response)
         assert 'algs="ES256"' in values[1]
     finally:
         stack.gateway.stop()
@@ -360,7 +364,7 @@ def test_dpop_required_refuses_bearer_tokens(tmp_path: Path, client_key: DpopKey
     try:
         status, outcome, response = stack.check(stack.idp.token("alice"), None, scheme="Bearer")
         assert (status, outcome.reason) == (401, decision.DPOP_REQUIRED)
-        values = [h.header.value for h in response.denied_response.headers if h.header.key == "www-authenticate"]
+        values = challenges(response)
         assert len(values) == 1 and values[0].startswith("DPoP ")
         token = _bound_token(stack, client_key)
         assert stack.check(token, client_key.proof("POST", URL, token))[0] == 200
@@ -390,8 +394,7 @@ def test_server_nonces_are_checked_without_shared_state(tmp_path: Path, client_k
         assert (status, outcome.reason, outcome.dpop_failure) == (401, decision.DPOP_NONCE_REQUIRED, "nonce")
         headers = {h.header.key: h.header.value for h in response.denied_response.headers}
         nonce = headers["dpop-nonce"]
-        challenges = [h.header.value for h in response.denied_response.headers if h.header.key == "www-authenticate"]
-        assert 'error="use_dpop_nonce"' in challenges[1]
+        assert 'error="use_dpop_nonce"' in challenges(response)[1]
         assert secret not in response.SerializeToString().decode("utf-8", "replace")
         # Another replica that shares only the key accepts the nonce.
         assert second.check(token, client_key.proof("POST", URL, token, nonce=nonce))[0] == 200
@@ -448,4 +451,5 @@ def test_a_certificate_bound_token_needs_that_certificate(stack: Stack) -> None:
         status, outcome, _ = stack.check(token, None, scheme="Bearer", certificate=certificate)
         assert (status, outcome.reason) == (401, decision.CERTIFICATE_MISMATCH), certificate
     # An unbound token does not care about the certificate.
-    assert stack.check(stack.idp.token("alice"), None, scheme="Bearer", certificate=envoy_encoded(other))[0] == 200
+    unbound = stack.idp.token("alice")
+    assert stack.check(unbound, None, scheme="Bearer", certificate=envoy_encoded(other))[0] == 200
