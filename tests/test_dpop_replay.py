@@ -104,7 +104,8 @@ def test_a_full_memory_cache_fails_closed() -> None:
 
 
 def test_redis_down_fails_closed(tmp_path: Path) -> None:
-    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", StoreSettings(ttl=60, idle_timeout=60, timeout=0.2))
+    settings = StoreSettings(ttl=60, idle_timeout=60, timeout=0.2)
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", settings)
     try:
         with pytest.raises(StoreUnavailable):
             RedisReplayCache(store, "x|").first_use("k", 100.0, 0.0)
