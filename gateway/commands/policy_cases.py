@@ -547,9 +547,9 @@ def failures(expect: Expectation, outcome: Outcome) -> list[str]:
         for option in (*outcome.response.denied_response.headers, *outcome.response.ok_response.headers):
             headers.setdefault(option.header.key.lower(), []).append(option.header.value)
         for name, value in expect.headers.items():
-            got = headers.get(name, [])
-            if value not in got:
-                shown = got[0] if len(got) == 1 else got or None
+            values = headers.get(name, [])
+            if value not in values:
+                shown = values[0] if len(values) == 1 else values or None
                 found.append(f"expected header {name}: {value!r}, got {shown!r}")
     if expect.body is not None and outcome.response.denied_response.body != expect.body:
         found.append(f"expected body {expect.body!r}, got {outcome.response.denied_response.body!r}")

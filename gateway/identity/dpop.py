@@ -341,6 +341,7 @@ class ProofVerifier:
         self.nonces = NonceSource(config.nonce_key, config.nonce_lifetime) if config.nonce and \
             config.nonce_key else None
         self._keys: dict[str, ProofKey] = {}
+        self._uris: dict[str, str | None] = {}
         self._keys_lock = threading.Lock()
 
     @property
@@ -356,6 +357,21 @@ class ProofVerifier:
                     self._keys.pop(next(iter(self._keys)), None)
                 self._keys[header_segment] = found
         return found
+
+    def _normalized(self, htu: str) -> str | None:
+        """normalize_uri of a proof's htu, None when it is not one; remembered (a client signs
+        the same few URIs over and over)."""
+        if htu in self._uris:
+            return self._uris[htu]
+        try:
+            normalized: str | None = normalize_uri(htu.partition("#")[0].partition("?")[0])
+        except ValueError:
+            normalized = None
+        with self._keys_lock:
+            if len(self._uris) >= _HEADER_CACHE_SIZE:
+                self._uris.pop(next(iter(self._uris)), None)
+            self._uris[htu] = normalized
+        return normalized
 
     def verify(self, proof: str, *, method: str, uri: str, access_token: str, bound_jkt: str,
                now: float) -> ProofKey:
@@ -396,11 +412,7 @@ class ProofVerifier:
         if claims.get("htm") != method:
             raise ProofMethodMismatch("the proof's htm is not the request method")
         htu = claims.get("htu")
-        try:
-            matches = isinstance(htu, str) and normalize_uri(htu.partition("#")[0].partition("?")[0]) == uri
-        except ValueError:
-            matches = False
-        if not matches:
+        if not isinstance(htu, str) or self._normalized(htu) != uri:
             raise ProofUriMismatch("the proof's htu is not the request URI")
         iat = claims.get("iat")
         if isinstance(iat, bool) or not isinstance(iat, int | float) or not math.isfinite(iat):

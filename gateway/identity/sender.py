@@ -33,6 +33,7 @@ from gateway.identity.verifier import Identity, TokenRejected, TokenVerifier
 
 _CERTIFICATE_CACHE_SIZE = 4096
 _MAX_CERTIFICATE_BYTES = 64 * 1024
+_URI_CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +89,7 @@ class SenderCheck:
         self._proofs = proofs
         self._allow_anonymous = allow_anonymous
         self._thumbprints = CertificateThumbprints()
+        self._uris: dict[tuple[str, str, str], str] = {}  # the request side of htu, by request line
 
     @property
     def proofs(self) -> ProofVerifier:
@@ -116,10 +118,7 @@ class SenderCheck:
             identity = self._verifier.verify(token, now)
             if not identity.jkt:
                 raise ProofKeyMismatch("a DPoP token must be bound to a key (cnf.jkt), and this one is not")
-            try:
-                uri = request_uri(presented.scheme, presented.host, presented.path, self._dpop.public_url)
-            except ValueError:
-                raise ProofUriMismatch("the request URI cannot be built from the request") from None
+            uri = self._request_uri(presented)
             self._proofs.verify(
                 proof, method=presented.method, uri=uri, access_token=token, bound_jkt=identity.jkt, now=now
             )
@@ -135,6 +134,19 @@ class SenderCheck:
                     "the token is bound to a client certificate (cnf x5t#S256) the connection lacks",
                 )
         return identity
+
+    def _request_uri(self, presented: Presentation) -> str:
+        line = (presented.scheme, presented.host, presented.path)
+        uri = self._uris.get(line)
+        if uri is None:
+            try:
+                uri = request_uri(presented.scheme, presented.host, presented.path, self._dpop.public_url)
+            except ValueError:
+                raise ProofUriMismatch("the request URI cannot be built from the request") from None
+            if len(self._uris) >= _URI_CACHE_SIZE:
+                self._uris.clear()
+            self._uris[line] = uri
+        return uri
 
     def _one_proof(self, headers: Mapping[str, str]) -> str:
         proof = headers.get("dpop")
