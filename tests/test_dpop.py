@@ -229,6 +229,7 @@ def _jwe_like() -> str:
 def _bad_proofs(key: DpopKey, token: str) -> dict[str, tuple[str, str]]:
     """name -> (proof, the failure it must be refused with)."""
     rsa_small = DpopKey("RS256", rsa_bits=1024)
+    huge_rsa = {"kty": "RSA", "e": "AQAB", "n": _b64_raw(b"\xc5" + bytes(range(256)) * 4)}  # 8200 bits
     with_private = {**key.public_jwk, "d": "AAAA"}
     secp256k1 = DpopKey("ES256", curve="secp256k1")  # joserfc makes the key; the proof names ES256
     x25519 = {"kty": "OKP", "crv": "X25519", "x": key.public_jwk["x"]}
@@ -253,6 +254,9 @@ def _bad_proofs(key: DpopKey, token: str) -> dict[str, tuple[str, str]]:
         "curve secp256k1": (key.proof("POST", URL, token, header={"jwk": secp256k1.public_jwk}), "jwk"),
         "curve X25519": (key.proof("POST", URL, token, header={"jwk": x25519}), "jwk"),
         "RSA 1024": (rsa_small.proof("POST", URL, token), "jwk"),
+        "RSA of 8200 bits": (
+            f"{_b64({'typ': 'dpop+jwt', 'alg': 'RS256', 'jwk': huge_rsa})}.{payload}.{signature}", "jwk"
+        ),
         "jwk of another type than alg": (
             f"{_b64({'typ': 'dpop+jwt', 'alg': 'RS256', 'jwk': key.public_jwk})}.{payload}.{signature}", "jwk"
         ),
@@ -276,6 +280,18 @@ def _bad_proofs(key: DpopKey, token: str) -> dict[str, tuple[str, str]]:
         "ath of another token": (key.proof("POST", URL, "another-token"), "ath"),
         "ath with a NUL": (key.proof("POST", URL, None, claims={"ath": "\u0000"}), "ath"),
         "payload not an object": (f"{header}.{_b64_raw(b'[1]')}.{signature}", "signature"),
+        "header nested deep": (f"{_b64_raw(b'[' * 5000)}.{payload}.{signature}", "typ"),
+        "header not JSON": (f"{_b64_raw(b'{nope')}.{payload}.{signature}", "typ"),
+        "header a list": (f"{_b64_raw(b'[1]')}.{payload}.{signature}", "typ"),
+        "header not base64": (f"!!.{payload}.{signature}", "typ"),
+        "payload nested deep": (key.proof("POST", URL, token, raw_payload="[" * 5000 + "]" * 5000), "typ"),
+        "jwk members of the wrong type": (
+            key.proof("POST", URL, token, header={"jwk": {**key.public_jwk, "x": 5}}), "jwk"
+        ),
+        "typ not a string": (
+            f"{_b64({'typ': ['dpop+jwt'], 'alg': 'ES256', 'jwk': key.public_jwk})}.{payload}.{signature}",
+            "typ",
+        ),
     }
 
 

@@ -37,6 +37,7 @@ from gateway.identity.verifier import TokenRejected
 
 DPOP_TYPE = "dpop+jwt"
 MIN_RSA_BITS = 2048
+MAX_RSA_BITS = 8192
 _HEADER_CACHE_SIZE = 10_000
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 _CURVES_OF_ALG = {
@@ -296,7 +297,7 @@ class ProofKey:
 def _proof_key(header_segment: str, algorithms: frozenset[str]) -> ProofKey:
     try:
         header = json.loads(b64url_decode(header_segment))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than the parser goes
         raise InvalidProofType("the proof header is not base64url JSON") from None
     if not isinstance(header, dict):
         raise InvalidProofType("the proof header is not a JSON object")
@@ -325,8 +326,9 @@ def _proof_key(header_segment: str, algorithms: frozenset[str]) -> ProofKey:
         jkt = jwk_thumbprint(jwk)
     except (InvalidKeyError, PyJWKError, ValueError, TypeError, KeyError, OverflowError):
         raise InvalidProofKey("the proof's jwk is not a usable public key") from None
-    if kty == "RSA" and key.key_size < MIN_RSA_BITS:
-        raise InvalidProofKey(f"the proof's RSA key is shorter than {MIN_RSA_BITS} bits")
+    if kty == "RSA" and not MIN_RSA_BITS <= key.key_size <= MAX_RSA_BITS:
+        # Longer keys prove nothing more and make every verification slower (a cheap way to load us).
+        raise InvalidProofKey(f"the proof's RSA key is not {MIN_RSA_BITS} to {MAX_RSA_BITS} bits long")
     return ProofKey(alg, key, jkt)
 
 
@@ -399,7 +401,7 @@ class ProofVerifier:
             raise InvalidProofSignature("the proof's signature does not verify with its jwk")
         try:
             claims = json.loads(payload_bytes)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise InvalidProofType("the proof's payload is not JSON") from None
         if not isinstance(claims, dict):
             raise InvalidProofType("the proof's payload is not a JSON object")

@@ -57,6 +57,7 @@ class DpopKey:
         header: dict[str, Any] | None = None,
         claims: dict[str, Any] | None = None,
         omit: tuple[str, ...] = (),
+        raw_payload: str | None = None,
     ) -> str:
         protected: dict[str, Any] = {"typ": "dpop+jwt", "alg": self.alg, "jwk": self.public_jwk}
         protected.update(header or {})
@@ -76,6 +77,5 @@ class DpopKey:
             protected.pop(name, None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return str(
-                jws.serialize_compact(protected, json.dumps(payload), self.key, algorithms=ALL_ALGORITHMS)
-            )
+            body = raw_payload or json.dumps(payload)
+            return str(jws.serialize_compact(protected, body, self.key, algorithms=ALL_ALGORITHMS))
