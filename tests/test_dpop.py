@@ -469,3 +469,32 @@ def test_a_certificate_bound_token_needs_that_certificate(stack: Stack) -> None:
     # An unbound token does not care about the certificate.
     unbound = stack.idp.token("alice")
     assert stack.check(unbound, None, scheme="Bearer", certificate=envoy_encoded(other))[0] == 200
+
+
+def test_policies_never_see_the_proof_and_read_the_confirmation(tmp_path: Path, client_key: DpopKey) -> None:
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "10-confirmation.yaml").write_text(
+        """
+name: confirmation
+rules:
+  - name: no-proof-in-headers
+    allow: '!("dpop" in request.headers) && !("authorization" in request.headers)'
+    deny: { status: 403, reason: proof_visible }
+  - name: dpop-only
+    allow: auth.confirmation == "dpop" && auth.jkt != "" && auth.x5t == ""
+    deny: { status: 403, reason: not_dpop }
+"""
+    )
+    idp = TestIssuer("ES256", serve=False)
+    jwks = idp.write_jwks(tmp_path / "jwks.json")
+    gateway = InProcessGateway(
+        {"auth": {"issuers": [idp.issuer_config(jwks_file=jwks)]}, "policies": str(tmp_path / "policies")}
+    )
+    stack = Stack(gateway, idp)
+    try:
+        token = _bound_token(stack, client_key)
+        assert stack.check(token, client_key.proof("POST", URL, token))[0] == 200
+        status, outcome, _ = stack.check(idp.token("alice"), None, scheme="Bearer")
+        assert (status, outcome.reason) == (403, "not_dpop")
+    finally:
+        gateway.stop()
