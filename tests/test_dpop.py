@@ -498,3 +498,44 @@ rules:
         assert (status, outcome.reason) == (403, "not_dpop")
     finally:
         gateway.stop()
+
+
+@pytest.mark.parametrize(
+    ("dpop", "complaint"),
+    [
+        ({"algorithms": ["HS256"]}, "auth.dpop.algorithms: algorithm 'HS256' is not allowed"),
+        ({"algorithms": []}, "auth.dpop.algorithms: must name at least one"),
+        ({"max_age": "0s"}, "auth.dpop.max_age: must be a finite duration longer than 0s"),
+        ({"max_proof_bytes": 10}, "auth.dpop.max_proof_bytes"),
+        ({"nonce": True}, "auth.dpop.nonce_key: nonce: true needs nonce_key"),
+        ({"nonce": True, "nonce_key": "short-secret-value"}, "at least 32 bytes"),
+        ({"nonce_key": "k" * 40}, "auth.dpop.nonce_key: has no effect without nonce: true"),
+        ({"public_url": "ftp://x.example"}, "auth.dpop.public_url: must be an http(s) URL"),
+        ({"public_url": "https://u:p@x.example"}, "auth.dpop.public_url: must not carry user information"),
+        ({"public_url": "https://x.example/?q=1"}, "auth.dpop.public_url: must be an http(s) URL"),
+        ({"required": "yes"}, "auth.dpop.required"),
+        ({"algorithm": ["ES256"]}, "auth.dpop: unknown key 'algorithm'"),
+    ],
+)
+def test_dpop_config_errors(dpop: dict[str, Any], complaint: str) -> None:
+    from gateway.config import ConfigError, config_from_mapping
+
+    with pytest.raises(ConfigError) as error:
+        config_from_mapping({"auth": {"dpop": dpop}}, "gateway.yaml")
+    assert complaint in str(error.value)
+    if "nonce_key" in dpop:  # the secret is never repeated
+        assert dpop["nonce_key"] not in str(error.value)
+
+
+def test_dpop_config_defaults_and_values() -> None:
+    from gateway.config import config_from_mapping
+
+    assert config_from_mapping({}).auth.dpop == DpopConfig()
+    dpop = config_from_mapping(
+        {"auth": {"dpop": {"algorithms": "ES256", "max_age": "30s", "required": True, "nonce": True,
+                           "nonce_key": "k" * 32, "public_url": "https://api.example.test"}}}
+    ).auth.dpop
+    assert (dpop.algorithms, dpop.max_age, dpop.required, dpop.public_url) == (
+        ("ES256",), 30.0, True, "https://api.example.test"
+    )
+    assert "k" * 32 not in repr(dpop)
