@@ -170,6 +170,22 @@ def test_a_proof_of_each_default_algorithm_passes(stack: Stack, alg: Any) -> Non
     assert (status, outcome.reason) == (200, decision.ALLOWED)
 
 
+def test_every_asymmetric_algorithm_when_configured(tmp_path: Path) -> None:
+    algorithms = ["ES256", "ES384", "ES512", "RS384", "RS512", "PS384", "PS512"]
+    stack = _stack(tmp_path, algorithms=algorithms)
+    try:
+        for alg in algorithms:
+            key = DpopKey(alg)
+            token = _bound_token(stack, key)
+            assert stack.check(token, key.proof("POST", URL, token))[0] == 200, alg
+            # A signature of the right length but from another key of the same curve does not verify.
+            header, payload, _ = key.proof("POST", URL, token).split(".")
+            other = DpopKey(alg).proof("POST", URL, token).split(".")[2]
+            assert stack.check(token, f"{header}.{payload}.{other}")[1].dpop_failure == "signature", alg
+    finally:
+        stack.gateway.stop()
+
+
 def test_a_replayed_proof_is_refused(stack: Stack, client_key: DpopKey) -> None:
     token = _bound_token(stack, client_key)
     proof = client_key.proof("POST", URL, token)

@@ -28,6 +28,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import SplitResult, urlsplit
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from jwt.algorithms import get_default_algorithms
 from jwt.exceptions import InvalidKeyError, PyJWKError
 
@@ -54,6 +58,12 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
 _ALGORITHMS = get_default_algorithms()
+# ECDSA with its hash, and the byte length of r and of s (RFC 7518 §3.4).
+_ECDSA = {
+    "ES256": (ec.ECDSA(hashes.SHA256()), 32),
+    "ES384": (ec.ECDSA(hashes.SHA384()), 48),
+    "ES512": (ec.ECDSA(hashes.SHA512()), 66),
+}
 
 
 # ---------------------------------------------------------------------------- exceptions
@@ -332,6 +342,26 @@ def _proof_key(header_segment: str, algorithms: frozenset[str]) -> ProofKey:
     return ProofKey(alg, key, jkt)
 
 
+def _signature_verifies(key: ProofKey, signing_input: bytes, signature: bytes) -> bool:
+    ecdsa = _ECDSA.get(key.alg)
+    if ecdsa is None:
+        try:
+            return bool(_ALGORITHMS[key.alg].verify(signing_input, key.key, signature))
+        except (ValueError, TypeError):
+            return False
+    # ES*, the common case, straight to cryptography: r || s (RFC 7518 §3.4) as DER.
+    hash_algorithm, size = ecdsa
+    if len(signature) != 2 * size:
+        return False
+    r, s = int.from_bytes(signature[:size], "big"), int.from_bytes(signature[size:], "big")
+    der = encode_dss_signature(r, s)
+    try:
+        key.key.verify(der, signing_input, hash_algorithm)
+    except InvalidSignature:
+        return False
+    return True
+
+
 class ProofVerifier:
     """Checks a DPoP proof against the request and the access token it comes with (§4.3)."""
 
@@ -393,11 +423,7 @@ class ProofVerifier:
         except ValueError:
             raise InvalidProofSignature("the proof's payload or signature is not base64url") from None
         signing_input = f"{header_segment}.{payload_segment}".encode("ascii")
-        try:
-            valid = _ALGORITHMS[key.alg].verify(signing_input, key.key, signature)
-        except (ValueError, TypeError):
-            valid = False
-        if not valid:
+        if not _signature_verifies(key, signing_input, signature):
             raise InvalidProofSignature("the proof's signature does not verify with its jwk")
         try:
             claims = json.loads(payload_bytes)
