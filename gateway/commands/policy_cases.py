@@ -32,7 +32,7 @@ from gateway.config import AuthConfig, SessionConfig
 from gateway.decision import Decision
 from gateway.envoy_api.envoy.config.core.v3 import address_pb2
 from gateway.envoy_api.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
-from gateway.identity.verifier import Identity, TokenVerifier, auth_map_for, confirmation_of
+from gateway.identity.verifier import Identity, TokenRejected, TokenVerifier, auth_map_for, confirmation_of
 from gateway.pipeline import UPSTREAM_HEADERS, Authorizer, PolicyHolder
 from gateway.policy.evaluate import Tracer
 from gateway.policy.loader import TEST_SUFFIXES
@@ -510,7 +510,10 @@ class CaseRunner:
         if case.claims is not None and not safe_value(case.claims):
             # As the verifier refuses such a token: no NUL or lone surrogate reaches an engine.
             return decision.deny(decision.TOKEN_INVALID, error="a claim holds a NUL or a lone surrogate")
-        identity = identity_from_claims(case.claims, case.now) if case.claims is not None else None
+        try:
+            identity = identity_from_claims(case.claims, case.now) if case.claims is not None else None
+        except TokenRejected as rejected:  # a `cnf` the verifier would refuse
+            return decision.deny(rejected.reason, error=str(rejected))
         return authorizer.check_identity(context, identity, case.now, trace)
 
 
