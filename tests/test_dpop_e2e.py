@@ -162,6 +162,34 @@ def test_a_dpop_session_keeps_across_a_refresh_and_refuses_replay_and_theft(dpop
     assert call(refreshed, key.proof("POST", url, refreshed)).status == 200
 
 
+def test_a_server_nonce_reaches_the_client_through_envoy(tmp_path: Path) -> None:
+    idp = TestIssuer("ES256", serve=False)
+    jwks = idp.write_jwks(tmp_path / "jwks.json")
+    auth = {"issuers": [idp.issuer_config(jwks_file=jwks)], "dpop": {"nonce": True, "nonce_key": "s" * 48}}
+    upstream = RecordingUpstream()
+    gateway = GatewayProcess({"auth": auth}, tmp_path)
+    envoy: EnvoyProcess | None = None
+    try:
+        envoy, port = start_envoy(
+            tmp_path, [gateway.port], upstream.port, extra={"port_value: 4317": f"port_value: {free_port()}"}
+        )
+        stack = DpopStack(idp, gateway, envoy, upstream, port)
+        key = DpopKey("ES256")
+        token = idp.token("alice", cnf={"jkt": key.jkt})
+        first = stack.request({"authorization": f"DPoP {token}", "dpop": key.proof("POST", stack.url, token)})
+        assert first.status == 401 and json.loads(first.body) == {"error": "use_dpop_nonce"}
+        (nonce,) = first.values("dpop-nonce")
+        assert 'error="use_dpop_nonce"' in first.values("www-authenticate")[1]
+        proof = key.proof("POST", stack.url, token, nonce=nonce)
+        assert stack.request({"authorization": f"DPoP {token}", "dpop": proof}).status == 200
+        assert "s" * 48 not in gateway.log_text()
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        gateway.stop()
+        upstream.stop()
+
+
 # ---------------------------------------------------------------------------- mTLS
 
 
