@@ -367,6 +367,12 @@ def test_two_dpop_headers_or_an_oversized_proof_are_refused(stack: Stack, client
     assert stack.check(token, one)[0] == 200
 
 
+def test_a_proof_with_a_nul_is_refused_before_judging(stack: Stack, client_key: DpopKey) -> None:
+    token = _bound_token(stack, client_key)
+    status, outcome, _ = stack.check(token, client_key.proof("POST", URL, token) + "\x00")
+    assert (status, outcome.reason) == (400, decision.REQUEST_INVALID)
+
+
 def test_the_default_proof_size_limit(tmp_path: Path, client_key: DpopKey) -> None:
     stack = _stack(tmp_path)
     try:
@@ -482,6 +488,11 @@ def test_a_certificate_bound_token_needs_that_certificate(stack: Stack) -> None:
     for certificate in (envoy_encoded(other), None, "not%20a%20certificate", "%ff%fe"):
         status, outcome, _ = stack.check(token, None, scheme="Bearer", certificate=certificate)
         assert (status, outcome.reason) == (401, decision.CERTIFICATE_MISMATCH), certificate
+    # Envoy may send a chain: the peer's own certificate comes first.
+    chain = envoy_encoded(mine) + envoy_encoded(other)
+    assert stack.check(token, None, scheme="Bearer", certificate=chain)[0] == 200
+    oversized = stack.check(token, None, scheme="Bearer", certificate="A" * 70_000)
+    assert oversized[1].reason == decision.CERTIFICATE_MISMATCH
     # An unbound token does not care about the certificate.
     unbound = stack.idp.token("alice")
     assert stack.check(unbound, None, scheme="Bearer", certificate=envoy_encoded(other))[0] == 200
