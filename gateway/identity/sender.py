@@ -53,17 +53,21 @@ class CertificateThumbprints:
     client's connection sends the same certificate on every request)."""
 
     def __init__(self) -> None:
-        self._known: dict[str, str | None] = {}
+        self._known: dict[bytes, str | None] = {}
         self._lock = threading.Lock()
 
     def __call__(self, encoded_pem: str) -> str | None:
-        if encoded_pem in self._known:
-            return self._known[encoded_pem]
+        if not encoded_pem or len(encoded_pem) > _MAX_CERTIFICATE_BYTES:
+            return None
+        # Keyed by a digest, so that the cache holds 32 bytes per certificate, not its text.
+        digest = hashlib.sha256(encoded_pem.encode("utf-8", "surrogatepass")).digest()
+        if digest in self._known:
+            return self._known[digest]
         thumbprint = _thumbprint(encoded_pem)
         with self._lock:
             if len(self._known) >= _CERTIFICATE_CACHE_SIZE:
                 self._known.pop(next(iter(self._known)), None)
-            self._known[encoded_pem] = thumbprint
+            self._known[digest] = thumbprint
         return thumbprint
 
 
