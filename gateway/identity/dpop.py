@@ -8,7 +8,7 @@ cache that makes a `jti` single-use across replicas is handed in as an interface
 (`ReplayCache`) and implemented beside the session store (gateway/session/replay.py).
 
 The proof's header (typ, alg, jwk) is the same for every proof a client sends, so the key it
-yields is remembered by the header's bytes: a repeated header costs no JSON parse, key
+yields is remembered by a digest of the header's bytes: a repeated header costs no JSON parse, key
 construction or thumbprint. The signature is verified per proof; nothing about a proof's
 payload is ever cached.
 """
@@ -43,6 +43,7 @@ DPOP_TYPE = "dpop+jwt"
 MIN_RSA_BITS = 2048
 MAX_RSA_BITS = 8192
 _HEADER_CACHE_SIZE = 10_000
+_MAX_REMEMBERED_URI = 512
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 _TO_STANDARD_ALPHABET = str.maketrans("-_", "+/")
 _CURVES_OF_ALG = {
@@ -374,9 +375,8 @@ class ProofVerifier:
         self._replay = replay
         self.nonces = NonceSource(config.nonce_key, config.nonce_lifetime) if config.nonce and \
             config.nonce_key else None
-        self._keys: dict[str, ProofKey] = {}
+        self._keys: dict[bytes, ProofKey] = {}
         self._uris: dict[str, str | None] = {}
-        self._token_hashes: dict[str, bytes] = {}
         self._keys_lock = threading.Lock()
 
     @property
@@ -384,23 +384,15 @@ class ProofVerifier:
         return self._config.algorithms
 
     def proof_key(self, header_segment: str) -> ProofKey:
-        found = self._keys.get(header_segment)
+        # Keyed by a digest: the cache holds 32 bytes per header, however large the header.
+        digest = hashlib.sha256(header_segment.encode("utf-8", "surrogatepass")).digest()
+        found = self._keys.get(digest)
         if found is None:
             found = _proof_key(header_segment, self._algorithms)
             with self._keys_lock:
                 if len(self._keys) >= _HEADER_CACHE_SIZE:
                     self._keys.pop(next(iter(self._keys)), None)
-                self._keys[header_segment] = found
-        return found
-
-    def _token_hash(self, token: str) -> bytes:
-        """access_token_hash, remembered: a client sends the same token with many proofs."""
-        found = self._token_hashes.get(token)
-        if found is None:
-            found = access_token_hash(token).encode()
-            if len(self._token_hashes) >= _HEADER_CACHE_SIZE:
-                self._token_hashes.clear()
-            self._token_hashes[token] = found
+                self._keys[digest] = found
         return found
 
     def _normalized(self, htu: str) -> str | None:
@@ -412,6 +404,8 @@ class ProofVerifier:
             normalized: str | None = normalize_uri(htu.partition("#")[0].partition("?")[0])
         except ValueError:
             normalized = None
+        if len(htu) > _MAX_REMEMBERED_URI:  # not kept: the cache stays small whatever clients sign
+            return normalized
         with self._keys_lock:
             if len(self._uris) >= _HEADER_CACHE_SIZE:
                 self._uris.pop(next(iter(self._uris)), None)
@@ -467,7 +461,7 @@ class ProofVerifier:
             raise InvalidProofId("the proof's jti is missing, not a string, or over auth.dpop.max_jti_length")
         ath = claims.get("ath")
         if not isinstance(ath, str) or not hmac.compare_digest(
-            ath.encode("utf-8", "surrogatepass"), self._token_hash(access_token)
+            ath.encode("utf-8", "surrogatepass"), access_token_hash(access_token).encode()
         ):
             raise AccessTokenHashMismatch("the proof's ath is missing or is not the hash of the access token")
         if not hmac.compare_digest(key.jkt.encode(), bound_jkt.encode("utf-8", "surrogatepass")):
