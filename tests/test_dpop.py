@@ -289,6 +289,12 @@ def _bad_proofs(key: DpopKey, token: str) -> dict[str, tuple[str, str]]:
         "iat too old": (key.proof("POST", URL, token, iat=time.time() - 120), "iat"),
         "iat a string": (key.proof("POST", URL, token, claims={"iat": "now"}), "iat"),
         "iat true": (key.proof("POST", URL, token, claims={"iat": True}), "iat"),
+        "iat beyond a float": (key.proof("POST", URL, token, claims={"iat": 10**400}), "iat"),
+        "iat NaN": (key.proof("POST", URL, token, raw_payload=_nan_payload(token)), "iat"),
+        "crv a list": (key.proof("POST", URL, token, header={"jwk": {**key.public_jwk, "crv": ["P-256"]}}),
+                       "jwk"),
+        "kty a list": (key.proof("POST", URL, token, header={"jwk": {**key.public_jwk, "kty": ["EC"]}}),
+                       "jwk"),
         "jti of 10 KB": (key.proof("POST", URL, token, jti="j" * 10_240), "jti"),
         "no jti": (key.proof("POST", URL, token, omit=("jti",)), "jti"),
         "jti a number": (key.proof("POST", URL, token, claims={"jti": 12345}), "jti"),
@@ -309,6 +315,11 @@ def _bad_proofs(key: DpopKey, token: str) -> dict[str, tuple[str, str]]:
             "typ",
         ),
     }
+
+
+def _nan_payload(token: str) -> str:
+    claims = {"jti": "nan-iat", "htm": "POST", "htu": URL, "ath": ath_of(token)}
+    return json.dumps(claims)[:-1] + ', "iat": NaN}'
 
 
 def _b64(value: Any) -> str:

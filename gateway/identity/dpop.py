@@ -332,7 +332,8 @@ def _proof_key(header_segment: str, algorithms: frozenset[str]) -> ProofKey:
             raise InvalidProofKey("the proof's jwk does not fit its alg")
     else:
         expected_kty, curves = _CURVES_OF_ALG[alg]
-        if kty != expected_kty or jwk.get("crv") not in curves:
+        crv = jwk.get("crv")
+        if kty != expected_kty or not isinstance(crv, str) or crv not in curves:
             raise InvalidProofKey("the proof's jwk type or curve is not supported for its alg")
     try:
         key = _ALGORITHMS[alg].from_jwk(jwk)
@@ -343,6 +344,16 @@ def _proof_key(header_segment: str, algorithms: frozenset[str]) -> ProofKey:
         # Longer keys prove nothing more and make every verification slower (a cheap way to load us).
         raise InvalidProofKey(f"the proof's RSA key is not {MIN_RSA_BITS} to {MAX_RSA_BITS} bits long")
     return ProofKey(alg, key, jkt)
+
+
+def _finite_number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)  # an int beyond the float range overflows
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _signature_verifies(key: ProofKey, signing_input: bytes, signature: bytes) -> bool:
@@ -449,9 +460,9 @@ class ProofVerifier:
         htu = claims.get("htu")
         if not isinstance(htu, str) or self._normalized(htu) != uri:
             raise ProofUriMismatch("the proof's htu is not the request URI")
-        iat = claims.get("iat")
-        if isinstance(iat, bool) or not isinstance(iat, int | float) or not math.isfinite(iat):
-            raise ProofTimeInvalid("the proof's iat is not a number")
+        iat = _finite_number(claims.get("iat"))
+        if iat is None:
+            raise ProofTimeInvalid("the proof's iat is not a finite number")
         if iat > now + self._leeway:
             raise ProofTimeInvalid("the proof was issued in the future (iat)")
         if iat < now - self._config.max_age - self._leeway:
@@ -471,6 +482,6 @@ class ProofVerifier:
         # Last: only a proof that passed everything else uses up its jti. Keyed by the key as well,
         # so that nobody can use up the jti of another client's proof.
         digest = hashlib.sha256(f"{key.jkt}\n{jti}".encode("utf-8", "surrogatepass")).hexdigest()
-        expires_at = float(iat) + self._config.max_age + self._leeway + 1.0
+        expires_at = iat + self._config.max_age + self._leeway + 1.0
         if not self._replay.first_use(digest, max(expires_at, now + 1.0), now):
             raise ProofReplayed("the proof's jti was used before")
