@@ -190,6 +190,42 @@ def test_a_server_nonce_reaches_the_client_through_envoy(tmp_path: Path) -> None
         upstream.stop()
 
 
+def test_spans_name_the_failed_check_and_never_hold_the_proof_or_token(tmp_path: Path) -> None:
+    from tests.support.checks import CheckClient, check_request
+    from tests.support.otlp import OtlpReceiver
+
+    receiver = OtlpReceiver()
+    idp = TestIssuer("ES256", serve=False)
+    jwks = idp.write_jwks(tmp_path / "jwks.json")
+    gateway = GatewayProcess(
+        {"auth": {"issuers": [idp.issuer_config(jwks_file=jwks)]}}, tmp_path, env=receiver.exporter_env()
+    )
+    client = CheckClient(gateway.address)
+    try:
+        key = DpopKey("ES256")
+        token = idp.token("alice", cnf={"jkt": key.jkt})
+        url = "http://mcp.example.test/mcp"
+        proofs = {"htm": key.proof("GET", url, token), "ath": key.proof("POST", url, None)}
+        good = key.proof("POST", url, token)
+        sent = [*proofs.values(), good, good]  # the last one is a replay
+        for proof in sent:
+            headers = {"authorization": f"DPoP {token}", "dpop": proof}
+            client.check(check_request(host="mcp.example.test", headers=headers))
+        for failure in ("htm", "ath", "jti"):
+            span = receiver.wait_for_span(lambda s, f=failure: s.attributes.get("authz.dpop.failure") == f)
+            assert span.attributes["http.response.status_code"] == 401
+        replayed = receiver.wait_for_span(lambda s: s.attributes.get("authz.dpop.failure") == "jti")
+        assert replayed.attributes["authz.reason"] == "dpop_proof_replayed"
+        exported = receiver.all_bytes()
+        for secret in (token, *sent, token.split(".")[2], good.split(".")[2]):
+            assert secret.encode() not in exported
+            assert secret not in gateway.log_text()
+    finally:
+        client.close()
+        gateway.stop()
+        receiver.stop()
+
+
 # ---------------------------------------------------------------------------- mTLS
 
 
