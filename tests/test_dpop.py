@@ -499,6 +499,11 @@ def test_a_certificate_bound_token_needs_that_certificate(stack: Stack) -> None:
     for certificate in (envoy_encoded(other), None, "not%20a%20certificate", "%ff%fe"):
         status, outcome, _ = stack.check(token, None, scheme="Bearer", certificate=certificate)
         assert (status, outcome.reason) == (401, decision.CERTIFICATE_MISMATCH), certificate
+    # A thumbprint that is not ASCII can never match, and is no crash.
+    odd = stack.idp.token("alice", cnf={"x5t#S256": "é" + x5t_s256(mine)[1:]})
+    assert stack.check(odd, None, scheme="Bearer", certificate=envoy_encoded(mine))[1].reason == (
+        decision.CERTIFICATE_MISMATCH
+    )
     # Envoy may send a chain: the peer's own certificate comes first.
     chain = envoy_encoded(mine) + envoy_encoded(other)
     assert stack.check(token, None, scheme="Bearer", certificate=chain)[0] == 200

@@ -34,6 +34,7 @@ from gateway.identity.verifier import Identity, TokenRejected, TokenVerifier
 _CERTIFICATE_CACHE_SIZE = 4096
 _MAX_CERTIFICATE_BYTES = 64 * 1024
 _URI_CACHE_SIZE = 4096
+_MAX_REMEMBERED_LINE = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +133,8 @@ class SenderCheck:
             raise TokenRejected(decision.TOKEN_INVALID, message)
         if identity.x5t:
             presented_x5t = self._thumbprints(presented.client_certificate)
-            if presented_x5t is None or not hmac.compare_digest(presented_x5t, identity.x5t):
+            bound = identity.x5t.encode("utf-8", "surrogatepass")
+            if presented_x5t is None or not hmac.compare_digest(presented_x5t.encode(), bound):
                 raise TokenRejected(
                     decision.CERTIFICATE_MISMATCH,
                     "the token is bound to a client certificate (cnf x5t#S256) the connection lacks",
@@ -147,9 +149,10 @@ class SenderCheck:
                 uri = request_uri(presented.scheme, presented.host, presented.path, self._dpop.public_url)
             except ValueError:
                 raise ProofUriMismatch("the request URI cannot be built from the request") from None
-            if len(self._uris) >= _URI_CACHE_SIZE:
-                self._uris.clear()
-            self._uris[line] = uri
+            if len(presented.host) + len(presented.path) <= _MAX_REMEMBERED_LINE:  # small, whatever is sent
+                if len(self._uris) >= _URI_CACHE_SIZE:
+                    self._uris.clear()
+                self._uris[line] = uri
         return uri
 
     def _one_proof(self, headers: Mapping[str, str]) -> str:
