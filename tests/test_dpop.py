@@ -582,3 +582,45 @@ def test_dpop_config_defaults_and_values() -> None:
         ("ES256",), 30.0, True, "https://api.example.test"
     )
     assert "k" * 32 not in repr(dpop)
+
+
+# ---------------------------------------------------------------------------- fuzzing
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from gateway.identity.dpop import DpopRejected  # noqa: E402
+
+_FUZZ_KEY = DpopKey("ES256")
+_FUZZ_PROOF = _FUZZ_KEY.proof("POST", URL, "tok")
+_JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    header=st.dictionaries(st.sampled_from(["typ", "alg", "jwk", "crit", "kid"]), _JSONISH, max_size=5),
+    jwk=st.dictionaries(st.sampled_from(["kty", "crv", "x", "y", "n", "e", "d"]), _JSONISH, max_size=6),
+    payload=st.dictionaries(
+        st.sampled_from(["htm", "htu", "iat", "jti", "ath", "nonce"]), _JSONISH, max_size=6
+    ),
+    raw=st.text(max_size=60),
+)
+def test_no_proof_is_accepted_or_crashes(
+    header: dict[str, Any], jwk: dict[str, Any], payload: dict[str, Any], raw: str
+) -> None:
+    """Random headers, keys and claims under a real signature segment, and random text: each is
+    refused with a DPoP failure, never accepted, never another exception."""
+    proofs = ProofVerifier(DpopConfig(), 5.0, MemoryReplayCache())
+    signature = _FUZZ_PROOF.split(".")[2]
+    forged = f"{_b64({**header, 'jwk': jwk} if jwk else header)}.{_b64(payload)}.{signature}"
+    for proof in (forged, raw, f"{_FUZZ_PROOF.split('.')[0]}.{_b64(payload)}.{signature}"):
+        with pytest.raises(DpopRejected) as refused:
+            proofs.verify(proof, method="POST", uri=normalize_uri(URL), access_token="tok",
+                          bound_jkt=_FUZZ_KEY.jkt, now=time.time())
+        assert refused.value.failure in {"typ", "alg", "jwk", "signature", "htm", "htu", "iat", "jti", "ath",
+                                         "jkt", "nonce"}
