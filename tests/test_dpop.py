@@ -618,7 +618,8 @@ def test_no_proof_is_accepted_or_crashes(
     proofs = ProofVerifier(DpopConfig(), 5.0, MemoryReplayCache())
     signature = _FUZZ_PROOF.split(".")[2]
     forged = f"{_b64({**header, 'jwk': jwk} if jwk else header)}.{_b64(payload)}.{signature}"
-    for proof in (forged, raw, f"{_FUZZ_PROOF.split('.')[0]}.{_b64(payload)}.{signature}"):
+    signed = _FUZZ_KEY.proof("POST", URL, raw_payload=json.dumps(payload))  # past the signature check
+    for proof in (forged, raw, f"{_FUZZ_PROOF.split('.')[0]}.{_b64(payload)}.{signature}", signed):
         with pytest.raises(DpopRejected) as refused:
             proofs.verify(proof, method="POST", uri=normalize_uri(URL), access_token="tok",
                           bound_jkt=_FUZZ_KEY.jkt, now=time.time())
