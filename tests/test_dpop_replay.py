@@ -150,3 +150,27 @@ def test_a_thousand_proofs_replayed_across_two_replicas_are_each_accepted_once(
     finally:
         for replica in replicas:
             replica.stop()
+
+
+def test_two_sqlite_stores_on_one_file_share_the_cache(tmp_path: Path) -> None:
+    """As two worker processes would: two stores (own connections) on one database file."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    patient = StoreSettings(ttl=3600, idle_timeout=600, timeout=10.0)  # no refusal for a slow machine
+    stores = [SQLiteStore(url, patient), SQLiteStore(url, patient)]
+    try:
+        caches = [SQLiteReplayCache(store) for store in stores]
+        lock = threading.Lock()
+        firsts: Counter[str] = Counter()
+
+        def use(item: tuple[int, int]) -> None:
+            key, which = item
+            if caches[which].first_use(f"proof-{key}", 2000.0, 1000.0):
+                with lock:
+                    firsts[f"proof-{key}"] += 1
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(use, [(k, w) for k in range(300) for w in (0, 1)]))
+        assert sorted(firsts.values()) == [1] * 300
+    finally:
+        for store in stores:
+            store.close()
