@@ -21,6 +21,7 @@ from gateway.response import ResponseBuilder
 from gateway.server import CheckService, DecisionListener, build_server, set_serving
 from gateway.session import display_url, open_store
 from gateway.session.health import HealthTrackedStore, StoreHealth
+from gateway.session.replay import replay_cache_for
 from gateway.session.store import SessionStore, StoreSettings
 from gateway.telemetry import metrics
 from gateway.telemetry.admin import AdminServer, start_admin
@@ -72,7 +73,9 @@ class Gateway:
         # Store timings cost a few µs per check: only measure when something collects metrics.
         collecting = self.telemetry.meter_provider is not None
         measured = instrument_store(tracked, config.store) if collecting else tracked
-        self.authorizer = Authorizer(config.auth, config.session, self.verifier, measured, self.policies)
+        self.authorizer = Authorizer(
+            config.auth, config.session, self.verifier, measured, self.policies, replay_cache_for(store)
+        )
         kind = store_kind(config.store)
         self._unwatch_sessions = metrics.watch_live_sessions(kind, self.store.live_count)
         self._unwatch_store_up = metrics.watch_store_up(kind, lambda: self.store_health.up)

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 from gateway.yaml_reader import Kind, YamlError, load, locate, wrong_type
 
@@ -27,6 +28,9 @@ DEFAULT_TOKEN_TYPES = ("", "JWT", "at+jwt")
 _TOKEN_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]+(/[A-Za-z0-9!#$&^_.+-]+)?")
 # A DPoP proof (RFC 9449) is never an access token, whatever the configuration says.
 DPOP_PROOF_TYPE = "application/dpop+jwt"
+# RFC 9449 §4.3: asymmetric algorithms only; these are what the proof's `alg` may be by default.
+DEFAULT_DPOP_ALGORITHMS = ("ES256", "RS256", "PS256", "EdDSA")
+_MIN_NONCE_KEY_BYTES = 32
 
 
 def token_type_key(typ: str) -> str:
@@ -63,6 +67,22 @@ class IssuerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DpopConfig:
+    """DPoP proofs (RFC 9449). A token whose `cnf.jkt` is set is always verified with a proof;
+    these keys only tune it."""
+
+    algorithms: tuple[str, ...] = DEFAULT_DPOP_ALGORITHMS
+    max_age: float = 60.0  # a proof's iat may be this old (plus auth.leeway)
+    max_proof_bytes: int = 8 * 1024
+    max_jti_length: int = 256
+    required: bool = False  # true: plain Bearer tokens are refused altogether
+    public_url: str | None = None  # the external base of htu when TLS ends in front of Envoy
+    nonce: bool = False  # RFC 9449 §8 server nonces, derived from nonce_key and the time
+    nonce_key: str | None = field(default=None, repr=False)
+    nonce_lifetime: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
 class AuthConfig:
     issuers: tuple[IssuerConfig, ...] = ()
     leeway: float = 30.0
@@ -76,6 +96,7 @@ class AuthConfig:
     jwks_cooldown: float = 30.0
     jwks_timeout: float = 2.0
     upstream_headers: bool = True
+    dpop: DpopConfig = field(default_factory=DpopConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +367,7 @@ def _auth(reader: _Reader, base: Path) -> AuthConfig:
         jwks_cooldown=reader.duration("jwks_cooldown", defaults.jwks_cooldown),
         jwks_timeout=reader.duration("jwks_timeout", defaults.jwks_timeout),
         upstream_headers=reader.boolean("upstream_headers", defaults.upstream_headers),
+        dpop=_dpop(reader.child("dpop")),
     )
     for key in ("leeway", "max_token_lifetime", "jwks_refresh", "jwks_cooldown", "jwks_timeout"):
         if not math.isfinite(getattr(auth, key)):  # YAML .inf and .nan are floats too
@@ -354,6 +376,57 @@ def _auth(reader: _Reader, base: Path) -> AuthConfig:
         raise reader.error("must be longer than 0s", "max_token_lifetime")
     reader.finish()
     return auth
+
+
+def _dpop(reader: _Reader) -> DpopConfig:
+    d = DpopConfig()
+    algorithms = reader.strings("algorithms", d.algorithms)
+    if not algorithms:
+        raise reader.error("must name at least one algorithm", "algorithms")
+    for alg in algorithms:
+        if alg not in ASYMMETRIC_ALGORITHMS:
+            raise reader.error(
+                f"algorithm {alg!r} is not allowed "
+                f"(asymmetric only: {', '.join(sorted(ASYMMETRIC_ALGORITHMS))})",
+                "algorithms",
+            )
+    public_url = reader.string("public_url")
+    dpop = DpopConfig(
+        algorithms=algorithms,
+        max_age=reader.duration("max_age", d.max_age),
+        max_proof_bytes=reader.integer("max_proof_bytes", d.max_proof_bytes, 256),
+        max_jti_length=reader.integer("max_jti_length", d.max_jti_length, 16),
+        required=reader.boolean("required", d.required),
+        public_url=public_url or None,
+        nonce=reader.boolean("nonce", d.nonce),
+        nonce_key=reader.string("nonce_key") or None,
+        nonce_lifetime=reader.duration("nonce_lifetime", d.nonce_lifetime),
+    )
+    for key in ("max_age", "nonce_lifetime"):
+        value = getattr(dpop, key)
+        if not math.isfinite(value) or value <= 0:
+            raise reader.error("must be a finite duration longer than 0s", key)
+    if dpop.public_url is not None:
+        parts = urlsplit(dpop.public_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise reader.error("must be an http(s) URL without query or fragment, e.g. https://mcp.example.com",
+                               "public_url")
+        if parts.username is not None or parts.password is not None:
+            raise reader.error("must not carry user information", "public_url")
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            raise reader.error("has a port that is not a number", "public_url") from None
+    if dpop.nonce and (dpop.nonce_key is None or len(dpop.nonce_key.encode()) < _MIN_NONCE_KEY_BYTES):
+        # The key is never echoed: only its required length is.
+        raise reader.error(
+            f"nonce: true needs nonce_key, a secret of at least {_MIN_NONCE_KEY_BYTES} bytes shared by every "
+            "replica", "nonce_key",
+        )
+    if dpop.nonce_key is not None and not dpop.nonce:
+        raise reader.error("has no effect without nonce: true", "nonce_key")
+    reader.finish()
+    return dpop
 
 
 def _session(reader: _Reader) -> SessionConfig:

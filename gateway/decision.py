@@ -35,6 +35,13 @@ MCP_HEADER_MISMATCH = "mcp_header_mismatch"
 # response that hands out an id already bound to another identity (or ended).
 SESSION_UNKNOWN = "session_unknown"
 SESSION_REISSUED = "session_reissued"
+# Proof of possession (DESIGN.md §1c): DPoP (RFC 9449) and certificate-bound tokens (RFC 8705).
+DPOP_REQUIRED = "dpop_required"
+DPOP_PROOF_INVALID = "dpop_proof_invalid"
+DPOP_PROOF_REPLAYED = "dpop_proof_replayed"
+DPOP_KEY_MISMATCH = "dpop_key_mismatch"
+DPOP_NONCE_REQUIRED = "dpop_nonce_required"
+CERTIFICATE_MISMATCH = "certificate_mismatch"
 
 STATUS_OF: dict[str, int] = {
     TOKEN_MISSING: 401,
@@ -59,7 +66,16 @@ STATUS_OF: dict[str, int] = {
     MCP_HEADER_MISMATCH: 400,
     SESSION_UNKNOWN: 404,
     SESSION_REISSUED: 502,
+    DPOP_REQUIRED: 401,
+    DPOP_PROOF_INVALID: 401,
+    DPOP_PROOF_REPLAYED: 401,
+    DPOP_KEY_MISMATCH: 401,
+    DPOP_NONCE_REQUIRED: 401,
+    CERTIFICATE_MISMATCH: 401,
 }
+DPOP_REASONS = frozenset(
+    {DPOP_REQUIRED, DPOP_PROOF_INVALID, DPOP_PROOF_REPLAYED, DPOP_KEY_MISMATCH, DPOP_NONCE_REQUIRED}
+)
 
 
 
@@ -94,6 +110,8 @@ class Decision:
     # For telemetry only: never sent to the client.
     error: str | None = None
     upstream_headers: tuple[tuple[str, str], ...] = field(default=())
+    # Which DPoP check failed (typ, alg, jwk, signature, htm, htu, iat, jti, ath, jkt, nonce); telemetry only.
+    dpop_failure: str = ""
 
 
 def deny(
@@ -105,6 +123,7 @@ def deny(
     headers: tuple[tuple[str, str], ...] = (),
     mismatch: Mismatch | None = None,
     error: str | None = None,
+    dpop_failure: str = "",
 ) -> Decision:
     return Decision(
         allowed=False,
@@ -115,6 +134,7 @@ def deny(
         headers=headers,
         mismatch=mismatch,
         error=error,
+        dpop_failure=dpop_failure,
     )
 
 

@@ -221,7 +221,9 @@ class ProcessService:
         except RequestError as exc:
             return decision.deny(exc.reason, error=str(exc))
         exchange.context = context
-        identity = self.authorizer.identify(context, time.time())
+        # Envoy opens the stream at the request only once ext_authz allowed it (a local reply
+        # starts at the response): the proof of possession was checked there, and is not again.
+        identity = self.authorizer.identify(context, time.time(), admitted=True)
         if isinstance(identity, Decision):  # Check allowed it a moment ago; fail closed all the same
             return identity
         exchange.identity = identity

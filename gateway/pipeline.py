@@ -14,13 +14,16 @@ from typing import Any
 from gateway import decision
 from gateway.config import AuthConfig, SessionConfig
 from gateway.decision import Allows, AuditDeny, Decision
-from gateway.identity.verifier import ANONYMOUS_AUTH_MAP, Identity, TokenRejected, TokenVerifier, authenticate
+from gateway.identity.dpop import DpopRejected, NonceRequired, ProofVerifier, ReplayCache
+from gateway.identity.sender import Presentation, SenderCheck
+from gateway.identity.verifier import ANONYMOUS_AUTH_MAP, Identity, TokenRejected, TokenVerifier
 from gateway.mcp import NOT_MCP, McpCall
 from gateway.policy.activation import NO_SESSION, Activations, Once, session_variable, timestamp
 from gateway.policy.evaluate import PolicyFailure, Tracer, applies, bind_values, judge, session_key
 from gateway.policy.model import Policy, PolicyHolder, PolicySet
 from gateway.request import RequestContext
 from gateway.session.binding import Binder, Refusal, Session
+from gateway.session.replay import MemoryReplayCache
 from gateway.session.store import SessionStore, StoreUnavailable
 
 UPSTREAM_SUBJECT = "x-authz-subject"
@@ -60,10 +63,14 @@ class _Check:
 class Authorizer:
     def __init__(
         self, auth: AuthConfig, sessions: SessionConfig, verifier: TokenVerifier, store: SessionStore,
-        policies: PolicyHolder,
+        policies: PolicyHolder, replay: ReplayCache | None = None,
     ) -> None:
         self._auth = auth
         self._verifier = verifier
+        # DPoP proofs' jti are single-use; `replay` should live in the shared session store
+        # (gateway.session.replay.replay_cache_for), or a proof can be replayed at another replica.
+        proofs = ProofVerifier(auth.dpop, auth.leeway, replay if replay is not None else MemoryReplayCache())
+        self._sender = SenderCheck(verifier, auth.dpop, proofs, auth.allow_anonymous)
         self._binder = Binder(store, sessions)
         self.policies = policies
         self._allows = Allows()
@@ -79,12 +86,25 @@ class Authorizer:
             return identity
         return self.check_identity(context, identity, now)
 
-    def identify(self, context: RequestContext, now: float) -> Identity | Decision | None:
-        """The verified identity, None for an allowed anonymous request, or a deny."""
+    def identify(
+        self, context: RequestContext, now: float, admitted: bool = False
+    ) -> Identity | Decision | None:
+        """The verified identity, None for an allowed anonymous request, or a deny. `admitted`:
+        a request Check allowed, seen again on the response path (SenderCheck.authenticate)."""
+        presented = Presentation(
+            context.method, context.scheme, context.host, context.path, context.client_certificate
+        )
         try:
-            return authenticate(context.headers, self._verifier, self._auth.allow_anonymous, now)
+            return self._sender.authenticate(context.headers, presented, now, admitted)
+        except DpopRejected as rejected:
+            nonce = (("dpop-nonce", rejected.nonce),) if isinstance(rejected, NonceRequired) else ()
+            return decision.deny(
+                rejected.reason, error=str(rejected), headers=nonce, dpop_failure=rejected.failure
+            )
         except TokenRejected as rejected:
             return decision.deny(rejected.reason, error=str(rejected))
+        except StoreUnavailable as exc:
+            return decision.deny(decision.STORE_UNAVAILABLE, error=f"DPoP replay cache: {exc}")
 
     def check_identity(
         self, context: RequestContext, identity: Identity | None, now: float, trace: Tracer | None = None

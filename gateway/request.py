@@ -23,6 +23,7 @@ from gateway.mcp import (
 from gateway.text import safe_text
 
 PARTIAL_BODY_HEADER = "x-envoy-auth-partial-body"
+_CREDENTIAL_HEADERS = frozenset({"authorization", "dpop"})
 _REQUEST_FIELDS = frozenset({"method", "path", "query", "host", "scheme", "headers", "body", "id"})
 
 
@@ -54,6 +55,9 @@ class RequestContext:
     body_undecodable: bool = False
     source_address: str = ""
     source_principal: str = ""
+    # The TLS peer's certificate as Envoy sends it (URL-encoded PEM, with
+    # include_peer_certificate: true); "" without one. For certificate-bound tokens (RFC 8705).
+    client_certificate: str = ""
     context_extensions: dict[str, str] = field(default_factory=dict)
     # None: not parsed yet. The body is parsed on first use, as most checks never need it;
     # a RequestError: it cannot be judged, and every use refuses the request.
@@ -98,8 +102,8 @@ class RequestContext:
     def request_map(self, fields: frozenset[str] | None = None) -> dict[str, Any]:
         """The `request` variable that policies see; only `fields` when given.
 
-        Its headers leave out `authorization`: policies read the verified `claims` and
-        `auth` instead, and a CEL error message can then never echo the token.
+        Its headers leave out `authorization` and `dpop` (the DPoP proof): policies read the
+        verified `claims` and `auth` instead, and a CEL error message can then never echo them.
         """
         if fields is None:
             fields = _REQUEST_FIELDS
@@ -116,8 +120,8 @@ class RequestContext:
             result["scheme"] = self.scheme
         if "headers" in fields:
             headers = self.headers
-            if "authorization" in headers:
-                headers = {k: v for k, v in headers.items() if k != "authorization"}
+            if "authorization" in headers or "dpop" in headers:
+                headers = {k: v for k, v in headers.items() if k not in _CREDENTIAL_HEADERS}
             result["headers"] = headers
         if "body" in fields:
             result["body"] = self.body
@@ -173,7 +177,7 @@ def judge_mcp(check_request: Any, max_bytes: int = 64 * 1024) -> tuple[McpCall, 
     return from_check_request(check_request, max_bytes).mcp_calls
 
 
-_SECRET_HEADERS = ("authorization", "mcp-session-id", "cookie")
+_SECRET_HEADERS = ("authorization", "dpop", "mcp-session-id", "cookie")
 
 
 def redact_secrets(text: str, context: RequestContext | None) -> str:
@@ -291,6 +295,7 @@ def from_check_request(check_request: Any, max_bytes: int = 64 * 1024) -> Reques
         body_undecodable=body_undecodable,
         source_address=address,
         source_principal=principal,
+        client_certificate=attributes.source.certificate,
         context_extensions=extensions,
     )
     if "mcp-method" in headers or "mcp-name" in headers:

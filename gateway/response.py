@@ -20,6 +20,18 @@ from gateway.envoy_api.envoy.type.v3 import http_status_pb2
 from gateway.envoy_api.google.rpc import code_pb2, status_pb2
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+# A second value of a header the deny already sets (the DPoP challenge beside the Bearer one):
+# a separate header line, not a replacement.
+_APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
+# RFC 9449 §7.1 error codes of the DPoP challenge, by reason; other 401s say invalid_token.
+_DPOP_ERROR = {
+    decision.DPOP_PROOF_INVALID: "invalid_dpop_proof",
+    decision.DPOP_PROOF_REPLAYED: "invalid_dpop_proof",
+    decision.DPOP_KEY_MISMATCH: "invalid_dpop_proof",
+    decision.DPOP_NONCE_REQUIRED: "use_dpop_nonce",
+    decision.TOKEN_MISSING: "",
+    decision.DPOP_REQUIRED: "",
+}
 _JSON = "application/json"
 _NO_STORE = ("cache-control", "no-store")
 
@@ -39,10 +51,9 @@ _ALLOWED_CACHE_SIZE = 10_000
 _BUILT_IN_REASONS = frozenset(decision.STATUS_OF) | {decision.ALLOWED}
 
 
-def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
-    return base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key=name, value=value), append_action=_OVERWRITE
-    )
+def _header(name: str, value: str, action: int = _OVERWRITE) -> base_pb2.HeaderValueOption:
+    header = base_pb2.HeaderValue(key=name, value=value)
+    return base_pb2.HeaderValueOption(header=header, append_action=action)
 
 
 def _quoted(value: str) -> str:
@@ -76,6 +87,22 @@ class ResponseBuilder:
             parts.append(f'resource_metadata="{_quoted(self._auth.resource_metadata)}"')
         return "Bearer " + ", ".join(parts)
 
+    def dpop_challenge(self, reason: str) -> str:
+        """RFC 9449 §7.1: the DPoP scheme, its error, and the proof algorithms accepted."""
+        parts = [f'realm="{_quoted(self._auth.realm)}"']
+        error = _DPOP_ERROR.get(reason, "invalid_token")
+        if error:
+            parts.append(f'error="{error}"')
+        parts.append(f'algs="{" ".join(self._auth.dpop.algorithms)}"')
+        if self._auth.dpop.required and self._auth.resource_metadata:
+            parts.append(f'resource_metadata="{_quoted(self._auth.resource_metadata)}"')
+        return "DPoP " + ", ".join(parts)
+
+    def challenges(self, reason: str) -> list[str]:
+        """Every 401's WWW-Authenticate values, one per accepted scheme (RFC 9110 §11.6.1)."""
+        dpop = self.dpop_challenge(reason)
+        return [dpop] if self._auth.dpop.required else [self.challenge(reason), dpop]
+
     def _session_refusal(self, reason: str, status: int) -> bool:
         return status == 404 and reason in _BUILT_IN_REASONS
 
@@ -87,6 +114,8 @@ class ResponseBuilder:
             return self._not_found.body
         if status == 401 and reason == decision.TOKEN_MISSING:
             error = "unauthorized"
+        elif status == 401 and _DPOP_ERROR.get(reason):
+            error = _DPOP_ERROR[reason]
         elif reason not in _BUILT_IN_REASONS:
             error = reason  # a policy's own reason, e.g. insufficient_scope, is meant for the client
         else:
@@ -149,8 +178,11 @@ class ResponseBuilder:
             _NO_STORE,
         ]
         if status == 401:
-            headers.append(("www-authenticate", self.challenge(reason)))
-        headers.extend((k.lower(), v) for k, v in extra_headers)
+            headers.extend(("www-authenticate", value) for value in self.challenges(reason))
+        extra = [(k.lower(), v) for k, v in extra_headers]
+        if extra:  # a rule's own header replaces the gateway's values of that name
+            replaced = {k for k, _ in extra}
+            headers = [(k, v) for k, v in headers if k not in replaced] + extra
         return body, headers
 
     def _denied_response(
@@ -158,11 +190,15 @@ class ResponseBuilder:
     ) -> external_auth_pb2.CheckResponse:
         body, headers = self._denial(reason, status, extra_headers)
         grpc_code = code_pb2.UNAUTHENTICATED if status == 401 else code_pb2.PERMISSION_DENIED
+        options, seen = [], set()
+        for name, value in headers:
+            options.append(_header(name, value, _APPEND if name in seen else _OVERWRITE))
+            seen.add(name)
         return external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=grpc_code),
             denied_response=external_auth_pb2.DeniedHttpResponse(
                 status=http_status_pb2.HttpStatus(code=status),
-                headers=[_header(k, v) for k, v in headers],
+                headers=options,
                 body=body,
             ),
         )

@@ -88,9 +88,11 @@ def assert_denied(gw: InProcessGateway, response: external_auth_pb2.CheckRespons
     headers = denied_headers(response)
     assert headers["content-type"] == "application/json"
     if status == 401:
-        assert headers["www-authenticate"].startswith("Bearer ")
+        options = response.denied_response.headers
+        bearer, dpop = [h.header.value for h in options if h.header.key == "www-authenticate"]
+        assert bearer.startswith("Bearer ") and dpop.startswith("DPoP ")
         if reason != decision.TOKEN_MISSING:
-            assert 'error="invalid_token"' in headers["www-authenticate"]
+            assert 'error="invalid_token"' in bearer
     if status == 400:
         assert body == {"error": "invalid_request"}
 

@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ class Reply:
     status: int
     headers: dict[str, str]
     body: bytes
+    challenges: list[str] = field(default_factory=list)  # every WWW-Authenticate value
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -65,7 +66,9 @@ class Stack:
         try:
             connection.request(method, path, body=body, headers=all_headers)
             response = connection.getresponse()
-            return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+            pairs = response.getheaders()
+            challenges = [v for k, v in pairs if k.lower() == "www-authenticate"]
+            return Reply(response.status, {k.lower(): v for k, v in pairs}, response.read(), challenges)
         finally:
             connection.close()
 
@@ -105,9 +108,12 @@ def test_no_token_is_401_with_the_bearer_challenge(stack: Stack) -> None:
     before = len(stack.upstream.requests)
     reply = stack.request()
     assert reply.status == 401
-    assert reply.headers["www-authenticate"] == (
-        f'Bearer realm="authz-gateway", resource_metadata="{RESOURCE_METADATA}"'
-    )
+    # Two values (the DPoP challenge beside the Bearer one); `headers` keeps the last of each name.
+    assert reply.headers["www-authenticate"] == 'DPoP realm="authz-gateway", algs="ES256 RS256 PS256 EdDSA"'
+    assert reply.challenges == [
+        f'Bearer realm="authz-gateway", resource_metadata="{RESOURCE_METADATA}"',
+        'DPoP realm="authz-gateway", algs="ES256 RS256 PS256 EdDSA"',
+    ]
     assert reply.json() == {"error": "unauthorized"}
     assert reply.headers["content-type"] == "application/json"
     assert len(stack.upstream.requests) == before  # never reached the upstream
@@ -165,7 +171,7 @@ def test_a_subject_with_line_breaks_never_injects_a_header_upstream(stack: Stack
 def test_an_expired_token_is_401_invalid_token(stack: Stack) -> None:
     reply = stack.request(token=stack.idp.token("alice", ttl=-120))
     assert reply.status == 401
-    assert reply.headers["www-authenticate"] == (
+    assert reply.challenges[0] == (
         f'Bearer realm="authz-gateway", error="invalid_token", resource_metadata="{RESOURCE_METADATA}"'
     )
     assert reply.json() == {"error": "invalid_token"}

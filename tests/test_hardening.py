@@ -78,9 +78,12 @@ def test_credentials_that_are_not_a_bearer_token_are_refused(idp: TestIssuer, tm
     gateway = InProcessGateway(config, tmp_path)
     try:
         assert gateway.client.status() == 200  # anonymous is allowed here
-        for value in ("Basic YWxpY2U6cHc=", "DPoP abc", "Bearer"):
+        for value in ("Basic YWxpY2U6cHc=", "Bearer", "DPoP", "Token abc"):
             assert gateway.client.status(headers={"authorization": value}) == 401
             assert gateway.last.reason == decision.TOKEN_INVALID
+        # The DPoP scheme without its proof (tests/test_dpop.py has the rest).
+        assert gateway.client.status(headers={"authorization": "DPoP abc"}) == 401
+        assert gateway.last.reason == decision.DPOP_PROOF_INVALID
     finally:
         gateway.stop()
 

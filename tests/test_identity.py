@@ -101,6 +101,9 @@ def test_valid_token_per_alg_and_key_source(
         "issuer": idp.issuer,
         "subject": "alice",
         "scopes": ["read", "write"],
+        "confirmation": "",
+        "jkt": "",
+        "x5t": "",
     }
     # Only the remote sources talk to the issuer, and a file never does.
     assert (idp.jwks_requests > 0) == (source != "jwks_file")

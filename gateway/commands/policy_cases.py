@@ -32,7 +32,7 @@ from gateway.config import AuthConfig, SessionConfig
 from gateway.decision import Decision
 from gateway.envoy_api.envoy.config.core.v3 import address_pb2
 from gateway.envoy_api.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
-from gateway.identity.verifier import Identity, TokenVerifier
+from gateway.identity.verifier import Identity, TokenRejected, TokenVerifier, auth_map_for, confirmation_of
 from gateway.pipeline import UPSTREAM_HEADERS, Authorizer, PolicyHolder
 from gateway.policy.evaluate import Tracer
 from gateway.policy.loader import TEST_SUFFIXES
@@ -394,10 +394,11 @@ def identity_from_claims(claims: Mapping[str, Any], now: float) -> Identity:
     issuer, subject = str(claims["iss"]), str(claims["sub"])
     raw = claims.get("scope", claims.get("scp", ()))
     scopes = tuple(raw.split()) if isinstance(raw, str) else tuple(s for s in raw if isinstance(s, str))
-    auth_map = {"authenticated": True, "issuer": issuer, "subject": subject, "scopes": list(scopes)}
+    jkt, x5t = confirmation_of(claims)  # as if the proof or certificate had passed
+    auth_map = auth_map_for(issuer, subject, scopes, jkt, x5t)
     expires = claims.get("exp", now + 3600)
     expires_at = float(expires) if isinstance(expires, int | float) else now + 3600
-    return Identity(dict(claims), issuer, subject, scopes, expires_at, auth_map)
+    return Identity(dict(claims), issuer, subject, scopes, expires_at, auth_map, jkt, x5t)
 
 
 def check_request_for(request: Mapping[str, Any]) -> external_auth_pb2.CheckRequest:
@@ -509,7 +510,10 @@ class CaseRunner:
         if case.claims is not None and not safe_value(case.claims):
             # As the verifier refuses such a token: no NUL or lone surrogate reaches an engine.
             return decision.deny(decision.TOKEN_INVALID, error="a claim holds a NUL or a lone surrogate")
-        identity = identity_from_claims(case.claims, case.now) if case.claims is not None else None
+        try:
+            identity = identity_from_claims(case.claims, case.now) if case.claims is not None else None
+        except TokenRejected as rejected:  # a `cnf` the verifier would refuse
+            return decision.deny(rejected.reason, error=str(rejected))
         return authorizer.check_identity(context, identity, case.now, trace)
 
 
@@ -541,11 +545,15 @@ def failures(expect: Expectation, outcome: Outcome) -> list[str]:
     if expect.rule is not None and d.rule != expect.rule:
         found.append(f"expected rule {expect.rule!r}, got {d.rule!r}")
     if expect.headers:
-        headers = {h.header.key.lower(): h.header.value for h in outcome.response.denied_response.headers}
-        headers.update({h.header.key.lower(): h.header.value for h in outcome.response.ok_response.headers})
+        # A header may come more than once (a 401's Bearer and DPoP challenges): any value may match.
+        headers: dict[str, list[str]] = {}
+        for option in (*outcome.response.denied_response.headers, *outcome.response.ok_response.headers):
+            headers.setdefault(option.header.key.lower(), []).append(option.header.value)
         for name, value in expect.headers.items():
-            if headers.get(name) != value:
-                found.append(f"expected header {name}: {value!r}, got {headers.get(name)!r}")
+            values = headers.get(name, [])
+            if value not in values:
+                shown = values[0] if len(values) == 1 else values or None
+                found.append(f"expected header {name}: {value!r}, got {shown!r}")
     if expect.body is not None and outcome.response.denied_response.body != expect.body:
         found.append(f"expected body {expect.body!r}, got {outcome.response.denied_response.body!r}")
     if expect.audit is not None:

@@ -34,6 +34,10 @@ class Identity:
     expires_at: float
     # The `auth` map policies see, built once per verified token.
     auth_map: Mapping[str, Any] = field(default_factory=dict)
+    # The token's confirmation (RFC 7800 `cnf`): the thumbprint of the key a DPoP proof must be
+    # signed with (RFC 9449 `jkt`), and of the client certificate (RFC 8705 `x5t#S256`); "" if none.
+    jkt: str = ""
+    x5t: str = ""
 
 
 ANONYMOUS_AUTH_MAP: Mapping[str, Any] = {
@@ -41,7 +45,44 @@ ANONYMOUS_AUTH_MAP: Mapping[str, Any] = {
     "issuer": "",
     "subject": "",
     "scopes": [],
+    "confirmation": "",
+    "jkt": "",
+    "x5t": "",
 }
+
+
+def auth_map_for(issuer: str, subject: str, scopes: tuple[str, ...], jkt: str, x5t: str) -> dict[str, Any]:
+    """The `auth` variable of a verified token. `confirmation` says how the sender proved it holds
+    the token: "dpop" (a proof signed by the key `jkt`), "mtls" (the certificate `x5t`), or ""."""
+    return {
+        "authenticated": True,
+        "issuer": issuer,
+        "subject": subject,
+        "scopes": list(scopes),
+        "confirmation": "dpop" if jkt else "mtls" if x5t else "",
+        "jkt": jkt,
+        "x5t": x5t,
+    }
+
+
+_MAX_THUMBPRINT = 128
+
+
+def confirmation_of(claims: Mapping[str, Any]) -> tuple[str, str]:
+    """(cnf.jkt, cnf["x5t#S256"]) of verified claims, "" where absent. A `cnf` that is not an
+    object, or a thumbprint that is not a short non-empty string, refuses the token."""
+    cnf = claims.get("cnf")
+    if cnf is None:
+        return "", ""
+    if not isinstance(cnf, dict):
+        raise TokenRejected(decision.TOKEN_INVALID, "the cnf claim is not a JSON object")
+    found = []
+    for member in ("jkt", "x5t#S256"):
+        value = cnf.get(member)
+        if value is not None and (not isinstance(value, str) or not 0 < len(value) <= _MAX_THUMBPRINT):
+            raise TokenRejected(decision.TOKEN_INVALID, f"the cnf claim's {member} is not a thumbprint")
+        found.append(value or "")
+    return found[0], found[1]
 
 
 class TokenRejected(Exception):
@@ -279,8 +320,9 @@ class TokenVerifier:
             # It goes upstream as the x-authz-subject header, where CR/LF would split it.
             raise TokenRejected(decision.TOKEN_INVALID, "sub holds control characters")
         scopes = _scopes(claims)
-        auth_map = {"authenticated": True, "issuer": issuer_name, "subject": subject, "scopes": list(scopes)}
-        identity = Identity(claims, issuer_name, subject, scopes, expires_at, auth_map)
+        jkt, x5t = confirmation_of(claims)
+        auth_map = auth_map_for(issuer_name, subject, scopes, jkt, x5t)
+        identity = Identity(claims, issuer_name, subject, scopes, expires_at, auth_map, jkt, x5t)
         return identity, kid, keys
 
     def _check_lifetime(self, claims: Mapping[str, Any], exp: float, now: float) -> None:

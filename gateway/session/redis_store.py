@@ -500,6 +500,14 @@ class RedisStore(SessionStore):
                 live.append(session_id)
         return live
 
+    def set_if_absent(self, key: str, ttl_ms: int) -> bool:
+        """`SET key 1 NX PX ttl_ms` (the DPoP replay cache, gateway/session/replay.py): True
+        when this call created the key. One key, so one slot in a cluster."""
+        created = self._round_trip(
+            "SET", lambda: self._keyed().execute_command("SET", key, b"1", "NX", "PX", ttl_ms), key
+        )
+        return created is not None
+
     def ping(self) -> None:
         """PING the master (every master of a Cluster): a failover shows here."""
         if self._target.kind == "cluster":

@@ -138,6 +138,8 @@ def decision_attributes(outcome: Decision, context: RequestContext | None) -> di
                 attributes["gen_ai.tool.name"] = call.name
     if outcome.mismatch is not None:
         attributes["authz.mismatch.claim"] = outcome.mismatch.claim
+    if outcome.dpop_failure:
+        attributes["authz.dpop.failure"] = outcome.dpop_failure  # the check's name, never the proof
     return attributes
 
 
