@@ -64,6 +64,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     config = {
         "policies": str(REPO / "examples" / "policies" / "dpop-binding"),
         "auth": {"issuers": [idp.issuer_config(jwks_file=jwks)]},
+        # As examples/gateway.yaml: the session is bound when the server issues it (ext_proc),
+        # to the identity whose proof Check admitted; the proof's jti is not used twice.
+        "session": {"bind_on": "response"},
     }
     started: list[Any] = []
     try:
