@@ -24,6 +24,7 @@ nothing of the response.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -87,10 +88,17 @@ class StreamError(Exception):
     """Input no processor may receive: the stream ends with INVALID_ARGUMENT."""
 
 
+class StreamsExhausted(Exception):
+    """One credential holds its whole share of the open streams: RESOURCE_EXHAUSTED."""
+
+
 class _Exchange:
     """What one stream learns of its request and response."""
 
-    __slots__ = ("requested", "request", "context", "identity", "status", "outcome", "extra", "error", "body")
+    __slots__ = (
+        "requested", "request", "context", "identity", "status", "outcome", "extra", "error", "body",
+        "credential",
+    )
 
     def __init__(self) -> None:
         self.requested = False
@@ -102,6 +110,7 @@ class _Exchange:
         self.extra: dict[str, Any] = {}
         self.error: BaseException | None = None
         self.body = b""
+        self.credential: bytes | None = None  # whose share of the streams this one holds
 
 
 _PASSED = Decision(True, decision.ALLOWED)
@@ -125,6 +134,12 @@ class ProcessService:
         # the threads kept for Check are never taken (gateway.server.build_server).
         self.max_streams = max_streams
         self._streams = threading.BoundedSemaphore(max_streams)
+        # A client decides how long its stream stays open (a body it never finishes sending keeps
+        # the upstream from answering): one credential may hold only a share of the streams, so
+        # one token (or the anonymous callers together) cannot take them all from everyone else.
+        self._credential_share = max(1, max_streams // 8)
+        self._held: dict[bytes, int] = {}
+        self._held_lock = threading.Lock()
         self._responses = responses
         self._spans = spans
         self._max_request_bytes = max_request_bytes
@@ -156,6 +171,9 @@ class ProcessService:
                 yield reply
                 if not more:
                     return  # nothing more to process: Envoy reads the OK close as "carry on"
+        except StreamsExhausted as exc:
+            exchange.outcome = decision.deny(decision.REQUEST_INVALID, error=str(exc))
+            rpc.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except StreamError as exc:
             exchange.error = exc
             exchange.outcome = decision.deny(decision.REQUEST_INVALID, error=str(exc))
@@ -168,6 +186,8 @@ class ProcessService:
             log.error("ext_proc stream failed with %s", type(exc).__name__)
             rpc.abort(grpc.StatusCode.INTERNAL, "internal error")
         finally:
+            if exchange.credential is not None:
+                self._release(exchange.credential)
             self._spans.leave(token)
             if span is not None:
                 self._finish(span, exchange)
@@ -207,9 +227,35 @@ class ProcessService:
     def _request_headers(
         self, headers: ext_proc_pb2.HttpHeaders, exchange: _Exchange
     ) -> tuple[ext_proc_pb2.ProcessingResponse, bool]:
-        if self.authorizer.binds_on_response:  # bind_on: first_use: nothing to learn here
-            exchange.request = headers.headers  # read when the response needs it, not before
+        if not self.authorizer.binds_on_response:
+            # bind_on: first_use: nothing to learn from the response; ending the stream here frees
+            # its thread at once instead of holding it for the whole upstream call.
+            return _REQUEST_HEADERS_DONE, False
+        exchange.credential = self._hold(headers.headers)
+        exchange.request = headers.headers  # read when the response needs it, not before
         return _REQUEST_HEADERS_DONE, True
+
+    def _hold(self, request: Any) -> bytes:
+        """Counts the stream against its credential's share (the Authorization header, hashed;
+        anonymous requests share one)."""
+        value = b""
+        for entry in request.headers:
+            if entry.key.lower() == "authorization":
+                value = entry.raw_value or entry.value.encode("utf-8", "surrogatepass")
+                break
+        credential = hashlib.sha256(value).digest()
+        with self._held_lock:
+            held = self._held.get(credential, 0)
+            if held >= self._credential_share:
+                raise StreamsExhausted(f"one credential holds {held} processing streams, its whole share")
+            self._held[credential] = held + 1
+        return credential
+
+    def _release(self, credential: bytes) -> None:
+        with self._held_lock:
+            held = self._held.pop(credential, 1) - 1
+            if held > 0:
+                self._held[credential] = held
 
     def _identify(self, exchange: _Exchange) -> Decision | None:
         """The request's context and identity, through the same verifier and cache as Check (a

@@ -371,11 +371,11 @@ def test_open_streams_are_capped_and_never_starve_check(idp: TestIssuer) -> None
     release = threading.Event()
     token = idp.token("alice")
 
-    def slow_call() -> Iterator[pb.ProcessingRequest]:
-        yield request(token)
+    def slow_call(caller: str) -> Iterator[pb.ProcessingRequest]:
+        yield request(idp.token(caller))
         release.wait(30)  # the upstream has not answered yet
 
-    held = [client.call(slow_call(), timeout=30) for _ in range(2)]
+    held = [client.call(slow_call(caller), timeout=30) for caller in ("bob", "carol")]
     try:
         for call in held:
             assert next(call).WhichOneof("response") == "request_headers"
@@ -401,5 +401,65 @@ def test_open_streams_are_capped_and_never_starve_check(idp: TestIssuer) -> None
 
     wait_until(a_slot_is_free, 10, what="a free stream once the held ones ended")
     assert stored(running, "after-the-cap") is not None
+    client.close()
+    running.stop()
+
+
+def test_one_credential_holds_only_its_share_of_the_streams(idp: TestIssuer) -> None:
+    """A client decides how long its stream stays open (a request body it never finishes): one
+    token may hold an eighth of max_process_streams, and the others keep theirs."""
+    config = {
+        "policies": str(default_policy_dir()),
+        "store": "memory://",
+        "auth": {"issuers": [idp.issuer_config()]},
+        "session": {"bind_on": "response"},
+        "max_process_streams": 16,  # a share of 2
+    }
+    running = InProcessGateway(config)
+    client = Processor(running.address)
+    release = threading.Event()
+    mallory = idp.token("mallory")
+
+    def slow_call() -> Iterator[pb.ProcessingRequest]:
+        yield request(mallory)
+        release.wait(30)
+
+    held = [client.call(slow_call(), timeout=30) for _ in range(2)]
+    try:
+        for call in held:
+            assert next(call).WhichOneof("response") == "request_headers"
+        with pytest.raises(grpc.RpcError) as refused:
+            client.exchange(request(mallory), response(200, "mallory-third"))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert stored(running, "mallory-third") is None
+        assert client.exchange(request(idp.token("alice")), response(200, "alice-meanwhile"))
+        assert stored(running, "alice-meanwhile") is not None
+    finally:
+        release.set()
+        for call in held:
+            call.cancel()
+    client.close()
+    running.stop()
+
+
+def test_first_use_ends_the_stream_at_the_request(idp: TestIssuer) -> None:
+    """bind_on: first_use learns nothing from the response: the stream ends after the request's
+    headers, so no thread waits out the upstream call."""
+    config = {
+        "policies": str(default_policy_dir()),
+        "store": "memory://",
+        "auth": {"issuers": [idp.issuer_config()]},
+    }
+    running = InProcessGateway(config)
+    client = Processor(running.address)
+    release = threading.Event()
+
+    def slow_call() -> Iterator[pb.ProcessingRequest]:
+        yield request(idp.token("alice"))
+        release.wait(30)
+
+    replies = list(client.call(slow_call(), timeout=10))  # ends without the response headers
+    release.set()
+    assert [r.WhichOneof("response") for r in replies] == ["request_headers"]
     client.close()
     running.stop()
