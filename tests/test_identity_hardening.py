@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -451,7 +452,8 @@ def test_config_errors_stop_serve_with_exit_status_2(tmp_path: Path, idp: TestIs
             env={"OTEL_SDK_DISABLED": "true", "PATH": "/usr/bin:/bin"},
         )
         assert result.returncode == 2, result
-        assert f"{path}: {key}" in result.stderr.strip().splitlines()[-1]
+        last = result.stderr.strip().splitlines()[-1]
+        assert re.search(rf"{re.escape(str(path))}:\d+:\d+: {re.escape(key)}", last), last
 
 
 # ---------------------------------------------------------------- 4. withdrawn keys after an idle period
