@@ -16,7 +16,7 @@ import base64
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.text import safe_text
@@ -29,14 +29,28 @@ _BASE64_OPEN, _BASE64_CLOSE = "=?base64?", "?="
 _JSON_MEDIA_SUFFIX = "+json"
 
 
+# The methods whose `params.arguments` a policy sees as `mcp.arguments`.
+ARGUMENT_METHODS = frozenset({"tools/call", "prompts/get"})
+
+
 @dataclass(frozen=True, slots=True)
 class McpCall:
     method: str = ""
     name: str = ""
     protocol_version: str = ""
+    # A tools/call's (or prompts/get's) `params.arguments`, as parsed; {} otherwise.
+    arguments: dict[str, Any] = field(default_factory=dict, compare=False)
+    # The JSON-RPC id as parsed (str, int, float); None for a notification or no body. A
+    # refusal that answers this call carries it back, so the client raises an ordinary error.
+    request_id: str | int | float | None = field(default=None, compare=False)
 
-    def as_cel(self) -> dict[str, str]:
-        return {"method": self.method, "name": self.name, "protocol_version": self.protocol_version}
+    def as_cel(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "name": self.name,
+            "protocol_version": self.protocol_version,
+            "arguments": self.arguments,
+        }
 
 
 NOT_MCP = McpCall()
@@ -184,7 +198,13 @@ def _call_from_message(message: Any, protocol_version: str) -> McpCall:
     if method == "initialize" and not protocol_version:
         version = params.get("protocolVersion", "")
         protocol_version = version if isinstance(version, str) else ""
-    return McpCall(method, name, protocol_version)
+    arguments: dict[str, Any] = {}
+    if method in ARGUMENT_METHODS and params.get("arguments") is not None:
+        arguments = params["arguments"]
+        if not isinstance(arguments, dict):
+            # A server might read a list by position; what a policy sees must be what it runs.
+            raise Unparseable(f"{method}: params.arguments is not an object")
+    return McpCall(method, name, protocol_version, arguments, request_id)
 
 
 def parse_body(headers: Mapping[str, str], body: str, protocol_version: str) -> tuple[McpCall, ...]:

@@ -104,6 +104,9 @@ class ResponseBuilder:
                         self._allowed.pop(next(iter(self._allowed)), None)
                     self._allowed[outcome.upstream_headers] = allowed
             return allowed
+        if outcome.reply is not None:
+            # A handle refusal: its own bytes (the request's JSON-RPC id), never cached.
+            return self._denied_response(outcome.reason, outcome.status, outcome.headers, outcome.reply)
         if outcome.headers:
             return self._denied_response(outcome.reason, outcome.status, outcome.headers)
         key = (outcome.reason, outcome.status)
@@ -130,16 +133,22 @@ class ResponseBuilder:
         )
 
     def _denied_response(
-        self, reason: str, status: int, extra_headers: tuple[tuple[str, str], ...]
+        self,
+        reason: str,
+        status: int,
+        extra_headers: tuple[tuple[str, str], ...],
+        reply: tuple[str, str] | None = None,
     ) -> external_auth_pb2.CheckResponse:
-        body = self.body(reason, status)
+        if reply is None:
+            reply = (self.content_type(reason, status), self.body(reason, status))
+        content_type, body = reply
         # Envoy fills in content-length itself (in place), then appends date and server. Listing
         # content-length first gives a denial the header order of an upstream response after
         # the example Envoy config's normalization (content-length, content-type, cache-control,
         # date, server), so a session refusal matches the MCP server's own 404 in order too.
         headers = [
             ("content-length", str(len(body.encode("utf-8")))),
-            ("content-type", self.content_type(reason, status)),
+            ("content-type", content_type),
             _NO_STORE,
         ]
         if status == 401:

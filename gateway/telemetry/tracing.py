@@ -136,6 +136,9 @@ def decision_attributes(outcome: Decision, context: RequestContext | None) -> di
                 attributes["gen_ai.tool.name"] = call.name
     if outcome.mismatch is not None:
         attributes["authz.mismatch.claim"] = outcome.mismatch.claim
+    if outcome.handle_kind:
+        attributes["authz.handle.kind"] = outcome.handle_kind
+        attributes["authz.handle.new"] = outcome.handle_new
     return attributes
 
 
@@ -187,6 +190,8 @@ class CheckSpans:
                 "authz.bound": str(bound),
                 "authz.presented": str(presented),
             }
+            if outcome.handle_kind:
+                attributes["authz.handle.kind"] = outcome.handle_kind
             events.append(Event("authz.binding_mismatch", attributes, end_ns))
         for audited in outcome.audit_denies:
             attributes = {
@@ -219,6 +224,8 @@ class CheckSpans:
         if not span.is_recording():
             return span
         attributes = decision_attributes(outcome, context)
+        if outcome.handle_id:
+            attributes["authz.handle.id"] = self._hash(outcome.handle_id)  # a keyed hash, never the handle
         events, status = self._events(outcome, context, end_ns, error)
         if isinstance(span, PendingCheckSpan):
             lean = fast_path.lean_spans
