@@ -32,6 +32,7 @@ _PUBLIC_ERROR = {
     413: "request_too_large",
     429: "too_many_sessions",
     500: "internal_error",
+    502: "bad_gateway",
     503: "unavailable",
 }
 _ALLOWED_CACHE_SIZE = 10_000
