@@ -13,9 +13,11 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from gateway import decision
 from gateway.config import HandlesConfig
+from gateway.observe import NO_OBSERVER, Observer
 from gateway.session.record import (
     ENDED_TERMINATED,
     needs_tombstone,
@@ -182,3 +184,26 @@ def _owned_by(data: Mapping[str, Any], owner: tuple[str, str] | None) -> bool:
     if owner is None:
         return data.get("anonymous") is True
     return data.get("anonymous") is False and data.get("owner") == owner_key(*owner)
+
+
+def handle_store_url(store_url: str) -> str:
+    """Where handles are kept for a session store URL: the same Redis (its own key prefix),
+    or a SQLite file beside the sessions' (`sessions.db` → `sessions.handles.db`), or memory."""
+    parts = urlsplit(store_url)
+    if parts.scheme != "sqlite":
+        return store_url
+    path = parts.path or parts.netloc
+    head, slash, name = path.rpartition("/")
+    stem, dot, suffix = name.rpartition(".")
+    handles_name = f"{stem}.handles.{suffix}" if dot and stem else f"{name}.handles"
+    before, _, after = store_url.partition(path)
+    return f"{before}{head}{slash}{handles_name}{after}"
+
+
+def open_handle_store(
+    store_url: str, handles: HandlesConfig, timeout: float, max_records: int, observer: Observer = NO_OBSERVER
+) -> SessionStore:
+    from gateway.session import open_store
+
+    settings = handle_store_settings(handles, timeout, max_records)
+    return open_store(handle_store_url(store_url), settings, observer)
