@@ -108,18 +108,17 @@ def _read_kind(loader: _FileLoader, name: str, key_node: Node, node: Node) -> Ha
     if "ttl" in fields:
         try:
             ttl = parse_duration(_plain(fields["ttl"][1]))
+            if ttl <= 0:
+                raise ValueError("must be longer than 0")
         except ValueError as exc:
             loader.problem(fields["ttl"][1], f"{what}.ttl: {exc}")
-            return None
-        if ttl <= 0:
-            loader.problem(fields["ttl"][1], f"{what}.ttl must be longer than 0")
-            return None
+            ok = False
     unknown_allowed = False
     if "unknown" in fields:
         unknown = loader.scalar(fields["unknown"][1], f"{what}.unknown")
         if unknown not in ("deny", "allow"):
             loader.problem(fields["unknown"][1], f"{what}.unknown must be deny or allow, not {unknown!r}")
-            return None
+            ok = False
         unknown_allowed = unknown == "allow"
     refusal = _read_refusal(loader, fields["refusal"][1], what) if "refusal" in fields else HandleRefusal()
     if not ok or refusal is None:

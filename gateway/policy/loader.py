@@ -112,7 +112,9 @@ class _FileLoader(NodeReader):
         reads = analyze(source)
         if not response and reads.analyzed and RESPONSE_ONLY & reads.variables.keys():
             # The cel engine refuses it at compile time; celpy would only fail at run time.
-            self.problem(node, f"{what}: `response` is known only to handles.<kind>.minted")
+            found = re.search(r"\bresponse\b", source)
+            where = self.where_in(node, found.start() if found else 0)
+            self.report(where, f"{what}: `response` is known only to handles.<kind>.minted")
             return None
         for name in reads.header_names:
             if name != name.lower():
