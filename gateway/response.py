@@ -18,6 +18,8 @@ from gateway.envoy_api.envoy.config.core.v3 import base_pb2
 from gateway.envoy_api.envoy.service.auth.v3 import external_auth_pb2
 from gateway.envoy_api.envoy.type.v3 import http_status_pb2
 from gateway.envoy_api.google.rpc import code_pb2, status_pb2
+from gateway.policy.handles import refusal_reply
+from gateway.policy.model import HandleRefusal
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _JSON = "application/json"
@@ -37,6 +39,10 @@ _PUBLIC_ERROR = {
 }
 _ALLOWED_CACHE_SIZE = 10_000
 _BUILT_IN_REASONS = frozenset(decision.STATUS_OF) | {decision.ALLOWED}
+# A handle refusal carries its kind's answer (Decision.reply, with the request's id); without
+# one (a rule reusing the reason) it is the default refusal of a request without an id.
+_HANDLE_REFUSALS = frozenset({decision.HANDLE_MISMATCH, decision.HANDLE_UNKNOWN, decision.HANDLE_INVALID})
+_DEFAULT_HANDLE_REFUSAL = refusal_reply(HandleRefusal(), None)
 
 
 def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
@@ -77,12 +83,14 @@ class ResponseBuilder:
         return "Bearer " + ", ".join(parts)
 
     def _session_refusal(self, reason: str, status: int) -> bool:
-        return status == 404 and reason in _BUILT_IN_REASONS
+        return status == 404 and reason in _BUILT_IN_REASONS and reason not in _HANDLE_REFUSALS
 
     def content_type(self, reason: str, status: int) -> str:
         return self._not_found.content_type if self._session_refusal(reason, status) else _JSON
 
     def body(self, reason: str, status: int) -> str:
+        if reason in _HANDLE_REFUSALS:
+            return _DEFAULT_HANDLE_REFUSAL[1]
         if self._session_refusal(reason, status):
             return self._not_found.body
         if status == 401 and reason == decision.TOKEN_MISSING:

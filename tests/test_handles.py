@@ -579,3 +579,13 @@ def test_the_span_names_the_kind_and_hashes_the_handle() -> None:
     (event,) = [e for e in recorded.events if e.name == "authz.binding_mismatch"]
     assert dict(event.attributes or {})["authz.handle.kind"] == "draft"
     assert "alice" not in repr(recorded.to_json()) and "d-secret-1" not in recorded.to_json()
+
+
+def test_the_documented_refusal_is_the_refusal_sent() -> None:
+    text = (REPO / "docs" / "policies.md").read_text()
+    block = text.split("With the default `refusal`, a call with `\"id\": 7` gets exactly:\n\n```\n", 1)[1]
+    documented = block.split("```", 1)[0].splitlines()
+    outcome = run_case(case(call({"draft_id": "d-1"}), sub="bob"))
+    denied = outcome.response.denied_response
+    headers = [f"{h.header.key}: {h.header.value}" for h in denied.headers]
+    assert documented == [f"HTTP/1.1 {denied.status.code} Not Found", *headers, "", denied.body]
