@@ -111,7 +111,8 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     envoy = EnvoyProcess(text, tmp_path)
     wait_for_port(admin_port, 30)
     wait_for_port(listener_port, 30)
-    yield Stack(idp, redis, {r.port: r for r in replicas}, drafts, f"http://127.0.0.1:{listener_port}/mcp", admin_port)
+    url = f"http://127.0.0.1:{listener_port}/mcp"
+    yield Stack(idp, redis, {r.port: r for r in replicas}, drafts, url, admin_port)
     envoy.stop()
     for replica in replicas:
         assert replica.stop() == 0, replica.log_text()
@@ -124,7 +125,9 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
 async def client(stack: Stack, auth: BearerAuth) -> AsyncIterator[Client]:
     async with (
         httpx2.AsyncClient(auth=auth, timeout=15) as http,
-        Client(streamable_http_client(stack.url, http_client=http), mode=MODERN, read_timeout_seconds=15) as mcp,
+        Client(
+            streamable_http_client(stack.url, http_client=http), mode=MODERN, read_timeout_seconds=15
+        ) as mcp,
     ):
         yield mcp
 
