@@ -589,3 +589,29 @@ def test_the_documented_refusal_is_the_refusal_sent() -> None:
     denied = outcome.response.denied_response
     headers = [f"{h.header.key}: {h.header.value}" for h in denied.headers]
     assert documented == [f"HTTP/1.1 {denied.status.code} Not Found", *headers, "", denied.body]
+
+
+def test_a_handle_may_be_presented_in_an_mcp_param_header() -> None:
+    policy = """\
+    name: jobs
+    handles:
+      job:
+        presented: '"mcp-param-job" in request.headers ? request.headers["mcp-param-job"] : ""'
+    """
+    policy_set = load_policy_set([("p.yaml", textwrap.dedent(policy))])
+    runner = CaseRunner(policy_set)
+
+    def sent(job: str, sub: str) -> Any:
+        (one,) = parse_cases("t_test.yaml", textwrap.dedent(f"""\
+            name: c
+            request: {{method: POST, headers: {{mcp-param-job: "{job}"}}}}
+            claims: {{iss: {ISS}, sub: {sub}}}
+            handle: {{kind: job, id: j-1, bound: {{iss: {ISS}, sub: alice}}}}
+            """))
+        return runner.run(one).decision
+
+    assert sent("j-1", "alice").allowed
+    assert sent("j-1", "bob").reason == decision.HANDLE_MISMATCH
+    assert sent("j-2", "alice").reason == decision.HANDLE_UNKNOWN
+    # A repeated header arrives comma-joined: never one handle, whichever the server reads.
+    assert sent("j-1,j-1", "alice").reason == decision.HANDLE_INVALID
