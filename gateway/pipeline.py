@@ -168,11 +168,12 @@ class Authorizer:
                 check.sessions.setdefault(policy.name, None)
                 continue
             variables, activation = check.variables, shared
-            if found is not None or presented:
+            sees_handle = bool(presented) and "handle" in check.policy_set.reads
+            if found is not None or sees_handle:
                 variables = dict(check.variables)
                 if found is not None:
                     variables["session"] = found[1]
-                if presented:
+                if sees_handle:
                     kind, first = presented[0]
                     variables["handle"] = handle_variable(kind.name, first.data, first.existed)
                 activation = Once(partial(activations.activation, variables))
@@ -186,7 +187,7 @@ class Authorizer:
                 if check.trace is not None:
                     check.trace(policy.name, "", "session.terminate", True)
             if policy.handles and not policy.audit:
-                self._after_handles(check, policy, presented, activation)
+                self._after_handles(check, policy, presented, activation, variables)
         return None
 
     def _presented_handles(
@@ -198,7 +199,13 @@ class Authorizer:
         binder = self.handle_binder
         owner = None if check.identity is None else (check.identity.issuer, check.identity.subject)
         for kind in policy.handles:
-            value = presented_value(kind, activation(), policy.name)
+            if kind.argument is not None:
+                arguments = check.variables["mcp"].get("arguments", {})
+                value = arguments.get(kind.argument, "")
+            elif kind.header is not None:
+                value = check.context.headers.get(kind.header, "")
+            else:
+                value = presented_value(kind, activation(), policy.name)
             if isinstance(value, str) and value == "":
                 continue
             shown = value if isinstance(value, str) else ""
@@ -223,17 +230,17 @@ class Authorizer:
 
     def _after_handles(
         self, check: _Check, policy: Policy, presented: tuple[tuple[HandleKind, Handle], ...],
-        activation: Once,
+        activation: Once, variables: Mapping[str, Any],
     ) -> None:
         """What an allowed call does to handles: the owner's terminating request ends one (once
         every policy allows), and a request whose response may mint one has it read."""
         for kind, handle in presented:
-            if handle.existed and ends_handle(kind, activation(), policy.name):
+            if handle.existed and ends_handle(kind, activation, variables, policy.name):
                 check.handles_ending[handle.key] = handle
                 if check.trace is not None:
                     check.trace(policy.name, "", f"handle {kind.name} terminate", True)
         if not check.mints:
-            check.mints = any(may_mint(kind, activation(), policy.name) for kind in policy.handles)
+            check.mints = any(may_mint(kind, activation, variables, policy.name) for kind in policy.handles)
 
     def mint(
         self, context: RequestContext, identity: Identity | None, response: dict[str, Any], now: float,
@@ -268,7 +275,7 @@ class Authorizer:
                 if policy.when is not None and not applies(policy, request_activation, trace):
                     continue
                 for kind in policy.handles:
-                    if not may_mint(kind, request_activation, policy.name):
+                    if not may_mint(kind, lambda: request_activation, variables, policy.name):
                         continue
                     value = minted_value(kind, response_activation(), policy.name)
                     if isinstance(value, str) and value == "":

@@ -615,3 +615,42 @@ def test_a_handle_may_be_presented_in_an_mcp_param_header() -> None:
     assert sent("j-2", "alice").reason == decision.HANDLE_UNKNOWN
     # A repeated header arrives comma-joined: never one handle, whichever the server reads.
     assert sent("j-1,j-1", "alice").reason == decision.HANDLE_INVALID
+
+
+def test_the_common_forms_are_read_without_cel_and_mean_the_same() -> None:
+    (policy,) = load_policy_dir(EXAMPLE).policies
+    assert policy.handles[0].argument == "draft_id" and policy.handles[0].header is None
+    assert policy.handles[0].terminate_memo is not None and policy.handles[0].minted_by_memo is not None
+    # The same kind written so that CEL must run gives the same decisions.
+    extra_forms = {
+        "direct": '"draft_id" in mcp.arguments ? mcp.arguments.draft_id : ""',
+        "cel": 'has(mcp.arguments.draft_id) ? mcp.arguments["draft_id"] : ""',
+    }
+    for form, presented in extra_forms.items():
+        policy_set = load_policy_set([("p.yaml", textwrap.dedent(f"""\
+            name: p
+            handles:
+              draft:
+                presented: '{presented.replace("'", "''")}'
+                terminate: 'mcp.name == "delete_draft"'
+            """))])
+        assert (policy_set.policies[0].handles[0].argument is not None) == (form == "direct")
+        runner = CaseRunner(policy_set)
+        for arguments, sub, expected in (
+            ({"draft_id": "d-1"}, "alice", decision.ALLOWED),
+            ({"draft_id": "d-1"}, "bob", decision.HANDLE_MISMATCH),
+            ({"draft_id": 5}, "alice", decision.HANDLE_INVALID),
+            ({"other": "d-1"}, "bob", decision.ALLOWED),
+        ):
+            (one,) = parse_cases("t_test.yaml", case(call(arguments), sub=sub))
+            assert runner.run(one).decision.reason == expected, (form, arguments, sub)
+
+
+def test_remembered_terminate_results_follow_the_fields_they_read() -> None:
+    """One runner (one policy set, one memo): publish, then delete, then publish again."""
+    runner = CaseRunner(load_policy_dir(EXAMPLE))
+    for tool, state in (("publish_draft", "live"), ("delete_draft", "terminated"), ("publish_draft", "live")):
+        (one,) = parse_cases("t_test.yaml", case(call({"draft_id": "d-1"}, tool)))
+        outcome = runner.run(one)
+        assert outcome.decision.allowed and outcome.handle_after is not None
+        assert ("terminated" if outcome.handle_after["terminated"] else "live") == state, tool

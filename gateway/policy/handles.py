@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from yaml.nodes import MappingNode, Node, ScalarNode
@@ -21,7 +21,9 @@ from gateway.config import parse_duration
 from gateway.policy.activation import _timestamp_value
 from gateway.policy.engines import CompiledExpression
 from gateway.policy.evaluate import run_expression
+from gateway.policy.memo import FusedMemo
 from gateway.policy.model import HandleKind, HandleRefusal, Location
+from gateway.policy.reads import analyze
 
 if TYPE_CHECKING:
     from gateway.policy.loader import _FileLoader
@@ -123,6 +125,7 @@ def _read_kind(loader: _FileLoader, name: str, key_node: Node, node: Node) -> Ha
     refusal = _read_refusal(loader, fields["refusal"][1], what) if "refusal" in fields else HandleRefusal()
     if not ok or refusal is None:
         return None
+    argument, header = _direct_read(presented.source if presented is not None else "")
     return HandleKind(
         name=name,
         location=Location(*loader.where(key_node)),
@@ -134,7 +137,62 @@ def _read_kind(loader: _FileLoader, name: str, key_node: Node, node: Node) -> Ha
         terminate=terminate,
         unknown_allowed=unknown_allowed,
         refusal=refusal,
+        argument=argument,
+        header=header,
+        terminate_memo=_memo_for(terminate),
+        minted_by_memo=_memo_for(minted_by),
     )
+
+
+def _memo_for(expression: CompiledExpression | None) -> FusedMemo | None:
+    """A memo of a bool expression's results, when every input is read field by field."""
+    if expression is None:
+        return None
+    reads = analyze(expression.source)
+    if not reads.analyzed or any(fields is None for fields in reads.variables.values()):
+        return None
+    variables = reads.variables
+    fields = tuple((name, field) for name in sorted(variables) for field in sorted(variables[name] or ()))
+    return FusedMemo(fields, size=1024)
+
+
+def _remembered(
+    expression: CompiledExpression, memo: FusedMemo | None, activation: Any, variables: Mapping[str, Any],
+    policy: str, step: str,
+) -> bool:
+    key = memo.key(policy, variables) if memo is not None else None
+    if key is not None and memo is not None:
+        known = memo.get(key)
+        if known is not None:
+            return known == 1
+    result = bool(run_expression(expression, activation(), policy, step))
+    if key is not None and memo is not None:
+        memo.put(key, 1 if result else 0)
+    return result
+
+
+_ARGUMENT_LOOKUP = re.compile(
+    r'^\s*"([A-Za-z_][A-Za-z0-9_]*)"\s+in\s+mcp\.arguments\s*\?\s*mcp\.arguments\.([A-Za-z_][A-Za-z0-9_]*)\s*:\s*""\s*$'
+)
+_HEADER_LOOKUP = re.compile(
+    r'^\s*"([a-z0-9-]+)"\s+in\s+request\.headers\s*\?\s*request\.headers\s*\[\s*"([a-z0-9-]+)"\s*\]\s*:\s*""\s*$'
+)
+# Words CEL reserves: never read directly, whatever the form.
+_CEL_RESERVED = frozenset({
+    "as", "break", "const", "continue", "else", "false", "for", "function", "if", "import", "in",
+    "let", "loop", "package", "namespace", "null", "return", "true", "var", "void", "while",
+})
+
+
+def _direct_read(source: str) -> tuple[str | None, str | None]:
+    """The argument or header a `presented` of the common form reads, to skip CEL for it."""
+    found = _ARGUMENT_LOOKUP.match(source)
+    if found and found.group(1) == found.group(2) and found.group(1) not in _CEL_RESERVED:
+        return found.group(1), None
+    found = _HEADER_LOOKUP.match(source)
+    if found and found.group(1) == found.group(2) and found.group(1) != "authorization":
+        return None, found.group(1)
+    return None, None
 
 
 def _plain(node: Node) -> object:
@@ -205,19 +263,26 @@ def minted_value(kind: HandleKind, activation: Any, policy: str) -> Any:
     return run_expression(kind.minted, activation, policy, f"handles.{kind.name}.minted")
 
 
-def may_mint(kind: HandleKind, activation: Any, policy: str) -> bool:
-    """Whether this request's response may mint a handle of this kind (only then is it read)."""
+def may_mint(
+    kind: HandleKind, activation: Callable[[], Any], variables: Mapping[str, Any], policy: str
+) -> bool:
+    """Whether this request's response may mint a handle of this kind (only then is it read).
+    `activation()` is called only when the expression must run (its result is remembered)."""
     if kind.minted is None:
         return False
     if kind.minted_by is None:
         return True
-    return bool(run_expression(kind.minted_by, activation, policy, f"handles.{kind.name}.minted_by"))
+    step = f"handles.{kind.name}.minted_by"
+    return _remembered(kind.minted_by, kind.minted_by_memo, activation, variables, policy, step)
 
 
-def ends_handle(kind: HandleKind, activation: Any, policy: str) -> bool:
+def ends_handle(
+    kind: HandleKind, activation: Callable[[], Any], variables: Mapping[str, Any], policy: str
+) -> bool:
     if kind.terminate is None:
         return False
-    return bool(run_expression(kind.terminate, activation, policy, f"handles.{kind.name}.terminate"))
+    step = f"handles.{kind.name}.terminate"
+    return _remembered(kind.terminate, kind.terminate_memo, activation, variables, policy, step)
 
 
 def handle_bind_values(kind: HandleKind, activation: Any, policy: str) -> dict[str, Any]:

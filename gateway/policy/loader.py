@@ -358,7 +358,7 @@ def _memo_fields(reads: Mapping[str, frozenset[str] | None]) -> tuple[tuple[str,
     return tuple((name, field) for name in sorted(reads) for field in sorted(reads[name] or ()))
 
 
-def _reads(policies: Iterable[Policy]) -> dict[str, frozenset[str] | None]:
+def _reads(policies: Iterable[Policy], handles: bool = True) -> dict[str, frozenset[str] | None]:
     """Each variable any expression may read, with the fields read of it (None: all of it).
 
     Found on each expression's syntax tree (gateway.policy.reads), which over-approximates
@@ -377,7 +377,9 @@ def _reads(policies: Iterable[Policy]) -> dict[str, frozenset[str] | None]:
             known.add(field)
 
     for policy in policies:
-        handle_expressions = kind_expressions(policy.handles)
+        # A kind's expressions run outside the fused one: what only they read is no part of the
+        # memo's key (`handles=False`), though the activation and the body reading need it.
+        handle_expressions = kind_expressions(policy.handles) if handles else ()
         for expr in (*_expressions(policy.when, policy.session, policy.rules), *handle_expressions):
             if policy.session is not None and policy.session.header and expr is policy.session.key:
                 continue  # read straight from the headers, not through CEL
@@ -443,7 +445,7 @@ def load_policy_set(
         engine,
         tuple(files),
         reads,
-        FusedMemo(_memo_fields(reads)),
+        FusedMemo(_memo_fields(_reads(policies, handles=False))),
         uses_body=any(policy.uses_body for policy in policies),
     )
 

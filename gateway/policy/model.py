@@ -81,6 +81,15 @@ class HandleKind:
     terminate: CompiledExpression | None = None
     unknown_allowed: bool = False
     refusal: HandleRefusal = HandleRefusal()
+    # Set when `presented` is exactly `"x" in mcp.arguments ? mcp.arguments.x : ""` (the
+    # argument's name) or `"h" in request.headers ? request.headers["h"] : ""` (the header's):
+    # the handle is then read directly, without evaluating CEL. The same value either way.
+    argument: str | None = None
+    header: str | None = None
+    # Remembered results of `terminate` and `minted_by` by the values of the fields they read
+    # (CEL is pure); None when they read a value whole.
+    terminate_memo: FusedMemo | None = None
+    minted_by_memo: FusedMemo | None = None
 
 
 @dataclass(frozen=True, slots=True)
