@@ -85,6 +85,7 @@ class Authorizer:
         self._binder = Binder(store, sessions)
         self.policies = policies
         self._allows = Allows()
+        self._handle_allows: dict[tuple[Any, ...], Decision] = {}
         handles = handles or HandlesConfig()
         if handle_store is None:
             # One process's memory: what `policy test` and in-process tests need. A gateway
@@ -336,15 +337,35 @@ class Authorizer:
 
     def _allow(self, check: _Check) -> Decision:
         identity = check.identity
-        if check.audits or check.session_new or check.handle_kind or check.mints:
+        if check.audits or check.session_new:
             return Decision(True, decision.ALLOWED, audit_denies=tuple(check.audits),
                             session_new=check.session_new, upstream_headers=self._upstream_headers(identity),
                             handle_kind=check.handle_kind, handle_id=check.handle_id,
                             mints_handles=check.mints)
+        if check.handle_kind or check.mints:
+            return self._handle_allow(check)
         key = None if identity is None else (identity.issuer, identity.subject)
         allowed = self._allows.get(key)
         if allowed is None:
             allowed = self._allows.remember(key, self._upstream_headers(identity))
+        return allowed
+
+    def _handle_allow(self, check: _Check) -> Decision:
+        """An allow that names a handle, or whose response may mint one: one immutable
+        Decision per identity and handle, as for ordinary allows (bounded)."""
+        identity = check.identity
+        key = (
+            None if identity is None else (identity.issuer, identity.subject),
+            check.handle_kind, check.handle_id, check.mints,
+        )
+        allowed = self._handle_allows.get(key)
+        if allowed is None:
+            allowed = Decision(True, decision.ALLOWED, upstream_headers=self._upstream_headers(identity),
+                               handle_kind=check.handle_kind, handle_id=check.handle_id,
+                               mints_handles=check.mints)
+            if len(self._handle_allows) >= 10_000:
+                self._handle_allows.clear()
+            self._handle_allows[key] = allowed
         return allowed
 
     def _upstream_headers(self, identity: Identity | None) -> tuple[tuple[str, str], ...]:

@@ -9,6 +9,7 @@ knows tokens or CEL.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,7 +26,6 @@ from gateway.session.record import (
     owner_key,
     refusal,
     tombstone,
-    valid_session_id,
 )
 from gateway.session.store import SessionStore, StoreSettings
 
@@ -81,9 +81,13 @@ def handle_problem(value: Any, max_length: int) -> str | None:
     let a repeated `Mcp-Param-*` header, joined with commas, name two handles."""
     if not isinstance(value, str):
         return f"a handle must be a string, not {_json_type(value)}"
-    if not valid_session_id(value, max_length):
-        return f"a handle must be 1-{max_length} visible ASCII characters without a comma"
-    return None
+    # Visible ASCII: ASCII, printable (no controls, no DEL), and neither a space nor a comma.
+    if (
+        0 < len(value) <= max_length and value.isascii() and value.isprintable()
+        and " " not in value and "," not in value
+    ):
+        return None
+    return f"a handle must be 1-{max_length} visible ASCII characters without a comma"
 
 
 def _json_type(value: Any) -> str:
@@ -183,7 +187,12 @@ class HandleBinder:
 def _owned_by(data: Mapping[str, Any], owner: tuple[str, str] | None) -> bool:
     if owner is None:
         return data.get("anonymous") is True
-    return data.get("anonymous") is False and data.get("owner") == owner_key(*owner)
+    return data.get("anonymous") is False and data.get("owner") == _owner_key(owner)
+
+
+@functools.lru_cache(maxsize=4096)
+def _owner_key(owner: tuple[str, str]) -> str:
+    return owner_key(*owner)
 
 
 def handle_store_url(store_url: str) -> str:
