@@ -12,21 +12,33 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from typing import Any, Protocol
 
 from yaml.nodes import MappingNode, Node, ScalarNode
 
 from gateway.config import parse_duration
 from gateway.policy.activation import _timestamp_value
-from gateway.policy.engines import CompiledExpression
+from gateway.policy.engines import CompiledExpression, Expect
 from gateway.policy.evaluate import run_expression
 from gateway.policy.memo import FusedMemo
 from gateway.policy.model import HandleKind, HandleRefusal, Location
 from gateway.policy.reads import analyze
 
-if TYPE_CHECKING:
-    from gateway.policy.loader import _FileLoader
+
+class KindReader(Protocol):
+    """What reading a kind needs of the policy file's reader (gateway.policy.loader)."""
+
+    def problem(self, node: Node | None, message: str) -> None: ...
+    def where(self, node: Node | None) -> Any: ...
+    def mapping(
+        self, node: Node, allowed: Collection[str], what: str
+    ) -> dict[str, tuple[Node, Node]] | None: ...
+    def scalar(self, node: Node, what: str) -> str | None: ...
+    def integer(self, node: Node, what: str) -> int | None: ...
+    def expression(
+        self, node: Node, expect: Expect, what: str, *, response: bool = False
+    ) -> CompiledExpression | None: ...
 
 KIND_KEYS = {"presented", "minted", "minted_by", "bind", "ttl", "terminate", "unknown", "refusal"}
 REFUSAL_KEYS = {"status", "code", "message"}
@@ -38,7 +50,7 @@ _MAX_MESSAGE = 200
 NO_HANDLE: Mapping[str, Any] = {"kind": "", "exists": False, "anonymous": False}
 
 
-def read_handle_kinds(loader: _FileLoader, node: Node) -> tuple[HandleKind, ...] | None:
+def read_handle_kinds(loader: KindReader, node: Node) -> tuple[HandleKind, ...] | None:
     """The kinds of a `handles:` mapping (kind name → its keys), or None after a problem."""
     if not isinstance(node, MappingNode):
         loader.problem(node, "handles must map kind names to their keys")
@@ -65,7 +77,7 @@ def read_handle_kinds(loader: _FileLoader, node: Node) -> tuple[HandleKind, ...]
     return tuple(kinds) if ok else None
 
 
-def _read_kind(loader: _FileLoader, name: str, key_node: Node, node: Node) -> HandleKind | None:
+def _read_kind(loader: KindReader, name: str, key_node: Node, node: Node) -> HandleKind | None:
     what = f"handles.{name}"
     fields = loader.mapping(node, KIND_KEYS, what)
     if fields is None:
@@ -201,7 +213,7 @@ def _plain(node: Node) -> object:
     return node.value if isinstance(node, ScalarNode) else node
 
 
-def _read_refusal(loader: _FileLoader, node: Node, what: str) -> HandleRefusal | None:
+def _read_refusal(loader: KindReader, node: Node, what: str) -> HandleRefusal | None:
     fields = loader.mapping(node, REFUSAL_KEYS, f"{what}.refusal")
     if fields is None:
         return None
