@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health
 
 from gateway.config import Config, parse_hostport
+from gateway.extproc import ProcessService
 from gateway.identity.keys import RemoteKeys
 from gateway.identity.verifier import TokenVerifier
 from gateway.pipeline import UPSTREAM_HEADERS, Authorizer, PolicyHolder
@@ -28,7 +29,7 @@ from gateway.telemetry.decision_log import DecisionLog
 from gateway.telemetry.observer import TelemetryObserver
 from gateway.telemetry.setup import Telemetry, setup_telemetry
 from gateway.telemetry.store_metrics import instrument_store, store_kind
-from gateway.telemetry.tracing import CheckSpans, SubjectHasher
+from gateway.telemetry.tracing import PROCESS_SPAN_NAME, CheckSpans, SubjectHasher
 
 log = logging.getLogger(__name__)
 
@@ -88,17 +89,22 @@ class Gateway:
         if config.telemetry.decision_log:
             listeners = (*listeners, DecisionLog())
         hasher = SubjectHasher(config.telemetry.record_subject, config.telemetry.subject_hash_key)
+        responses = ResponseBuilder(config.auth, UPSTREAM_HEADERS, config.responses)
         self.service = CheckService(
+            self.authorizer, responses, CheckSpans(hasher), config.max_request_bytes, listeners
+        )
+        self.processor = ProcessService(
             self.authorizer,
-            ResponseBuilder(config.auth, UPSTREAM_HEADERS, config.responses),
-            CheckSpans(hasher),
+            responses,
+            CheckSpans(hasher, name=PROCESS_SPAN_NAME),
             config.max_request_bytes,
-            listeners,
+            config.responses.session_not_found.body,
+            config.session.max_id_length,
         )
         self.health = health.HealthServicer()
         set_serving(self.health, False)
         self.server: grpc.Server = build_server(
-            self.service, self.health, max_workers=16, reuse_port=reuse_port
+            self.service, self.health, max_workers=16, reuse_port=reuse_port, processor=self.processor
         )
         self.port = 0
         self._reload_lock = threading.Lock()

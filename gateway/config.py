@@ -76,6 +76,9 @@ class SessionConfig:
     key_prefix: str = "authz:session:"
     store_timeout: float = 0.25
     max_sessions: int = 1_000_000
+    # When a session id is bound: `first_use` (the first request that presents it) or `response`
+    # (the upstream's response that issues it, seen through Envoy's ext_proc; docs/sessions.md).
+    bind_on: str = "first_use"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +92,8 @@ class HandlesConfig:
     # The largest response (or SSE event) read for a handle; a larger one is refused (502).
     max_response_bytes: int = 1024 * 1024
 
+BIND_ON_FIRST_USE = "first_use"
+BIND_ON_RESPONSE = "response"
 
 # What the official MCP Python SDK (mcp 2.3, streamable HTTP) answers, with HTTP 404, for a
 # session id it does not know: a JSON-RPC error without a request id. The gateway's session
@@ -360,7 +365,10 @@ def _session(reader: _Reader) -> SessionConfig:
         key_prefix=reader.string("key_prefix", d.key_prefix) or d.key_prefix,
         store_timeout=reader.duration("store_timeout", d.store_timeout),
         max_sessions=reader.integer("max_sessions", d.max_sessions, 1),
+        bind_on=reader.string("bind_on", d.bind_on) or "",
     )
+    if session.bind_on not in (BIND_ON_FIRST_USE, BIND_ON_RESPONSE):
+        raise reader.error(f"must be {BIND_ON_FIRST_USE} or {BIND_ON_RESPONSE}", "bind_on")
     reader.finish()
     return session
 

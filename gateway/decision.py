@@ -38,6 +38,10 @@ HANDLE_UNKNOWN = "handle_unknown"
 HANDLE_INVALID = "handle_invalid"
 HANDLE_UNREADABLE = "handle_unreadable"
 HANDLE_REISSUED = "handle_reissued"
+# session.bind_on: response (docs/sessions.md): an id no response of the server issued, and a
+# response that hands out an id already bound to another identity (or ended).
+SESSION_UNKNOWN = "session_unknown"
+SESSION_REISSUED = "session_reissued"
 
 STATUS_OF: dict[str, int] = {
     TOKEN_MISSING: 401,
@@ -65,6 +69,8 @@ STATUS_OF: dict[str, int] = {
     HANDLE_INVALID: 404,
     HANDLE_UNREADABLE: 502,
     HANDLE_REISSUED: 502,
+    SESSION_UNKNOWN: 404,
+    SESSION_REISSUED: 502,
 }
 
 

@@ -43,6 +43,8 @@ UPSTREAM_HEADERS = (UPSTREAM_SUBJECT, UPSTREAM_ISSUER)
 __all__ = ["UPSTREAM_HEADERS", "Authorizer", "PolicyHolder"]
 
 _ONCE: tuple[McpCall | None, ...] = (None,)  # the request judged once, `mcp` as gathered
+# The response path has the request's headers, never its body: `mcp` is NOT_MCP there.
+_HEADERS_ONLY = decision.deny(decision.REQUEST_UNPARSEABLE, error="the response path sees headers only")
 
 
 @dataclass(slots=True)
@@ -93,6 +95,7 @@ class Authorizer:
             settings = handle_store_settings(handles, sessions.store_timeout, sessions.max_sessions)
             handle_store = MemoryStore(settings)
         self.handle_binder = HandleBinder(handle_store, handles)
+        self._session_headers: tuple[PolicySet | None, frozenset[str]] = (None, frozenset())
 
     @property
     def store(self) -> SessionStore:
@@ -334,6 +337,78 @@ class Authorizer:
         check.sessions[policy.name] = result
         check.session_new = check.session_new or (found is not None and not found.existed)
         return result
+
+    # ---- the response path (session.bind_on: response; gateway/extproc.py) ----
+
+    @property
+    def binds_on_response(self) -> bool:
+        return self._binder.binds_on_response
+
+    def session_headers(self) -> frozenset[str]:
+        """The headers that carry a session id (the policies' `session.header`)."""
+        policy_set = self.policies.current
+        known = self._session_headers
+        if known[0] is not policy_set:  # computed once per loaded policy set
+            policies = policy_set.policies
+            headers = frozenset(p.session.header for p in policies if p.session and p.session.header)
+            known = self._session_headers = (policy_set, headers)
+        return known[1]
+
+    def bind_issued(
+        self, context: RequestContext, identity: Identity | None, issued: dict[str, str], now: float
+    ) -> Decision:
+        """The upstream's response to an allowed request issued `issued` (session header → id):
+        bind each new id to the request's identity, with the policy's `bind` values, before the
+        response reaches the client. The request's own id, repeated, is its session. A deny
+        (`session_reissued`, …) means the response must not be delivered. `when` and `bind` see
+        the request's headers only (no body: `mcp` is empty)."""
+        policy_set = self.policies.current
+        check = _Check(policy_set, context, identity, now, None)
+        check.unreadable = _HEADERS_ONLY
+        activation: Any = None
+        try:
+            for policy in policy_set.policies:
+                header = policy.session.header if policy.session else None
+                key = issued.get(header) if header else None
+                if key is None or key == context.headers.get(header or ""):
+                    continue
+                if activation is None:
+                    refused = _gather_variables(check)
+                    if refused is not None:
+                        return refused
+                    activation = Activations(policy_set).activation(check.variables)
+                try:
+                    if policy.when is not None and not applies(policy, activation):
+                        continue
+                    owner = None if identity is None else (identity.issuer, identity.subject)
+                    found = self._binder.bind_issued(
+                        key, owner, partial(bind_values, policy, activation), now
+                    )
+                    if isinstance(found, Refusal):
+                        denial = decision.deny(found.reason, policy=policy.name, error=found.message)
+                        raise PolicyFailure(denial)
+                except PolicyFailure as failure:
+                    if not policy.audit:
+                        return check.denied(failure.denial)
+                    check.audit(policy.name, failure.denial)
+                    continue
+                check.session_new = check.session_new or not found.existed
+        except StoreUnavailable as exc:
+            return decision.deny(decision.STORE_UNAVAILABLE, error=f"session store: {exc}")
+        audits = tuple(check.audits)
+        return Decision(True, decision.ALLOWED, audit_denies=audits, session_new=check.session_new)
+
+    def forget_sessions(self, context: RequestContext, identity: Identity | None, now: float) -> int:
+        """The upstream answered that it does not know the session the request carried: each
+        such live session of this identity ends (a `terminated` tombstone). How many ended.
+        Raises StoreUnavailable."""
+        owner = None if identity is None else (identity.issuer, identity.subject)
+        ended = 0
+        for header in self.session_headers():
+            key = context.headers.get(header)
+            if key and self._binder.forgotten(key, owner, now):
+                ended += 1
+        return ended
 
     def _allow(self, check: _Check) -> Decision:
         identity = check.identity

@@ -198,7 +198,12 @@ def _header_dict(http: Any, max_bytes: int) -> dict[str, str]:
         headers = {key.lower(): value for key, value in headers.items()}
     total = len(names) + sum(map(len, headers.values()))
     # Envoy sends header_map instead of headers when encode_raw_headers is on.
-    for entry in http.header_map.headers:
+    return _add_entries(headers, http.header_map.headers, total, max_bytes)
+
+
+def _add_entries(headers: dict[str, str], entries: Any, total: int, max_bytes: int) -> dict[str, str]:
+    """`headers` with Envoy's HeaderValue entries added (lower-case names, repeats joined)."""
+    for entry in entries:
         raw = entry.raw_value if entry.raw_value else entry.value.encode()
         try:
             value = raw.decode("utf-8")
@@ -295,3 +300,30 @@ def from_check_request(check_request: Any, max_bytes: int = 64 * 1024) -> Reques
         if isinstance(judged, RequestError) and judged.reason == decision.MCP_HEADER_MISMATCH:
             raise judged
     return context
+
+
+def from_header_map(header_map: Any, max_bytes: int = 64 * 1024) -> RequestContext:
+    """Build the request context from Envoy's request HeaderMap (ext_proc's request headers).
+
+    The response path sees headers only: the body is empty and the MCP view is NOT_MCP.
+    """
+    headers = _add_entries({}, header_map.headers, 0, max_bytes)
+    method = headers.get(":method", "")
+    if not method:
+        raise RequestError(decision.REQUEST_INVALID, "the HTTP request has no method")
+    path, _, query_string = headers.get(":path", "/").partition("?")
+    query: dict[str, str] = {}
+    query_repeated = False
+    if query_string:
+        query, query_repeated = _query(query_string)
+    _refuse_unsafe_text(*headers, *headers.values(), *query, *query.values())
+    return RequestContext(
+        method=method.upper(),
+        path=path,
+        headers=headers,
+        query=query,
+        query_repeated=query_repeated,
+        host=headers.get(":authority", ""),
+        scheme=headers.get(":scheme", ""),
+        parsed_mcp=(NOT_MCP,),
+    )

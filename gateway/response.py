@@ -141,13 +141,18 @@ class ResponseBuilder:
             ),
         )
 
-    def _denied_response(
+    def denial(self, outcome: Decision) -> tuple[str, list[tuple[str, str]]]:
+        """The body and headers of a deny, as the client receives them (Check's denied_response,
+        and the ext_proc ImmediateResponse of the response path)."""
+        return self._denial(outcome.reason, outcome.status, outcome.headers, outcome.reply)
+
+    def _denial(
         self,
         reason: str,
         status: int,
         extra_headers: tuple[tuple[str, str], ...],
         reply: tuple[str, str] | None = None,
-    ) -> external_auth_pb2.CheckResponse:
+    ) -> tuple[str, list[tuple[str, str]]]:
         if reply is None:
             reply = (self.content_type(reason, status), self.body(reason, status))
         content_type, body = reply
@@ -163,6 +168,16 @@ class ResponseBuilder:
         if status == 401:
             headers.append(("www-authenticate", self.challenge(reason)))
         headers.extend((k.lower(), v) for k, v in extra_headers)
+        return body, headers
+
+    def _denied_response(
+        self,
+        reason: str,
+        status: int,
+        extra_headers: tuple[tuple[str, str], ...],
+        reply: tuple[str, str] | None = None,
+    ) -> external_auth_pb2.CheckResponse:
+        body, headers = self._denial(reason, status, extra_headers, reply)
         grpc_code = code_pb2.UNAUTHENTICATED if status == 401 else code_pb2.PERMISSION_DENIED
         return external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=grpc_code),

@@ -24,6 +24,9 @@ from opentelemetry.trace import INVALID_SPAN
 from gateway import decision
 from gateway.decision import Decision
 from gateway.envoy_api.envoy.service.auth.v3 import external_auth_pb2
+from gateway.extproc import SERVICE_NAME as PROCESS_SERVICE_NAME
+from gateway.extproc import ProcessService
+from gateway.extproc import handler as process_handler
 from gateway.pipeline import Authorizer
 from gateway.request import RequestContext, RequestError, from_check_request, redact_secrets
 from gateway.response import ResponseBuilder
@@ -164,7 +167,11 @@ class CheckService:
 
 
 def build_server(
-    service: CheckService, health_servicer: health.HealthServicer, max_workers: int, reuse_port: bool = False
+    service: CheckService,
+    health_servicer: health.HealthServicer,
+    max_workers: int,
+    reuse_port: bool = False,
+    processor: ProcessService | None = None,
 ) -> grpc.Server:
     handler = grpc.unary_unary_rpc_method_handler(
         service.Check,
@@ -176,11 +183,16 @@ def build_server(
         options=[("grpc.so_reuseport", 1 if reuse_port else 0)],
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {"Check": handler}),))
+    if processor is not None:  # the response path (gateway/extproc.py), on the same listener
+        processing = grpc.method_handlers_generic_handler(
+            PROCESS_SERVICE_NAME, {"Process": process_handler(processor)}
+        )
+        server.add_generic_rpc_handlers((processing,))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     return server
 
 
 def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-    for name in ("", SERVICE_NAME):
+    for name in ("", SERVICE_NAME, PROCESS_SERVICE_NAME):
         health_servicer.set(name, status)

@@ -37,9 +37,10 @@ echo "== a Check with an expired token (authz-gateway token --ttl -120)"
 
 cat <<EOF
 
-The gateway is serving Envoy's ext_authz gRPC API on 127.0.0.1:9191 (Ctrl-C stops it).
+The gateway is serving Envoy's ext_authz and ext_proc gRPC APIs on 127.0.0.1:9191 (Ctrl-C stops it).
 Try it yourself, from this directory, in another terminal:
   TOKEN=\$($GW token --sub alice)      # signed with examples/keys/issuer-rs256.pem
+  $PY scripts/try_check.py --token "\$TOKEN" --issue s-1     # the server's answer issues s-1: bound to alice
   $PY scripts/try_check.py --token "\$TOKEN" --session s-1
   $PY scripts/try_check.py --token "\$($GW token --sub bob)" --session s-1    # 404: s-1 is alice's
 Put Envoy in front (README, section "Beside Envoy"): $VENV/bin/envoy -c examples/envoy/envoy.yaml

@@ -289,6 +289,16 @@ def test_the_example_config_loads() -> None:
     assert config.listen == "127.0.0.1:9191"
     assert config.auth.issuers[0].jwks_file == (REPO / "examples" / "keys" / "jwks.json").resolve()
     assert config.auth.resource_metadata
+    assert config.session.bind_on == "response"  # with the ext_proc filter of examples/envoy/envoy.yaml
+
+
+def test_session_bind_on() -> None:
+    assert config_from_mapping({}, "conf.yaml").session.bind_on == "first_use"
+    for value in ("first_use", "response"):
+        assert config_from_mapping({"session": {"bind_on": value}}, "conf.yaml").session.bind_on == value
+    for bad in ("Response", "", "request", 1, ["response"]):
+        with pytest.raises(ConfigError, match=r"conf\.yaml: session\.bind_on: "):
+            config_from_mapping({"session": {"bind_on": bad}}, "conf.yaml")
 
 
 # ---------------------------------------------------------------- --version

@@ -65,6 +65,8 @@ def test_demo_tells_the_whole_story_and_exits_0(tmp_path: Path) -> None:
     assert process.returncode == 0, stdout + stderr
     for line in (
         "1. alice opens an MCP session, with access token AT1 [",
+        "mallory  uses it before alice's client sends its next request -> HTTP 404",
+        "mallory  the same with a made-up session id -> HTTP 404",
         "2. alice's token is refreshed: AT2 [",
         "3. mallory replays alice's session id, with a valid token of her own",
         f"mallory  tools/call whoami -> HTTP 404 {MCP_SDK_SESSION_NOT_FOUND_BODY}",
@@ -77,7 +79,10 @@ def test_demo_tells_the_whole_story_and_exits_0(tmp_path: Path) -> None:
         assert line in stdout, f"missing {line!r} in:\n{stdout}"
     # The gateway's own reasons, one decision per line, as the spans said.
     assert re.search(r"POST notifications/initialized +allow +allowed\n", stdout)
-    assert stdout.count("(the new session id is now bound to the token's iss+sub)") == 2
+    assert stdout.count("(the session id was bound to the token's iss+sub when the server issued it)") == 2
+    # mallory's early use (step 1) and her replay (step 3); the made-up id is unknown.
+    assert len(re.findall(r"POST tools/call whoami +deny 404 +subject_mismatch", stdout)) == 2
+    assert re.search(r"POST tools/call whoami +deny 404 +session_unknown", stdout)
     assert re.search(r"POST tools/call whoami +allow +allowed", stdout)
     assert re.search(r"POST tools/call whoami +deny 404 +subject_mismatch", stdout)
     assert re.search(r"DELETE +allow +allowed", stdout)

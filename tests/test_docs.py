@@ -187,7 +187,11 @@ def telemetry_names() -> dict[str, set[str]]:
                     found["spans"].add(name)
                 elif name is not None and called in _INSTRUMENTS:
                     found["metrics"].add(name)
-            elif isinstance(node, ast.Assign) and _assigns(node, "SPAN_NAME") and _string(node.value):
+            elif (
+                isinstance(node, ast.Assign)
+                and (_assigns(node, "SPAN_NAME") or _assigns(node, "PROCESS_SPAN_NAME"))
+                and _string(node.value)
+            ):
                 found["spans"].add(str(_string(node.value)))
             for key in map(_string, keys):
                 if key is not None and _ATTRIBUTE_KEY.fullmatch(key):
@@ -199,7 +203,12 @@ def test_the_scan_finds_what_the_code_is_known_to_set() -> None:
     found = telemetry_names()
     assert {"authz.decision", "authz.reason", "gen_ai.tool.name", "db.system.name"} <= found["attributes"]
     assert {"authz.binding_mismatch", "authz.audit_deny", "exception"} <= found["events"]
-    assert {"envoy.service.auth.v3.Authorization/Check", "jwks.fetch"} <= found["spans"]
+    assert {
+        "envoy.service.auth.v3.Authorization/Check",
+        "envoy.service.ext_proc.v3.ExternalProcessor/Process",
+        "jwks.fetch",
+    } <= found["spans"]
+    assert {"authz.session.bound_at", "authz.stream.cancelled"} <= found["attributes"]
     assert {"authz_checks", "authz_check_duration", "authz_policy_reloads"} <= found["metrics"]
 
 

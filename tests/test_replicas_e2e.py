@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,10 +22,12 @@ from tests.support.issuer import TestIssuer
 from tests.support.processes import (
     EnvoyProcess,
     GatewayProcess,
+    IssuingUpstream,
     RecordingUpstream,
     RedisServer,
     envoy_config,
     free_port,
+    split_process_cluster,
     wait_for_port,
 )
 
@@ -35,25 +38,30 @@ class Stack:
     redis: RedisServer
     replicas: dict[int, GatewayProcess]  # by port
     envoy: EnvoyProcess
-    upstream: RecordingUpstream
+    upstream: Any
     listener_port: int
     admin_port: int
 
-    def _served(self) -> dict[int, int]:
+    def _served(self, cluster: str = "authz_gateway") -> dict[int, int]:
+        """Requests per replica: Checks (`authz_gateway`) or Process streams (`authz_gateway_process`)."""
         connection = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=5)
         connection.request("GET", "/clusters")
         text = connection.getresponse().read().decode()
         connection.close()
         counts = {}
         for port in self.replicas:
-            found = re.search(rf"^authz_gateway::127\.0\.0\.1:{port}::rq_total::(\d+)$", text, re.MULTILINE)
+            found = re.search(rf"^{cluster}::127\.0\.0\.1:{port}::rq_total::(\d+)$", text, re.MULTILINE)
             counts[port] = int(found.group(1)) if found else 0
         return counts
 
-    def send(self, session: str, subject: str | None, method: str = "POST") -> tuple[int, bytes, int]:
+    def send(
+        self, session: str, subject: str | None, method: str = "POST", extra: dict[str, str] | None = None
+    ) -> tuple[int, bytes, int]:
         """(status, body, the port of the replica that answered the check)."""
         before = self._served()
-        headers = {"mcp-session-id": session, "content-type": "application/json"}
+        headers = {"content-type": "application/json", **(extra or {})}
+        if session:
+            headers["mcp-session-id"] = session
         if subject is not None:
             headers["authorization"] = f"Bearer {self.idp.token(subject)}"  # a fresh token every time
         body = b'{"jsonrpc":"2.0","id":1,"method":"tools/list"}' if method == "POST" else None
@@ -80,31 +88,39 @@ class Stack:
         raise AssertionError(f"round robin reached only {seen}")
 
 
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
+def _stack(tmp_path: Path, upstream: Any, **session: Any) -> Stack:
     idp = TestIssuer(serve=False)
     jwks = idp.write_jwks(tmp_path / "jwks.json")
     redis = RedisServer(tmp_path)
     config = {
         "store": redis.url,
         "auth": {"issuers": [idp.issuer_config(jwks_file=jwks)]},
-        "session": {"store_timeout": "250ms"},
+        "session": {"store_timeout": "250ms", **session},
     }
     replicas = [GatewayProcess(config, tmp_path, name=f"replica-{i}") for i in (1, 2)]
-    upstream = RecordingUpstream()
     listener_port, admin_port = free_port(), free_port()
     text = envoy_config(
         listener_port=listener_port, admin_port=admin_port,
         gateway_ports=[r.port for r in replicas], upstream_port=upstream.port,
     )
-    envoy = EnvoyProcess(text, tmp_path)
+    # Checks and Process streams counted apart: each request opens both.
+    envoy = EnvoyProcess(split_process_cluster(text), tmp_path)
     wait_for_port(admin_port, 30)
     wait_for_port(listener_port, 30)
-    built = Stack(idp, redis, {r.port: r for r in replicas}, envoy, upstream, listener_port, admin_port)
+    return Stack(idp, redis, {r.port: r for r in replicas}, envoy, upstream, listener_port, admin_port)
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    built = _stack(tmp_path, RecordingUpstream())
     yield built
-    envoy.stop()
-    upstream.stop()
-    for replica in replicas:
+    _stop(built)
+
+
+def _stop(built: Stack) -> None:
+    built.envoy.stop()
+    built.upstream.stop()
+    for replica in built.replicas.values():
         assert replica.stop() == 0, replica.log_text()
     built.redis.stop()
 
@@ -153,3 +169,34 @@ def test_two_replicas_share_sessions_and_fail_closed_together(stack: Stack, tmp_
     assert stack.on_both(fresh, "mallory") == {(404, NOT_FOUND)}
     for replica in stack.replicas.values():
         assert replica.alive()
+
+
+@pytest.fixture
+def issuing_stack(tmp_path: Path) -> Iterator[Stack]:
+    built = _stack(tmp_path, IssuingUpstream(), bind_on="response")
+    yield built
+    _stop(built)
+
+
+def test_a_bind_at_issuance_by_one_replica_is_honoured_by_the_other(issuing_stack: Stack) -> None:
+    stack = issuing_stack
+    for attempt in range(4):
+        session = f"issued-{uuid.uuid4()}"
+        # Unknown until a response issues it: on both replicas.
+        assert stack.on_both(session, "alice") == {(404, NOT_FOUND)}
+        before = stack._served("authz_gateway_process")
+        status, _, checked_by = stack.send("", "alice", extra={"x-issue": session})
+        after = stack._served("authz_gateway_process")
+        assert status == 200
+        processed_by = [port for port in stack.replicas if after[port] > before[port]]
+        assert len(processed_by) == 1, (before, after)
+        if processed_by[0] != checked_by or attempt == 3:
+            break
+    # Bound by the replica that saw the response; honoured by both, for alice only.
+    assert stack.on_both(session, "alice") == {(200, b'{"jsonrpc":"2.0","id":1,"result":{}}')}
+    assert stack.on_both(session, "mallory") == {(404, NOT_FOUND)}
+    # Issued again to someone else, through either replica: never delivered.
+    for _ in range(2):
+        status, body, _ = stack.send("", "mallory", extra={"x-issue": session})
+        assert status == 502 and session.encode() not in body
+    assert stack.on_both(session, "alice") == {(200, b'{"jsonrpc":"2.0","id":1,"result":{}}')}

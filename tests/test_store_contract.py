@@ -71,6 +71,22 @@ class Harness:
     def token(self, subject: str) -> str:
         return self.idp.token(subject)
 
+    def issue(self, session_id: str, subject: str | None = "alice", presented: str | None = None) -> Decision:
+        """The response path: the upstream's answer to `subject`'s request issues `session_id`."""
+        token = self.token(subject) if subject is not None else None
+        context = from_check_request(check_request(token=token, session_id=presented))
+        # None: an anonymous request (allow_anonymous is the Check's business, not the store's)
+        identity = None if token is None else self.authorizer.identify(context, time.time())
+        assert not isinstance(identity, Decision)
+        return self.authorizer.bind_issued(context, identity, {"mcp-session-id": session_id}, time.time())
+
+    def forget(self, session_id: str, subject: str | None = "alice") -> int:
+        token = self.token(subject) if subject is not None else None
+        context = from_check_request(check_request(token=token, session_id=session_id))
+        identity = None if token is None else self.authorizer.identify(context, time.time())
+        assert not isinstance(identity, Decision)
+        return self.authorizer.forget_sessions(context, identity, time.time())
+
     def ask(self, session_id: str | None, subject: str | None = "alice", method: str = "POST") -> Decision:
         token = self.token(subject) if subject is not None else None
         context = from_check_request(check_request(method=method, token=token, session_id=session_id))
@@ -94,7 +110,7 @@ def _maker(
 ) -> StoreMaker:
     def factory(
         *, ttl: float = 3600, idle: float = 600, cap: int = 100, max_sessions: int = 1_000_000,
-        max_id_length: int = 64, url: str | None = None,
+        max_id_length: int = 64, url: str | None = None, bind_on: str = "first_use",
     ) -> Harness:
         if url is None:
             if kind == "memory":
@@ -109,7 +125,7 @@ def _maker(
         auth = AuthConfig(issuers=(IssuerConfig(idp.issuer, (AUDIENCE,), jwks_file=jwks_file),))
         sessions = SessionConfig(
             ttl=ttl, idle_timeout=idle, max_per_identity=cap, max_id_length=max_id_length,
-            key_prefix=prefix, store_timeout=0.25, max_sessions=max_sessions,
+            key_prefix=prefix, store_timeout=0.25, max_sessions=max_sessions, bind_on=bind_on,
         )
         authorizer = Authorizer(auth, sessions, TokenVerifier(auth), store, POLICIES)
         return Harness(kind, store, authorizer, idp)
@@ -684,3 +700,63 @@ def test_sqlite_binds_race_across_processes(tmp_path: Path) -> None:
     winners = [index for index, created, _ in outcomes if created]
     assert len(winners) == 1
     assert {winner for _, created, winner in outcomes if not created} == {f"user-{winners[0]}"}
+
+
+# ---- bind at issuance (session.bind_on: response) ----
+
+
+def test_bind_at_issuance_binds_only_what_a_response_issued(make: StoreMaker) -> None:
+    h = make(bind_on="response")
+    session = new_id()
+    unknown = h.ask(session, "alice")
+    assert (unknown.status, unknown.reason) == (404, decision.SESSION_UNKNOWN)
+    assert h.store.load(session, time.time()) is None  # nothing bound on that use
+    bound = h.issue(session, "alice")
+    assert bound.allowed and bound.session_new
+    assert h.ask(session, "alice").allowed
+    assert h.ask(session, "bob").reason == decision.SUBJECT_MISMATCH
+    # Issued again to its owner (a retried initialize), or repeated in her own session: fine.
+    again = h.issue(session, "alice")
+    assert again.allowed and not again.session_new
+    assert h.issue(session, "alice", presented=session).allowed
+    # Issued to anyone else: refused, and the binding stays.
+    reissued = h.issue(session, "bob")
+    assert (reissued.status, reissued.reason) == (502, decision.SESSION_REISSUED)
+    assert h.ask(session, "alice").allowed
+    anonymous = h.issue(session, None)
+    assert anonymous.reason == decision.SESSION_REISSUED
+
+
+def test_a_forgotten_session_becomes_a_tombstone_never_reissued(make: StoreMaker) -> None:
+    h = make(bind_on="response")
+    session = new_id()
+    assert h.issue(session, "alice").session_new
+    assert h.forget(session, "bob") == 0  # not bob's to end
+    assert h.ask(session, "alice").allowed
+    assert h.forget(session, "alice") == 1
+    ended = h.ask(session, "alice")
+    assert (ended.status, ended.reason) == (404, decision.SESSION_TERMINATED)
+    loaded = h.store.load(session, time.time())
+    assert loaded is not None and loaded.data["ended"] == ENDED_TERMINATED
+    assert h.forget(session, "alice") == 0  # already ended
+    for subject in ("alice", "bob"):
+        assert h.issue(session, subject).reason == decision.SESSION_REISSUED
+
+
+def test_an_idle_id_issued_again_is_refused(make: StoreMaker) -> None:
+    """Idle past its timeout, an id stays taken (Redis: by its marker): a server that hands it
+    out again, to anyone, gets session_reissued."""
+    h = make(bind_on="response", idle=0.3, ttl=30)
+    session = new_id()
+    assert h.issue(session, "alice").session_new
+    time.sleep(0.6)
+    assert h.issue(session, "bob").reason == decision.SESSION_REISSUED
+
+
+def test_anonymous_issuance_binds_as_anonymous(make: StoreMaker) -> None:
+    h = make(bind_on="response")
+    session = new_id()
+    assert h.issue(session, None).session_new
+    loaded = h.store.load(session, time.time())
+    assert loaded is not None and loaded.data["anonymous"] is True
+    assert h.issue(session, "alice").reason == decision.SESSION_REISSUED

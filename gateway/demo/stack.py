@@ -161,6 +161,8 @@ class DemoStack:
             "policies": str(default_policy_dir()),
             "store": "memory://",
             "auth": {"issuers": [{"issuer": issuer, "audiences": [audience], "jwks_file": str(jwks_file)}]},
+            # As examples/gateway.yaml: each session id bound when the MCP server issues it.
+            "session": {"bind_on": "response"},
         }
         path = self.work / "gateway.yaml"
         path.write_text(yaml.safe_dump(config))

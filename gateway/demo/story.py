@@ -82,7 +82,9 @@ class Story:
             self.failures.append(f"step {self._step}: {what}")
             self.out(f"   !! expected {what}")
 
-    async def gateway(self, trace_id: str, expected: list[Expected]) -> list[SeenDecision]:
+    async def gateway(
+        self, trace_id: str, expected: list[Expected], binds_expected: int = 0
+    ) -> list[SeenDecision]:
         """Wait for the gateway's decisions on these requests, print them, return them."""
         wanted = Counter(expected)
 
@@ -95,11 +97,13 @@ class Story:
         shown = [d for d in decisions if d.http_method != "GET"]
         for i, decision in enumerate(shown):
             self.said("gateway" if i == 0 else "", describe(decision))
-        # The first request that carries a new session id binds it: notifications/initialized,
-        # or the SDK's GET stream, whichever reaches the gateway first.
-        self.bound = sum(d.session_new for d in decisions)
+        # The response that issues a session id binds it (session.bind_on: response): the
+        # Process span of initialize's response says so.
+        self.bound = await anyio.to_thread.run_sync(
+            lambda: self.receiver.wait_binds(trace_id, binds_expected)
+        )
         if self.bound:
-            self.said("", "(the new session id is now bound to the token's iss+sub)")
+            self.said("", "(the session id was bound to the token's iss+sub when the server issued it)")
         self.expect(arrived(decisions), f"the gateway's decisions on {len(expected)} requests")
         return shown
 
@@ -126,17 +130,40 @@ class Story:
         at1 = self.tokens.mint("alice", 60)
         alice = BearerAuth(at1)
         sent = SentRequests()
-        trace = self.step(f"alice opens an MCP session, with access token AT1 [{fingerprint(at1)}]", alice)
-        async with mcp_session(self.url, alice, sent) as client:
+        trace = self.step(
+            f"alice opens an MCP session, with access token AT1 [{fingerprint(at1)}]; mallory sees the id",
+            alice,
+        )
+        mallory = self.tokens.mint("mallory", 0)
+        early: dict[str, Any] = {}
+        whoami_body = {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "whoami"}}
+
+        async def use_it_first(response: httpx2.Response) -> None:
+            # mallory sees the id go by and uses it before alice's client sends anything more.
+            issued = response.headers.get("mcp-session-id")
+            if issued and "response" not in early:
+                early["sent_before"] = len(sent.items)
+                early["response"] = await self.raw("POST", mallory, issued, trace, whoami_body)
+
+        async with mcp_session(self.url, alice, sent, on_response=use_it_first) as client:
             tools = sorted(t.name for t in (await client.list_tools()).tools)
             echo = text_of(await client.call_tool("echo", {"text": "hello"}))
             session_id = sent.session_ids()[-1]
+            first_use: httpx2.Response = early["response"]
             self.said("client", f"initialize -> session [{fingerprint(session_id)}]")
-            self.said("", f"tools/list -> {', '.join(tools)}; tools/call echo('hello') -> {echo!r}")
-            seen = await self.gateway(trace, [*INITIALIZE, ("POST", "tools/list", ""), call("echo")])
+            self.said(
+                "mallory",
+                f"uses it before alice's client sends its next request -> HTTP {first_use.status_code}",
+            )
+            self.said("client", f"tools/list -> {', '.join(tools)}; tools/call echo('hello') -> {echo!r}")
+            expected = [*INITIALIZE, call("whoami"), ("POST", "tools/list", ""), call("echo")]
+            seen = await self.gateway(trace, expected, binds_expected=1)
             self.expect(echo == "hello", "echo to answer 'hello'")
-            self.expect(all(d.decision == "allow" for d in seen), "every check allowed")
-            self.expect(self.bound == 1, "the session bound once")
+            refused_early = early["sent_before"] == 1 and first_use.status_code == 404
+            self.expect(refused_early, "mallory's early use refused")
+            early_refusals = [d.reason for d in seen if d.decision != "allow"]
+            self.expect(early_refusals == ["subject_mismatch"], "only mallory's early use refused")
+            self.expect(self.bound == 1, "the session bound once, as issued")
 
             at2 = self.tokens.mint("alice", 0)
             trace = self.step(
@@ -153,19 +180,15 @@ class Story:
             self.expect(same and whoami == "alice", "the same session to carry on under AT2")
             self.expect([d.reason for d in seen] == ["allowed"], "the refreshed token allowed")
 
-            mallory = self.tokens.mint("mallory", 0)
             trace = self.step("mallory replays alice's session id, with a valid token of her own", alice)
-            body = {
-                "jsonrpc": "2.0",
-                "id": 7,
-                "method": "tools/call",
-                "params": {"name": "whoami", "arguments": {}},
-            }
-            hijack = await self.raw("POST", mallory, session_id, trace, body)
+            hijack = await self.raw("POST", mallory, session_id, trace, whoami_body)
             self.said("mallory", f"tools/call whoami -> HTTP {hijack.status_code} {hijack.text}")
-            seen = await self.gateway(trace, [call("whoami")])
-            self.expect(hijack.status_code == 404, "HTTP 404 for mallory")
-            self.expect([d.reason for d in seen] == ["subject_mismatch"], "reason subject_mismatch")
+            guessed = await self.raw("POST", mallory, "guessed-0123456789abcdef", trace, whoami_body)
+            self.said("mallory", f"the same with a made-up session id -> HTTP {guessed.status_code}")
+            seen = await self.gateway(trace, [call("whoami"), call("whoami")])
+            self.expect(hijack.status_code == 404 and guessed.status_code == 404, "HTTP 404 for mallory")
+            reasons = [d.reason for d in seen]
+            self.expect(reasons == ["subject_mismatch", "session_unknown"], "mismatch, then unknown")
             trace = new_trace_id()
             alice.trace_id = trace
             added = text_of(await client.call_tool("add", {"a": 2, "b": 3}))
@@ -201,7 +224,7 @@ class Story:
         self.said(
             "", f"initialize -> new session [{fingerprint(new_id)}]; echo -> {echo!r}; DELETE on leaving"
         )
-        seen = await self.gateway(trace, [DELETE, *INITIALIZE, call("echo"), DELETE])
+        seen = await self.gateway(trace, [DELETE, *INITIALIZE, call("echo"), DELETE], binds_expected=1)
         self.expect(echo == "hello again" and new_id != session_id, "a new session that works")
         refused = [d for d in seen if d.decision != "allow"]
         self.expect(

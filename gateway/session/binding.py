@@ -1,7 +1,9 @@
 """The session step: find a request's session, or bind it to its first user, or refuse it.
 
 One small interface for every path that meets a session: `Binder.find_or_bind` for a
-request that names one, `Binder.end` for the owner's DELETE. Identity arrives as plain
+request that names one, `Binder.end` for the owner's DELETE; with `session.bind_on:
+response`, `Binder.bind_issued` for an id the upstream's response hands out and
+`Binder.forgotten` for one the upstream says it no longer knows. Identity arrives as plain
 values (the owner's issuer and subject), the values to bind as a callable evaluated only
 when the session is new; nothing here knows tokens or CEL. Time is passed in.
 """
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway import decision
-from gateway.config import SessionConfig
+from gateway.config import BIND_ON_RESPONSE, SessionConfig
 from gateway.session.record import (
     ENDED_TERMINATED,
     needs_tombstone,
@@ -48,6 +50,8 @@ class Binder:
     def __init__(self, store: SessionStore, settings: SessionConfig) -> None:
         self.store = store
         self._settings = settings
+        # Only ids a response issued are ever bound: a request never binds on first use.
+        self.binds_on_response = settings.bind_on == BIND_ON_RESPONSE
 
     def find_or_bind(
         self,
@@ -64,13 +68,11 @@ class Binder:
         loaded = self.store.load(key, now)
         if loaded is not None:
             return self._existing(key, loaded.data, loaded.last_seen, now)
-        bound = {} if owner is None else dict(bind_values())
-        try:
-            json.dumps(bound)
-        except (TypeError, ValueError):
-            return Refusal(decision.POLICY_ERROR, "session.bind values must be JSON values")
-        owner_id = "" if owner is None else owner_key(*owner)
-        record = new_record(anonymous=owner is None, bound=bound, owner=owner_id, now=now)
+        if self.binds_on_response:
+            return Refusal(decision.SESSION_UNKNOWN, "no response of the upstream issued this id")
+        record = _record(owner, bind_values, now)
+        if isinstance(record, Refusal):
+            return record
         created = self.store.create(key, record, now, self._settings.max_per_identity)
         if created.over_limit:
             return Refusal(decision.SESSION_LIMIT_EXCEEDED, "too many live sessions")
@@ -78,6 +80,52 @@ class Binder:
             return Session(key, record, existed=False)
         assert created.existing is not None
         return self._existing(key, created.existing.data, created.existing.last_seen, now)
+
+    def bind_issued(
+        self,
+        key: str,
+        owner: tuple[str, str] | None,
+        bind_values: Callable[[], Mapping[str, Any]],
+        now: float,
+    ) -> Session | Refusal:
+        """The upstream's response issued `key` to the request of `owner` (None: anonymous):
+        bind it, with one atomic create-if-absent. An id already bound to the same owner and
+        still live is that session (`existed`); one bound to anyone else, or ended, is refused
+        as `session_reissued`: the response must not reach the client."""
+        if not valid_session_id(key, self._settings.max_id_length):
+            return Refusal(decision.SESSION_ID_INVALID, "the upstream issued a malformed session id")
+        record = _record(owner, bind_values, now)
+        if isinstance(record, Refusal):
+            return record
+        created = self.store.create(key, record, now, self._settings.max_per_identity)
+        if created.over_limit:
+            return Refusal(decision.SESSION_LIMIT_EXCEEDED, "too many live sessions")
+        if created.created:
+            return Session(key, record, existed=False)
+        assert created.existing is not None
+        existing = created.existing
+        settings = self._settings
+        live = refusal(existing.data, existing.last_seen, now, settings.ttl, settings.idle_timeout) is None
+        if live and _same_owner(existing.data, record):
+            return Session(key, existing.data, existed=True)
+        why = "bound to another identity" if live else "ended, expired or unreadable"
+        return Refusal(decision.SESSION_REISSUED, f"the upstream issued an id already {why}")
+
+    def forgotten(self, key: str, owner: tuple[str, str] | None, now: float) -> bool:
+        """The upstream answered a request in session `key` that it no longer knows the session:
+        if it is live and `owner`'s, it ends (a `terminated` tombstone: never bound again)."""
+        if not valid_session_id(key, self._settings.max_id_length):
+            return False
+        loaded = self.store.load(key, now)
+        if loaded is None:
+            return False
+        settings = self._settings
+        if refusal(loaded.data, loaded.last_seen, now, settings.ttl, settings.idle_timeout) is not None:
+            return False
+        if not _same_owner(loaded.data, _owner_fields(owner)):
+            return False
+        self.store.replace(key, tombstone(loaded.data, ENDED_TERMINATED, now), now)
+        return True
 
     def end(self, session: Session, now: float) -> None:
         """The owner ended the session: a tombstone until its TTL, never re-bound."""
@@ -95,3 +143,23 @@ class Binder:
             # Invalidate on read: the old record goes, and the id is never re-bound.
             self.store.replace(key, tombstone(data, ended, now), now)
         return Refusal(reason, f"stored session refused: {reason}")
+
+
+def _owner_fields(owner: tuple[str, str] | None) -> dict[str, Any]:
+    return {"anonymous": owner is None, "owner": "" if owner is None else owner_key(*owner)}
+
+
+def _same_owner(data: Mapping[str, Any], other: Mapping[str, Any]) -> bool:
+    return data.get("anonymous") is other["anonymous"] and data.get("owner") == other["owner"]
+
+
+def _record(
+    owner: tuple[str, str] | None, bind_values: Callable[[], Mapping[str, Any]], now: float
+) -> dict[str, Any] | Refusal:
+    """A new live record for `owner` (None: anonymous, nothing bound)."""
+    bound = {} if owner is None else dict(bind_values())
+    try:
+        json.dumps(bound)
+    except (TypeError, ValueError):
+        return Refusal(decision.POLICY_ERROR, "session.bind values must be JSON values")
+    return new_record(anonymous=owner is None, bound=bound, owner=_owner_fields(owner)["owner"], now=now)

@@ -37,6 +37,8 @@ from gateway.telemetry import fast_path
 from gateway.telemetry.fast_path import PendingCheckSpan
 
 SPAN_NAME = "envoy.service.auth.v3.Authorization/Check"
+# One per ext_proc stream (gateway/extproc.py), built the same way as the Check span.
+PROCESS_SPAN_NAME = "envoy.service.ext_proc.v3.ExternalProcessor/Process"
 TRACER_NAME = "authz-gateway"
 _propagator = TraceContextTextMapPropagator()
 _TRACE_KEYS = ("traceparent", "tracestate")
@@ -143,9 +145,12 @@ def decision_attributes(outcome: Decision, context: RequestContext | None) -> di
 
 
 class CheckSpans:
-    def __init__(self, hasher: SubjectHasher, tracer: trace.Tracer | None = None) -> None:
+    def __init__(
+        self, hasher: SubjectHasher, tracer: trace.Tracer | None = None, name: str = SPAN_NAME
+    ) -> None:
         self._tracer = tracer or trace.get_tracer(TRACER_NAME)
         self._hash = hasher
+        self._name = name
 
     @staticmethod
     def active() -> bool:
@@ -158,9 +163,9 @@ class CheckSpans:
         lean = fast_path.lean_spans
         if lean is None:
             return self._tracer.start_span(
-                SPAN_NAME, context=parent, kind=SpanKind.SERVER, start_time=start_ns
+                self._name, context=parent, kind=SpanKind.SERVER, start_time=start_ns
             )
-        return lean.start(SPAN_NAME, parent, start_ns)
+        return lean.start(self._name, parent, start_ns)
 
     @staticmethod
     def enter(span: trace.Span) -> object | None:
@@ -220,17 +225,20 @@ class CheckSpans:
         context: RequestContext | None,
         end_ns: int,
         error: BaseException | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> trace.Span:
         if not span.is_recording():
             return span
         attributes = decision_attributes(outcome, context)
         if outcome.handle_id:
             attributes["authz.handle.id"] = self._hash(outcome.handle_id)  # a keyed hash, never the handle
+        if extra:
+            attributes.update(extra)
         events, status = self._events(outcome, context, end_ns, error)
         if isinstance(span, PendingCheckSpan):
             lean = fast_path.lean_spans
             if lean is not None:  # else telemetry was shut down while this check ran
-                lean.finish(span, SPAN_NAME, attributes, events, status, end_ns)
+                lean.finish(span, self._name, attributes, events, status, end_ns)
             return span
         span.set_attributes(attributes)
         for event in events:

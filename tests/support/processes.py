@@ -353,6 +353,71 @@ class RecordingUpstream:
         self.server.server_close()
 
 
+class IssuingUpstream:
+    """Answers 200 JSON with the `Mcp-Session-Id` values named by the request's `x-issue`
+    header (comma-separated: several headers), raw bytes from `x-issue-hex`."""
+
+    def __init__(self) -> None:
+        self.arrived = 0
+        self.answered: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                if length:
+                    self.rfile.read(length)
+                outer.arrived += 1
+                time.sleep(float(self.headers.get("x-delay") or 0))
+                payload = b'{"jsonrpc":"2.0","id":1,"result":{}}'
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(payload)))
+                for value in filter(None, (self.headers.get("x-issue") or "").split(",")):
+                    self.send_header("mcp-session-id", value)
+                    outer.answered.append(value)
+                if self.headers.get("x-issue-hex"):
+                    raw = bytes.fromhex(self.headers["x-issue-hex"])
+                    self._headers_buffer.append(b"mcp-session-id: " + raw + b"\r\n")  # type: ignore[attr-defined]
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = do_DELETE = _answer
+
+            def log_message(self, *args: Any) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = int(self.server.server_address[1])
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+
+def split_process_cluster(text: str) -> str:
+    """The Envoy config with ext_proc on a cluster of its own (`authz_gateway_process`, the same
+    endpoints): per-host counters then tell which replica served a Check and which a Process
+    stream. The example shares one cluster; only tests that count need this."""
+    config = yaml.safe_load(text)
+    clusters = config["static_resources"]["clusters"]
+    (check_cluster,) = [c for c in clusters if c["name"] == "authz_gateway"]
+    process_cluster = json.loads(json.dumps(check_cluster))
+    process_cluster["name"] = process_cluster["load_assignment"]["cluster_name"] = "authz_gateway_process"
+    clusters.append(process_cluster)
+    for listener in config["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for network_filter in chain["filters"]:
+                for http_filter in network_filter["typed_config"].get("http_filters", []):
+                    if http_filter["name"] == "envoy.filters.http.ext_proc":
+                        http_filter["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = (
+                            "authz_gateway_process"
+                        )
+    return str(yaml.safe_dump(config, sort_keys=False))
+
+
 @contextlib.contextmanager
 def stopped_on_exit(*processes: ManagedProcess) -> Iterator[None]:
     try:

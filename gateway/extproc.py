@@ -1,0 +1,322 @@
+"""The response path: Envoy's external processing, `envoy.service.ext_proc.v3.ExternalProcessor/Process`.
+
+One bidirectional stream per HTTP request, on the same listener as Check. With
+`session.bind_on: response` (docs/sessions.md):
+- request headers (Envoy only sends them once ext_authz has allowed the request): kept, and
+  read only when the response needs the request's identity, which then comes through the same
+  verifier and cache as Check (`Authorizer.identify`);
+- response headers: a session id the upstream issued is bound to that identity before the
+  response goes on (`Authorizer.bind_issued`); one it may not have is refused with 502
+  `session_reissued`, and the response never reaches the client;
+- a 404 to a request that carried a session id: only then is the body asked for
+  (`mode_override`, buffered: a 404 is small), and when it is the MCP server's own "session not
+  found" (`responses.session_not_found`) the session ends (`Authorizer.forget_sessions`).
+Bodies are never asked for otherwise, so long-lived SSE streams pass untouched. Once nothing
+more is needed the gateway ends the stream (OK), which Envoy reads as "no more processing".
+
+A stream that starts with response headers is a local reply (an ext_authz deny, Envoy
+issue #38261): it passes untouched and binds nothing. Anything a processor must not receive
+(an empty or unknown message, a second request headers, a session header repeated or not
+visible ASCII) ends the stream with INVALID_ARGUMENT; Envoy, with failure_mode_allow: false,
+then answers the client itself (the example config's status_on_error, 503) and delivers
+nothing of the response.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from gateway import decision
+from gateway.decision import Decision
+from gateway.envoy_api.envoy.config.core.v3 import base_pb2
+from gateway.envoy_api.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from gateway.envoy_api.envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
+from gateway.envoy_api.envoy.type.v3 import http_status_pb2
+from gateway.identity.verifier import Identity
+from gateway.pipeline import Authorizer
+from gateway.request import RequestContext, RequestError, from_header_map, redact_secrets
+from gateway.response import ResponseBuilder
+from gateway.session.record import valid_session_id
+from gateway.telemetry.tracing import CheckSpans, parent_from
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+METHOD = "Process"
+
+_UNPARSABLE = ext_proc_pb2.ProcessingRequest()
+_CONTINUE = ext_proc_pb2.CommonResponse()
+_BUFFER_RESPONSE_BODY = processing_mode_pb2.ProcessingMode(
+    response_body_mode=processing_mode_pb2.ProcessingMode.BUFFERED
+)
+# Replies that change nothing, built once (never mutated: grpc only serializes them).
+_REQUEST_HEADERS_DONE = ext_proc_pb2.ProcessingResponse(
+    request_headers=ext_proc_pb2.HeadersResponse(response=_CONTINUE)
+)
+_RESPONSE_HEADERS_DONE = ext_proc_pb2.ProcessingResponse(
+    response_headers=ext_proc_pb2.HeadersResponse(response=_CONTINUE)
+)
+_RESPONSE_BODY_DONE = ext_proc_pb2.ProcessingResponse(
+    response_body=ext_proc_pb2.BodyResponse(response=_CONTINUE)
+)
+_ASK_FOR_BODY = ext_proc_pb2.ProcessingResponse(
+    response_headers=ext_proc_pb2.HeadersResponse(response=_CONTINUE),
+    mode_override=_BUFFER_RESPONSE_BODY,
+)
+_EVENT_STREAM = "text/event-stream"
+_MAX_BODY = 64 * 1024  # a "session not found" answer is tens of bytes
+
+
+def lenient_parse(data: bytes) -> ext_proc_pb2.ProcessingRequest:
+    """Bytes that do not parse end the stream with INVALID_ARGUMENT, not grpc's INTERNAL."""
+    try:
+        return ext_proc_pb2.ProcessingRequest.FromString(data)
+    except (DecodeError, ValueError):
+        return _UNPARSABLE
+
+
+class StreamError(Exception):
+    """Input no processor may receive: the stream ends with INVALID_ARGUMENT."""
+
+
+class _Exchange:
+    """What one stream learns of its request and response."""
+
+    __slots__ = ("requested", "request", "context", "identity", "status", "outcome", "extra", "error", "body")
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.request: Any = None  # the request's HeaderMap (bind_on: response)
+        self.context: RequestContext | None = None
+        self.identity: Identity | None = None
+        self.status = 0
+        self.outcome: Decision = _PASSED
+        self.extra: dict[str, Any] = {}
+        self.error: BaseException | None = None
+        self.body = b""
+
+
+_PASSED = Decision(True, decision.ALLOWED)
+_FORGOTTEN = Decision(True, decision.SESSION_TERMINATED)
+
+
+class ProcessService:
+    def __init__(
+        self,
+        authorizer: Authorizer,
+        responses: ResponseBuilder,
+        spans: CheckSpans,
+        max_request_bytes: int,
+        not_found_body: str,
+        max_id_length: int = 256,
+    ) -> None:
+        self.authorizer = authorizer
+        self._responses = responses
+        self._spans = spans
+        self._max_request_bytes = max_request_bytes
+        self._not_found = not_found_body.encode("utf-8")
+        self._max_id_length = max_id_length
+
+    def Process(
+        self, requests: Iterator[ext_proc_pb2.ProcessingRequest], rpc: grpc.ServicerContext
+    ) -> Iterator[ext_proc_pb2.ProcessingResponse]:
+        start_ns = time.time_ns()
+        exchange = _Exchange()
+        span = self._spans.start(parent_from(rpc.invocation_metadata(), None), start_ns) if (
+            self._spans.active()
+        ) else None
+        token = self._spans.enter(span) if span is not None else None
+        try:
+            for message in requests:
+                reply, more = self._handle(message, exchange)
+                yield reply
+                if not more:
+                    return  # nothing more to process: Envoy reads the OK close as "carry on"
+        except StreamError as exc:
+            exchange.error = exc
+            exchange.outcome = decision.deny(decision.REQUEST_INVALID, error=str(exc))
+            rpc.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except grpc.RpcError:
+            exchange.extra["authz.stream.cancelled"] = True  # Envoy went away mid-stream
+        except Exception as exc:
+            exchange.error = exc
+            exchange.outcome = decision.deny(decision.INTERNAL_ERROR, error=type(exc).__name__)
+            log.error("ext_proc stream failed with %s", type(exc).__name__)
+            rpc.abort(grpc.StatusCode.INTERNAL, "internal error")
+        finally:
+            self._spans.leave(token)
+            if span is not None:
+                self._finish(span, exchange)
+
+    def _finish(self, span: Any, exchange: _Exchange) -> None:
+        outcome = exchange.outcome
+        if outcome.error:
+            outcome = replace(outcome, error=redact_secrets(outcome.error, exchange.context))
+        try:
+            self._spans.finish(
+                span, outcome, exchange.context, time.time_ns(), exchange.error, exchange.extra or None
+            )
+        except Exception as exc:  # telemetry must never change the answer
+            log.error("recording an ext_proc stream failed with %s", type(exc).__name__)
+
+    # ---- one message ----
+    def _handle(
+        self, message: ext_proc_pb2.ProcessingRequest, exchange: _Exchange
+    ) -> tuple[ext_proc_pb2.ProcessingResponse, bool]:
+        """The reply to one message, and whether the stream goes on."""
+        kind = message.WhichOneof("request")
+        if kind == "request_headers":
+            if exchange.requested or exchange.status:
+                raise StreamError("request headers twice on one stream")
+            exchange.requested = True
+            return self._request_headers(message.request_headers, exchange)
+        if kind == "response_headers":
+            if exchange.status:
+                raise StreamError("response headers twice on one stream")
+            return self._response_headers(message.response_headers, exchange)
+        if kind == "response_body":
+            if exchange.status != 404 or exchange.context is None:
+                raise StreamError("a response body that was not asked for")
+            return self._response_body(message.response_body, exchange)
+        raise StreamError(f"a message the gateway never asks for: {kind or 'empty'}")
+
+    def _request_headers(
+        self, headers: ext_proc_pb2.HttpHeaders, exchange: _Exchange
+    ) -> tuple[ext_proc_pb2.ProcessingResponse, bool]:
+        if self.authorizer.binds_on_response:  # bind_on: first_use: nothing to learn here
+            exchange.request = headers.headers  # read when the response needs it, not before
+        return _REQUEST_HEADERS_DONE, True
+
+    def _identify(self, exchange: _Exchange) -> Decision | None:
+        """The request's context and identity, through the same verifier and cache as Check (a
+        cache hit: Check verified the token a moment ago); a deny when they cannot be had. Only
+        a response that issues an id, or a 404 in a session, needs them."""
+        assert exchange.request is not None
+        try:
+            context = from_header_map(exchange.request, self._max_request_bytes)
+        except RequestError as exc:
+            return decision.deny(exc.reason, error=str(exc))
+        exchange.context = context
+        identity = self.authorizer.identify(context, time.time())
+        if isinstance(identity, Decision):  # Check allowed it a moment ago; fail closed all the same
+            return identity
+        exchange.identity = identity
+        return None
+
+    def _response_headers(
+        self, headers: ext_proc_pb2.HttpHeaders, exchange: _Exchange
+    ) -> tuple[ext_proc_pb2.ProcessingResponse, bool]:
+        if exchange.request is None:
+            # A local reply (ext_authz's deny; Envoy opens the stream at the response), or
+            # bind_on: first_use: passed untouched, not even read.
+            exchange.status = -1
+            return _RESPONSE_HEADERS_DONE, False
+        status, issued, content_type = self._read_response(headers)
+        exchange.status = status or -1
+        presented = self._presented(exchange.request)
+        new = {header: value for header, value in issued.items() if presented.get(header) != value}
+        # Whether the server forgot the session, or the path is wrong: only the body tells.
+        ask_body = status == 404 and bool(presented) and not content_type.startswith(_EVENT_STREAM)
+        if not new and not ask_body:
+            return _RESPONSE_HEADERS_DONE, False  # the steady state: the session's own id, repeated
+        refused = self._identify(exchange)
+        if refused is not None:
+            return self._refuse(refused, exchange)
+        assert exchange.context is not None
+        if new:
+            outcome = self.authorizer.bind_issued(exchange.context, exchange.identity, new, time.time())
+            exchange.outcome = outcome
+            if not outcome.allowed:
+                return self._refuse(outcome, exchange)
+            if outcome.session_new:
+                exchange.extra["authz.session.bound_at"] = "response"
+        if ask_body:
+            return _ASK_FOR_BODY, True
+        return _RESPONSE_HEADERS_DONE, False
+
+    def _presented(self, request: Any) -> dict[str, str]:
+        """The session ids the request carried (session header → value, repeats comma-joined)."""
+        watched = self.authorizer.session_headers()
+        presented: dict[str, str] = {}
+        for entry in request.headers:
+            key = entry.key.lower()
+            if key in watched:
+                value = (entry.raw_value or entry.value.encode()).decode("latin-1")
+                presented[key] = f"{presented[key]},{value}" if key in presented else value
+        return presented
+
+    def _response_body(
+        self, body: ext_proc_pb2.HttpBody, exchange: _Exchange
+    ) -> tuple[ext_proc_pb2.ProcessingResponse, bool]:
+        if len(exchange.body) + len(body.body) <= _MAX_BODY:
+            exchange.body += body.body
+        else:
+            exchange.body = b"\0"  # too long to be the "session not found" answer
+        if not body.end_of_stream:
+            return _RESPONSE_BODY_DONE, True
+        assert exchange.context is not None
+        if exchange.body == self._not_found:
+            try:
+                ended = self.authorizer.forget_sessions(exchange.context, exchange.identity, time.time())
+            except Exception as exc:  # the 404 still goes to the client; the span says what failed
+                exchange.error = exc
+                exchange.outcome = decision.deny(decision.STORE_UNAVAILABLE, error=type(exc).__name__)
+                return _RESPONSE_BODY_DONE, False
+            if ended:
+                # The upstream's own 404 goes on to the client: the session ends, nothing is refused.
+                exchange.outcome = _FORGOTTEN
+        return _RESPONSE_BODY_DONE, False
+
+    def _read_response(self, headers: ext_proc_pb2.HttpHeaders) -> tuple[int, dict[str, str], str]:
+        """The status, the session ids issued (header → id), and the content type."""
+        watched = self.authorizer.session_headers()
+        status = 0
+        content_type = ""
+        issued: dict[str, str] = {}
+        for entry in headers.headers.headers:
+            key = entry.key.lower()
+            raw = entry.raw_value if entry.raw_value else entry.value.encode("utf-8", "replace")
+            if key == ":status":
+                status = int(raw) if raw.isdigit() and len(raw) == 3 else 0
+            elif key == "content-type":
+                content_type = raw.decode("latin-1").strip().lower()
+            elif key in watched:
+                if key in issued:
+                    raise StreamError(f"the response carries {key} twice")
+                if not raw.isascii() or not valid_session_id(raw.decode("ascii"), self._max_id_length):
+                    raise StreamError(f"the response's {key} is not a session id (visible ASCII, no comma)")
+                issued[key] = raw.decode("ascii")
+        return status, issued, content_type
+
+    def _refuse(
+        self, outcome: Decision, exchange: _Exchange
+    ) -> tuple[ext_proc_pb2.ProcessingResponse, bool]:
+        exchange.outcome = outcome
+        body, headers = self._responses.denial(outcome)
+        immediate = ext_proc_pb2.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=outcome.status),
+            headers=ext_proc_pb2.HeaderMutation(
+                set_headers=[
+                    base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, raw_value=v.encode()))
+                    for k, v in headers
+                ]
+            ),
+            body=body.encode("utf-8"),
+            details=outcome.reason,
+        )
+        return ext_proc_pb2.ProcessingResponse(immediate_response=immediate), False
+
+
+def handler(service: ProcessService) -> grpc.RpcMethodHandler[Any, Any]:
+    return grpc.stream_stream_rpc_method_handler(
+        service.Process,
+        request_deserializer=lenient_parse,
+        response_serializer=ext_proc_pb2.ProcessingResponse.SerializeToString,
+    )
