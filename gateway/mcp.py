@@ -291,6 +291,10 @@ class EventStream:
         self._data: list[str] = []
         self._event_bytes = 0
         self._started = False
+        # Bytes read as whole lines, and of them those up to the end of the last complete event
+        # (a blank line): what may be delivered so far, byte for byte.
+        self.consumed = 0
+        self.complete = 0
 
     def feed(self, chunk: bytes) -> list[str]:
         self._pending += chunk
@@ -302,6 +306,7 @@ class EventStream:
             end, after = cut
             line, self._pending = self._pending[:end], self._pending[after:]
             self._event_bytes += after
+            self.consumed += after
             if self._event_bytes > self._max:
                 raise Unparseable(f"an event is larger than {self._max} bytes")
             event = self._line(line)
@@ -315,6 +320,7 @@ class EventStream:
         """The events the end of the stream completes (a last line ended by a lone CR)."""
         events = []
         if self._pending.endswith(b"\r"):
+            self.consumed += len(self._pending)
             event = self._line(self._pending[:-1])
             self._pending = b""
             if event is not None:
@@ -333,6 +339,7 @@ class EventStream:
             raise Unparseable("an event is not UTF-8") from None
         if not line:
             data, self._data, self._event_bytes = self._data, [], 0
+            self.complete = self.consumed
             return "\n".join(data) if data else None
         name, colon, value = line.partition(":")
         if colon and value.startswith(" "):

@@ -38,6 +38,8 @@ _PUBLIC_ERROR = {
     503: "unavailable",
 }
 _ALLOWED_CACHE_SIZE = 10_000
+# Check's dynamic metadata for an allow whose response may mint a handle (read by ext_proc).
+MINT_METADATA_KEY = "authz.handles.mint"
 _BUILT_IN_REASONS = frozenset(decision.STATUS_OF) | {decision.ALLOWED}
 # A handle refusal carries its kind's answer (Decision.reply, with the request's id); without
 # one (a rule reusing the reason) it is the default refusal of a request without an id.
@@ -68,6 +70,7 @@ class ResponseBuilder:
         self._denied: dict[tuple[str, int], external_auth_pb2.CheckResponse] = {}
         # Responses are immutable once built: one per identity serves all its allows.
         self._allowed: dict[tuple[tuple[str, str], ...], external_auth_pb2.CheckResponse] = {}
+        self._minting: dict[tuple[tuple[str, str], ...], external_auth_pb2.CheckResponse] = {}
         self._lock = threading.Lock()
         self._plain_ok = external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
@@ -102,6 +105,8 @@ class ResponseBuilder:
         return json.dumps({"error": error}, separators=(",", ":"))
 
     def build(self, outcome: Decision) -> external_auth_pb2.CheckResponse:
+        if outcome.allowed and outcome.mints_handles:
+            return self._minting_response(outcome.upstream_headers)
         if outcome.allowed:
             if not outcome.upstream_headers:
                 return self._plain_ok
@@ -125,6 +130,22 @@ class ResponseBuilder:
             with self._lock:
                 if len(self._denied) < 1024:
                     self._denied[key] = cached
+        return cached
+
+    def _minting_response(
+        self, upstream_headers: tuple[tuple[str, str], ...]
+    ) -> external_auth_pb2.CheckResponse:
+        """An allow whose response may mint a handle: Envoy's dynamic metadata tells the
+        response path (ext_proc) to read it (gateway/extproc_handles.py)."""
+        cached = self._minting.get(upstream_headers)
+        if cached is None:
+            cached = external_auth_pb2.CheckResponse()
+            cached.CopyFrom(self._allowed_response(upstream_headers))
+            cached.dynamic_metadata.update({MINT_METADATA_KEY: True})
+            with self._lock:
+                if len(self._minting) >= _ALLOWED_CACHE_SIZE:
+                    self._minting.pop(next(iter(self._minting)), None)
+                self._minting[upstream_headers] = cached
         return cached
 
     def _allowed_response(

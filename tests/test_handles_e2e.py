@@ -1,13 +1,10 @@
 """Handles through real Envoy: the drafts server (the official SDK's MCPServer), the SDK's
 client in 2026-07-28 mode, two gateway replicas on one real redis-server, the example policy
-examples/policies/handles.
+examples/policies/handles and the example Envoy config (ext_authz, then ext_proc).
 
-What is real: Envoy, both gateway processes (`authz-gateway serve`), Redis, the JWKS, the
-drafts server and the SDK client. What is not end to end yet: the gateway does not read
-served responses in this build (the response path, Envoy external processing, is another
-piece of work), so after `create_draft` the test binds the new draft id itself, with the
-gateway's own minting code (`HandleBinder.mint`) on the replicas' Redis, exactly what the
-response side stores. Everything after that (who may present it) is the served check.
+Every draft id is bound by the gateway as the server mints it: Check marks `create_draft` as a
+call whose response may mint, ext_proc reads that response (JSON buffered, SSE event by event)
+and binds the id to the caller before the response goes on. Nothing here is stood in.
 """
 
 from __future__ import annotations
@@ -31,7 +28,7 @@ from mcp.shared.exceptions import MCPError
 
 from gateway.config import HandlesConfig
 from gateway.demo.client import BearerAuth
-from gateway.session.handles import HandleBinder, handle_store_settings
+from gateway.session.handles import handle_store_settings
 from gateway.session.redis_store import RedisStore
 from tests.support.drafts_server import DraftsServer, asgi_app
 from tests.support.issuer import TestIssuer
@@ -70,18 +67,17 @@ class Stack:
             counts[port] = int(found.group(1)) if found else 0
         return counts
 
-    def mint(self, draft_id: str, subject: str) -> None:
-        """What the response side stores when the server mints `draft_id` for `subject`."""
+    def bound_to(self, draft_id: str) -> str | None:
+        """Whom the replicas' Redis says the draft is bound to (None: never bound)."""
         handles = HandlesConfig()
         store = RedisStore(self.redis.url, handle_store_settings(handles, 0.5, 1000))
         try:
-            bound = HandleBinder(store, handles).mint(
-                "draft", draft_id, (self.idp.issuer, subject),
-                lambda: {"iss": self.idp.issuer, "sub": subject}, time.time(),
-            )
-            assert not hasattr(bound, "reason"), bound
+            loaded = store.load(f"draft:{draft_id}", time.time())
         finally:
             store.close()
+        if loaded is None:
+            return None
+        return "(ended)" if loaded.data.get("terminated") else str(loaded.data["bound"].get("sub"))
 
 
 @pytest.fixture
@@ -101,6 +97,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         "store": redis.url,
         "policies": str(POLICIES),
         "auth": {"issuers": [idp.issuer_config(jwks_file=jwks)]},
+        "handles": {"max_response_bytes": 4096},
     }
     replicas = [GatewayProcess(config, tmp_path, name=f"replica-{i}") for i in (1, 2)]
     listener_port, admin_port = free_port(), free_port()
@@ -122,9 +119,15 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
 
 
 @asynccontextmanager
-async def client(stack: Stack, auth: BearerAuth) -> AsyncIterator[Client]:
+async def client(
+    stack: Stack, auth: BearerAuth, seen: list[tuple[int, str]] | None = None
+) -> AsyncIterator[Client]:
+    async def record(response: httpx2.Response) -> None:
+        if seen is not None:
+            seen.append((response.status_code, response.headers.get("content-type", "")))
+
     async with (
-        httpx2.AsyncClient(auth=auth, timeout=15) as http,
+        httpx2.AsyncClient(auth=auth, timeout=15, event_hooks={"response": [record]}) as http,
         Client(
             streamable_http_client(stack.url, http_client=http), mode=MODERN, read_timeout_seconds=15
         ) as mcp,
@@ -156,7 +159,9 @@ def test_a_draft_is_bound_to_its_creator_through_envoy_on_two_replicas(stack: St
 
             second = await mcp.call_tool("create_draft", {"title": "more"}, progress_callback=on_progress)
             assert progress == [1.0] and not second.is_error
-        stack.mint(draft_id, "alice")
+            streamed_id = str((second.structured_content or {})["draft_id"])
+        # Both bound to alice by the replica that saw the response (JSON, then SSE).
+        assert stack.bound_to(draft_id) == "alice" and stack.bound_to(streamed_id) == "alice"
 
         # bob presents alice's draft: refused on both replicas, the server never runs it.
         before = stack.served()
@@ -168,6 +173,9 @@ def test_a_draft_is_bound_to_its_creator_through_envoy_on_two_replicas(stack: St
         assert all(after[port] > before[port] for port in stack.replicas), (before, after)
         assert not stack.drafts.executed("publish_draft", draft_id)
         assert not stack.drafts.executed("delete_draft", draft_id)
+        async with client(stack, bob) as mcp:
+            assert await refused(mcp, "publish_draft", streamed_id) == "Unknown handle"
+        assert not stack.drafts.executed("publish_draft", streamed_id)
 
         # A draft id never minted gets the same answer, and never reaches the server either.
         async with client(stack, bob) as mcp:
@@ -186,5 +194,47 @@ def test_a_draft_is_bound_to_its_creator_through_envoy_on_two_replicas(stack: St
             for _ in range(4):
                 assert await refused(mcp, "publish_draft", draft_id) == "Unknown handle"
             assert len(stack.drafts.calls) == calls
+            assert stack.bound_to(draft_id) == "(ended)"
+            # The SSE-minted draft is alice's too.
+            assert not (await mcp.call_tool("publish_draft", {"draft_id": streamed_id})).is_error
 
     anyio.run(story)
+
+
+def test_a_response_that_cannot_be_bound_never_reaches_the_client(stack: Stack) -> None:
+    alice = BearerAuth(stack.idp.token("alice"))
+    bob = BearerAuth(stack.idp.token("bob"))
+
+    async def story() -> None:
+        async with client(stack, alice) as mcp:
+            created = await mcp.call_tool("create_draft", {"title": "mine"})
+            draft_id = str((created.structured_content or {})["draft_id"])
+        assert stack.bound_to(draft_id) == "alice"
+        seen: list[tuple[int, str]] = []
+        async with client(stack, bob, seen) as mcp:
+            # The server hands bob alice's draft id (its idempotency key is anyone's): 502,
+            # handle_reissued; bob never sees the id, and it stays alice's.
+            with pytest.raises(MCPError):
+                await mcp.call_tool("create_draft", {"title": "x", "idempotency_key": draft_id})
+            assert stack.drafts.executed("create_draft", draft_id)
+            assert seen[-1] == (502, "application/json"), seen
+            # The same over SSE: the stream ends before the result event is delivered.
+            with pytest.raises(MCPError):
+                await mcp.call_tool(
+                    "create_draft", {"title": "x", "idempotency_key": draft_id}, progress_callback=ignore
+                )
+            # Refused before Envoy sent the headers (502), or after them (the stream is cut).
+            assert seen[-1] in {(502, "application/json"), (200, "text/event-stream")}, seen
+            # A response over handles.max_response_bytes (4096 here) cannot be read: 502.
+            with pytest.raises(MCPError):
+                await mcp.call_tool("create_draft", {"title": "t" * 5000})
+            assert seen[-1] == (502, "application/json"), seen
+        assert stack.bound_to(draft_id) == "alice"
+        async with client(stack, alice) as mcp:
+            assert not (await mcp.call_tool("publish_draft", {"draft_id": draft_id})).is_error
+
+    anyio.run(story)
+
+
+async def ignore(value: float, total: float | None, message: str | None) -> None:
+    return None

@@ -30,6 +30,7 @@ MCP_PATH = "/mcp"
 
 class NewDraft(TypedDict):
     draft_id: str
+    title: str
 
 
 @dataclass
@@ -44,15 +45,16 @@ class DraftsServer:
         server: MCPServer = MCPServer("drafts", version="1.0", log_level="WARNING")
 
         @server.tool()
-        async def create_draft(title: str, ctx: Context) -> NewDraft:
-            """Start a new draft; returns its id."""
-            draft_id = "d-" + secrets.token_urlsafe(12)
+        async def create_draft(title: str, ctx: Context, idempotency_key: str = "") -> NewDraft:
+            """Start a new draft; returns its id. A retry with the same idempotency key gets the
+            same id back, whoever asks: the kind of server bug the gateway refuses (502)."""
+            draft_id = idempotency_key or "d-" + secrets.token_urlsafe(12)
             with self.lock:
                 self.drafts[draft_id] = {"title": title, "published": False}
                 self.calls.append(("create_draft", draft_id))
             # With a progress token this is an SSE answer: the progress event, then the result.
             await ctx.report_progress(1, 1, "created")
-            return {"draft_id": draft_id}
+            return {"draft_id": draft_id, "title": title}
 
         @server.tool()
         def publish_draft(draft_id: str) -> str:
