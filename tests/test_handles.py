@@ -20,10 +20,14 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from gateway import decision
-from gateway.commands.policy_cases import CaseRunner, parse_cases
-from gateway.config import ConfigError, HandlesConfig, SessionConfig, config_from_mapping
+from gateway.commands.policy_cases import CaseRunner, identity_from_claims, parse_cases
+from gateway.config import AuthConfig, ConfigError, HandlesConfig, SessionConfig, config_from_mapping
+from gateway.extproc_handles import ResponseMinting
+from gateway.identity.verifier import TokenVerifier
 from gateway.mcp import EventStream, Unparseable, response_messages
+from gateway.pipeline import Authorizer, PolicyHolder
 from gateway.policy.loader import PolicyLoadError, load_policy_dir, load_policy_set
+from gateway.request import from_check_request
 from gateway.session import open_store
 from gateway.session.handles import (
     HandleBinder,
@@ -33,9 +37,11 @@ from gateway.session.handles import (
     open_handle_store,
     store_key,
 )
+from gateway.session.memory import MemoryStore
 from gateway.session.record import new_record, owner_key
 from gateway.session.store import StoreSettings
 from gateway.telemetry.tracing import CheckSpans, SubjectHasher
+from tests.support.checks import check_request
 from tests.support.processes import REPO, RedisServer
 
 ENGINES = ("cel", "celpy")
@@ -654,3 +660,60 @@ def test_remembered_terminate_results_follow_the_fields_they_read() -> None:
         outcome = runner.run(one)
         assert outcome.decision.allowed and outcome.handle_after is not None
         assert ("terminated" if outcome.handle_after["terminated"] else "live") == state, tool
+
+
+# ------------------------------------------------------------------ the response path's reader
+
+
+def minting_for(sub: str = "alice", max_bytes: int = 4096) -> Any:
+    """A ResponseMinting over the example policy, for a create_draft by `sub`."""
+    store = MemoryStore(StoreSettings(ttl=3600, idle_timeout=3600))
+    policies = PolicyHolder(load_policy_dir(EXAMPLE))
+    authorizer = Authorizer(AuthConfig(), SessionConfig(), TokenVerifier(AuthConfig()), store, policies)
+    body = call({"title": "t"}, "create_draft", 1)
+    context = from_check_request(check_request(body=body, headers={"content-type": "application/json"}))
+    identity = identity_from_claims({"iss": ISS, "sub": sub}, 1000.0)
+    headers = {"content-type": "text/event-stream"}
+    return authorizer, lambda: ResponseMinting(authorizer, context, identity, 200, headers, max_bytes, 1000.0)
+
+
+def sse(message: Any) -> bytes:
+    return f"event: message\ndata: {json.dumps(message)}\n\n".encode()
+
+
+def test_an_sse_response_goes_on_event_by_event_and_stops_at_a_refused_one() -> None:
+    authorizer, make = minting_for()
+    progress = sse({"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1}})
+    minting = make()
+    # A chunk that ends inside an event passes on only the complete events before it.
+    released, refused = minting.streamed_chunk(progress + sse(result("d-1"))[:20], False)
+    assert (released, refused) == (progress, None)
+    released, refused = minting.streamed_chunk(sse(result("d-1"))[20:], True)
+    assert refused is None and released == sse(result("d-1"))
+    assert minting.outcome.handle_new and minting.outcome.handle_kind == "draft"
+    # bob's response re-issuing d-1: the progress event went on, the result never does.
+    bobs = minting_for("bob")[1]()
+    bobs._authorizer = authorizer  # the same store as alice's
+    released, refused = bobs.streamed_chunk(progress, False)
+    assert released == progress and refused is None
+    released, refused = bobs.streamed_chunk(sse(result("d-1")), True)
+    assert released == b"" and refused is not None and refused.reason == decision.HANDLE_REISSUED
+
+
+@pytest.mark.parametrize(
+    ("chunks", "reason"),
+    [
+        ([b'data: {"jsonrpc":"2.0","id":1,"result":{}}\n'], decision.HANDLE_UNREADABLE),  # truncated
+        ([b"data: " + b"x" * 5000], decision.HANDLE_UNREADABLE),  # over max_response_bytes
+        ([b'data: {"a":1,"a":2}\n\n'], decision.HANDLE_UNREADABLE),  # duplicate keys
+    ],
+)
+def test_an_sse_response_that_cannot_be_read_is_refused(chunks: list[bytes], reason: str) -> None:
+    _, make = minting_for(max_bytes=4096)
+    minting = make()
+    refused = None
+    for index, chunk in enumerate(chunks):
+        released, refused = minting.streamed_chunk(chunk, index == len(chunks) - 1)
+        if refused is not None:
+            break
+    assert refused is not None and (refused.reason, refused.status) == (reason, 502)
