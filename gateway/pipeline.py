@@ -30,7 +30,7 @@ from gateway.policy.handles import (
     refusal_reply,
 )
 from gateway.policy.model import HandleKind, Policy, PolicyHolder, PolicySet
-from gateway.request import RequestContext
+from gateway.request import RequestContext, RequestError
 from gateway.session.binding import Binder, Refusal, Session
 from gateway.session.handles import Handle, HandleBinder, HandleRefused, handle_problem, handle_store_settings
 from gateway.session.memory import MemoryStore
@@ -257,9 +257,18 @@ class Authorizer:
         expression that fails, or a value that cannot be a handle, refuses the response (502)."""
         policy_set = self.policies.current
         check = _Check(policy_set, context, identity, now, trace)
+        try:
+            calls = context.mcp_calls
+        except RequestError as exc:  # Check read it; a response must not pass on a guess
+            return _unreadable_request(f"the request cannot be read again: {exc}")
+        minting = any(kind.minted is not None for policy in policy_set.policies for kind in policy.handles)
+        if len(calls) > 1 and minting:
+            # A batch's answer is a list: which call minted what cannot be told. MCP has no
+            # batches since 2025-06-18; refused rather than passed with unbound handles.
+            return _unreadable_request("a batch's response is not read for handles")
         variables: dict[str, Any] = {
             "request": context.request_map(None),
-            "mcp": context.mcp_for_telemetry().as_cel(),
+            "mcp": calls[0].as_cel(),
             "claims": identity.claims if identity else {},
             "auth": identity.auth_map if identity else ANONYMOUS_AUTH_MAP,
             "session": NO_SESSION,
@@ -479,6 +488,10 @@ def _handle_mismatch(bound: Mapping[str, Any], identity: Identity | None) -> Mis
     if "iss" in bound and bound.get("iss") != issuer:
         return Mismatch("iss", bound.get("iss"), issuer)
     return Mismatch("sub", bound.get("sub"), subject)
+
+
+def _unreadable_request(why: str) -> Decision:
+    return decision.deny(decision.HANDLE_UNREADABLE, status=STATUS_OF_RESPONSE_REFUSAL, error=why)
 
 
 def _minted_denial(policy: Policy, kind: HandleKind, refused: HandleRefused, value: Any) -> Decision:

@@ -717,3 +717,18 @@ def test_an_sse_response_that_cannot_be_read_is_refused(chunks: list[bytes], rea
         if refused is not None:
             break
     assert refused is not None and (refused.reason, refused.status) == (reason, 502)
+
+
+def test_a_batch_whose_response_may_mint_is_refused() -> None:
+    """Which call of a batch minted what cannot be told from a list of answers."""
+    calls = [json.loads(call({}, "list_drafts", 1)), json.loads(call({"title": "t"}, "create_draft", 2))]
+    body = json.dumps(json.dumps(calls))
+    text = (
+        f"name: b\nrequest: {{body: {body}, headers: {{content-type: application/json}}}}\n"
+        f"claims: {{iss: {ISS}, sub: alice}}\n"
+        "response: {body: [{jsonrpc: '2.0', id: 1, result: {}}, "
+        "{jsonrpc: '2.0', id: 2, result: {structuredContent: {draft_id: d-7}}}]}\n"
+    )
+    (one,) = parse_cases("t_test.yaml", text)
+    outcome = CaseRunner(load_policy_dir(EXAMPLE)).run(one)
+    assert (outcome.decision.reason, outcome.decision.status) == (decision.HANDLE_UNREADABLE, 502)
