@@ -32,6 +32,7 @@ from gateway.session.handles import handle_store_settings
 from gateway.session.redis_store import RedisStore
 from tests.support.drafts_server import DraftsServer, asgi_app
 from tests.support.issuer import TestIssuer
+from tests.support.otlp import OtlpReceiver
 from tests.support.processes import (
     REPO,
     EnvoyProcess,
@@ -43,6 +44,8 @@ from tests.support.processes import (
 )
 
 POLICIES = REPO / "examples" / "policies" / "handles"
+PROCESS_SPAN = "envoy.service.ext_proc.v3.ExternalProcessor/Process"
+CHECK_SPAN = "envoy.service.auth.v3.Authorization/Check"
 MODERN = "2026-07-28"
 
 
@@ -54,6 +57,7 @@ class Stack:
     drafts: DraftsServer
     url: str
     admin_port: int
+    receiver: OtlpReceiver
 
     def served(self) -> dict[int, int]:
         """Checks answered by each replica, from Envoy's own per-host counters."""
@@ -99,7 +103,10 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         "auth": {"issuers": [idp.issuer_config(jwks_file=jwks)]},
         "handles": {"max_response_bytes": 4096},
     }
-    replicas = [GatewayProcess(config, tmp_path, name=f"replica-{i}") for i in (1, 2)]
+    receiver = OtlpReceiver()
+    replicas = [
+        GatewayProcess(config, tmp_path, name=f"replica-{i}", env=receiver.exporter_env()) for i in (1, 2)
+    ]
     listener_port, admin_port = free_port(), free_port()
     text = envoy_config(
         listener_port=listener_port, admin_port=admin_port,
@@ -109,13 +116,14 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     wait_for_port(admin_port, 30)
     wait_for_port(listener_port, 30)
     url = f"http://127.0.0.1:{listener_port}/mcp"
-    yield Stack(idp, redis, {r.port: r for r in replicas}, drafts, url, admin_port)
+    yield Stack(idp, redis, {r.port: r for r in replicas}, drafts, url, admin_port, receiver)
     envoy.stop()
     for replica in replicas:
         assert replica.stop() == 0, replica.log_text()
     server.should_exit = True
     thread.join(10)
     redis.stop()
+    receiver.stop()
 
 
 @asynccontextmanager
@@ -146,7 +154,7 @@ def test_a_draft_is_bound_to_its_creator_through_envoy_on_two_replicas(stack: St
     alice = BearerAuth(stack.idp.token("alice"))
     bob = BearerAuth(stack.idp.token("bob"))
 
-    async def story() -> None:
+    async def story() -> str:
         async with client(stack, alice) as mcp:
             created = await mcp.call_tool("create_draft", {"title": "plans"})
             assert not created.is_error, created
@@ -197,8 +205,22 @@ def test_a_draft_is_bound_to_its_creator_through_envoy_on_two_replicas(stack: St
             assert stack.bound_to(draft_id) == "(ended)"
             # The SSE-minted draft is alice's too.
             assert not (await mcp.call_tool("publish_draft", {"draft_id": streamed_id})).is_error
+        return draft_id
 
-    anyio.run(story)
+    draft_id = anyio.run(story)
+    # The Process span of the bind, and the Check span of bob's refusal, say so; neither (nor
+    # anything the receiver got) holds a draft id.
+    minted = stack.receiver.wait_for_span(
+        lambda s: s.attributes.get("authz.handle.new") is True, name=PROCESS_SPAN
+    )
+    assert minted.attributes["authz.handle.kind"] == "draft"
+    assert str(minted.attributes["authz.handle.id"]).startswith("hmac-sha256:")
+    mismatch = stack.receiver.wait_for_span(
+        lambda s: s.attributes.get("authz.reason") == "handle_mismatch", name=CHECK_SPAN
+    )
+    (event,) = [attributes for name, attributes in mismatch.events if name == "authz.binding_mismatch"]
+    assert event["authz.handle.kind"] == "draft" and event["authz.mismatch.claim"] == "sub"
+    assert draft_id.encode() not in b"".join(stack.receiver.raw_payloads)
 
 
 def test_a_response_that_cannot_be_bound_never_reaches_the_client(stack: Stack) -> None:
