@@ -144,6 +144,8 @@ def check(directories: list[Path], engines: tuple[str, ...], out: TextIO) -> int
             features = [f"{len(policy.rules)} rule(s)", policy.mode]
             if policy.session is not None:
                 features.append("binds sessions")
+            if policy.handles:
+                features.append(f"binds handles: {', '.join(kind.name for kind in policy.handles)}")
             if policy.uses_body:
                 features.append("reads the body")
             print(f"{_shown(str(policy.location))}: {policy.name} ({', '.join(features)})", file=out)
