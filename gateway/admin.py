@@ -181,7 +181,9 @@ def admin_access(config: Config) -> AdminAccess | None:
     return AdminAccess(credentials, AdminAuthenticator(admin, verifier), " and ".join(methods))
 
 
-def serve_admin(config: Config, store: SessionStore, access: AdminAccess) -> tuple[grpc.Server, int]:
+def serve_admin(
+    config: Config, store: SessionStore, access: AdminAccess, handle_store: SessionStore | None = None
+) -> tuple[grpc.Server, int]:
     """Serve the admin API on admin.listen with `access`; returns the server and its port."""
     assert config.admin.listen
     server, port = start_admin_server(
@@ -190,17 +192,19 @@ def serve_admin(config: Config, store: SessionStore, access: AdminAccess) -> tup
         config.session.max_id_length,
         credentials=access.credentials,
         authenticate=access.authenticate,
+        handle_store=handle_store,
     )
     log.info("admin API requires %s", access.description)
     return server, port
 
 
 def start_session_admin(
-    config: Config, store: SessionStore, access: AdminAccess | None = None
+    config: Config, store: SessionStore, access: AdminAccess | None = None,
+    handle_store: SessionStore | None = None,
 ) -> grpc.Server | None:
     """The admin API of a serving gateway, when `admin.listen` is set; else None. Pass
     `access` (from admin_access) to have the files checked before the gateway starts."""
     access = access or admin_access(config)
     if access is None:
         return None
-    return serve_admin(config, store, access)[0]
+    return serve_admin(config, store, access, handle_store)[0]

@@ -20,6 +20,7 @@ from gateway.policy.model import PolicySet
 from gateway.response import ResponseBuilder
 from gateway.server import CheckService, DecisionListener, build_server, set_serving
 from gateway.session import display_url, open_store
+from gateway.session.handles import open_handle_store
 from gateway.session.health import HealthTrackedStore, StoreHealth
 from gateway.session.replay import replay_cache_for
 from gateway.session.store import SessionStore, StoreSettings
@@ -54,6 +55,7 @@ class Gateway:
         *,
         telemetry: Telemetry | None = None,
         store: SessionStore | None = None,
+        handle_store: SessionStore | None = None,
         listeners: tuple[DecisionListener, ...] = (),
         reuse_port: bool = False,
     ) -> None:
@@ -73,8 +75,13 @@ class Gateway:
         # Store timings cost a few µs per check: only measure when something collects metrics.
         collecting = self.telemetry.meter_provider is not None
         measured = instrument_store(tracked, config.store) if collecting else tracked
+        # Handles (MCP 2026-07-28) live in the same backend, in a key space of their own.
+        self.handle_store = handle_store or open_handle_store(
+            config.store, config.handles, config.session.store_timeout, config.session.max_sessions, observer
+        )
         self.authorizer = Authorizer(
-            config.auth, config.session, self.verifier, measured, self.policies, replay_cache_for(store)
+            config.auth, config.session, self.verifier, measured, self.policies,
+            self.handle_store, config.handles, replay_cache_for(store),
         )
         kind = store_kind(config.store)
         self._unwatch_sessions = metrics.watch_live_sessions(kind, self.store.live_count)
@@ -189,6 +196,7 @@ class Gateway:
         self._unwatch_store_up()
         self.store_health.stop()
         self.store.close()
+        self.handle_store.close()
         self.telemetry.shutdown()
 
 

@@ -113,6 +113,17 @@ class SessionConfig:
     bind_on: str = "first_use"
 
 
+@dataclass(frozen=True, slots=True)
+class HandlesConfig:
+    """Handles (MCP 2026-07-28): kept in the session store's backend, in a key space of their own."""
+
+    # How long the store keeps a handle (a kind's own `ttl` may be shorter, never longer).
+    ttl: float = 24 * 3600.0
+    max_id_length: int = 256
+    key_prefix: str = "authz:handle:"
+    # The largest response (or SSE event) read for a handle; a larger one is refused (502).
+    max_response_bytes: int = 1024 * 1024
+
 BIND_ON_FIRST_USE = "first_use"
 BIND_ON_RESPONSE = "response"
 
@@ -195,6 +206,7 @@ class Config:
     allow_no_enforcing_policy: bool = False
     auth: AuthConfig = field(default_factory=AuthConfig)
     session: SessionConfig = field(default_factory=SessionConfig)
+    handles: HandlesConfig = field(default_factory=HandlesConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     responses: ResponsesConfig = field(default_factory=ResponsesConfig)
@@ -447,6 +459,18 @@ def _session(reader: _Reader) -> SessionConfig:
     return session
 
 
+def _handles(reader: _Reader) -> HandlesConfig:
+    d = HandlesConfig()
+    handles = HandlesConfig(
+        ttl=reader.duration("ttl", d.ttl),
+        max_id_length=reader.integer("max_id_length", d.max_id_length, 1),
+        key_prefix=reader.string("key_prefix", d.key_prefix) or d.key_prefix,
+        max_response_bytes=reader.integer("max_response_bytes", d.max_response_bytes, 1024),
+    )
+    reader.finish()
+    return handles
+
+
 def _telemetry(reader: _Reader) -> TelemetryConfig:
     telemetry = TelemetryConfig(
         metrics_listen=reader.string("metrics_listen"),
@@ -592,14 +616,23 @@ def config_from_mapping(data: object, source: str = "<config>", base: Path | Non
         allow_no_enforcing_policy=top.boolean("allow_no_enforcing_policy", d.allow_no_enforcing_policy),
         auth=_auth(top.child("auth"), base),
         session=_session(top.child("session")),
+        handles=_handles(top.child("handles")),
         telemetry=_telemetry(top.child("telemetry")),
         admin=_admin(top.child("admin"), base),
         responses=_responses(top.child("responses")),
         source=Path(source) if source != "<config>" else None,
     )
     _check_admin_issuer(config, source)
+    _check_handle_prefix(config, top)
     top.finish()
     return config
+
+
+def _check_handle_prefix(config: Config, top: _Reader) -> None:
+    # A session id may hold ':', so one prefix inside the other would let a session id name a handle.
+    sessions, handles = config.session.key_prefix, config.handles.key_prefix
+    if sessions.startswith(handles) or handles.startswith(sessions):
+        raise top.error(f"must not overlap session.key_prefix {sessions!r}", "handles.key_prefix")
 
 
 def load_config(path: str | Path) -> Config:

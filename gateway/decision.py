@@ -31,6 +31,13 @@ REQUEST_INVALID = "request_invalid"
 REQUEST_UNPARSEABLE = "request_unparseable"
 REQUEST_BODY_PARTIAL = "request_body_partial"
 MCP_HEADER_MISMATCH = "mcp_header_mismatch"
+# Handles (MCP 2026-07-28, docs/policies.md#handles). The three request-side refusals answer
+# with the kind's refusal (a JSON-RPC error carrying the request's id), at the kind's status.
+HANDLE_MISMATCH = "handle_mismatch"
+HANDLE_UNKNOWN = "handle_unknown"
+HANDLE_INVALID = "handle_invalid"
+HANDLE_UNREADABLE = "handle_unreadable"
+HANDLE_REISSUED = "handle_reissued"
 # session.bind_on: response (docs/sessions.md): an id no response of the server issued, and a
 # response that hands out an id already bound to another identity (or ended).
 SESSION_UNKNOWN = "session_unknown"
@@ -64,6 +71,11 @@ STATUS_OF: dict[str, int] = {
     REQUEST_UNPARSEABLE: 400,
     REQUEST_BODY_PARTIAL: 413,
     MCP_HEADER_MISMATCH: 400,
+    HANDLE_MISMATCH: 404,
+    HANDLE_UNKNOWN: 404,
+    HANDLE_INVALID: 404,
+    HANDLE_UNREADABLE: 502,
+    HANDLE_REISSUED: 502,
     SESSION_UNKNOWN: 404,
     SESSION_REISSUED: 502,
     DPOP_REQUIRED: 401,
@@ -112,6 +124,16 @@ class Decision:
     upstream_headers: tuple[tuple[str, str], ...] = field(default=())
     # Which DPoP check failed (typ, alg, jwk, signature, htm, htu, iat, jti, ath, jkt, nonce); telemetry only.
     dpop_failure: str = ""
+    # The handle kind this decision is about (authz.handle.kind), and whether it bound a new one.
+    handle_kind: str = ""
+    handle_new: bool = False
+    # The handle's value, for a keyed hash in telemetry only (authz.handle.id); never sent.
+    handle_id: str = ""
+    # An allow whose response may mint a handle: only such responses are read.
+    mints_handles: bool = False
+    # A deny's exact answer (content type, body) instead of the reason's generic one: a handle
+    # refusal is a JSON-RPC error carrying the request's own id.
+    reply: tuple[str, str] | None = None
 
 
 def deny(

@@ -41,6 +41,7 @@ from gateway.envoy_api.envoy.config.core.v3 import base_pb2
 from gateway.envoy_api.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from gateway.envoy_api.envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from gateway.envoy_api.envoy.type.v3 import http_status_pb2
+from gateway.extproc_handles import ResponseMinting, may_mint, with_body
 from gateway.identity.verifier import Identity
 from gateway.pipeline import Authorizer
 from gateway.request import RequestContext, RequestError, from_header_map, redact_secrets
@@ -67,6 +68,28 @@ _RESPONSE_HEADERS_DONE = ext_proc_pb2.ProcessingResponse(
 )
 _RESPONSE_BODY_DONE = ext_proc_pb2.ProcessingResponse(
     response_body=ext_proc_pb2.BodyResponse(response=_CONTINUE)
+)
+# Handles (gateway/extproc_handles.py): the request's body, then the response's.
+_ASK_FOR_REQUEST_BODY = ext_proc_pb2.ProcessingResponse(
+    request_headers=ext_proc_pb2.HeadersResponse(response=_CONTINUE),
+    mode_override=processing_mode_pb2.ProcessingMode(
+        request_body_mode=processing_mode_pb2.ProcessingMode.BUFFERED
+    ),
+)
+_REQUEST_BODY_DONE = ext_proc_pb2.ProcessingResponse(
+    request_body=ext_proc_pb2.BodyResponse(response=_CONTINUE)
+)
+_STREAM_RESPONSE_BODY = ext_proc_pb2.ProcessingResponse(
+    response_headers=ext_proc_pb2.HeadersResponse(response=_CONTINUE),
+    mode_override=processing_mode_pb2.ProcessingMode(
+        response_body_mode=processing_mode_pb2.ProcessingMode.STREAMED
+    ),
+)
+_BUFFER_RESPONSE_BODY_FOR_HANDLES = ext_proc_pb2.ProcessingResponse(
+    response_headers=ext_proc_pb2.HeadersResponse(response=_CONTINUE),
+    mode_override=processing_mode_pb2.ProcessingMode(
+        response_body_mode=processing_mode_pb2.ProcessingMode.BUFFERED
+    ),
 )
 _ASK_FOR_BODY = ext_proc_pb2.ProcessingResponse(
     response_headers=ext_proc_pb2.HeadersResponse(response=_CONTINUE),
@@ -97,7 +120,7 @@ class _Exchange:
 
     __slots__ = (
         "requested", "request", "context", "identity", "status", "outcome", "extra", "error", "body",
-        "credential",
+        "credential", "mint", "request_body", "minting",
     )
 
     def __init__(self) -> None:
@@ -111,6 +134,10 @@ class _Exchange:
         self.error: BaseException | None = None
         self.body = b""
         self.credential: bytes | None = None  # whose share of the streams this one holds
+        # Handles (gateway/extproc_handles.py): Check said the response may mint one.
+        self.mint = False
+        self.request_body = b""
+        self.minting: ResponseMinting | None = None
 
 
 _PASSED = Decision(True, decision.ALLOWED)
@@ -213,11 +240,27 @@ class ProcessService:
             if exchange.requested or exchange.status:
                 raise StreamError("request headers twice on one stream")
             exchange.requested = True
+            if may_mint(message.metadata_context):
+                # Check allowed it, and its response may mint a handle: the request's body is
+                # needed to read the response as Check read the request.
+                exchange.mint = True
+                exchange.credential = self._hold(message.request_headers.headers)
+                exchange.request = message.request_headers.headers
+                return _ASK_FOR_REQUEST_BODY, True
             return self._request_headers(message.request_headers, exchange)
+        if kind == "request_body":
+            if not exchange.mint or exchange.status:
+                raise StreamError("a request body that was not asked for")
+            exchange.request_body += message.request_body.body
+            if len(exchange.request_body) > self._max_request_bytes:
+                raise StreamError("the request body is larger than max_request_bytes")
+            return _REQUEST_BODY_DONE, True
         if kind == "response_headers":
             if exchange.status:
                 raise StreamError("response headers twice on one stream")
             return self._response_headers(message.response_headers, exchange)
+        if kind == "response_body" and exchange.minting is not None:
+            return self._minted_body(message.response_body, exchange)
         if kind == "response_body":
             if exchange.status != 404 or exchange.context is None:
                 raise StreamError("a response body that was not asked for")
@@ -289,7 +332,8 @@ class ProcessService:
         new = {header: value for header, value in issued.items() if presented.get(header) != value}
         # Whether the server forgot the session, or the path is wrong: only the body tells.
         ask_body = status == 404 and bool(presented) and not content_type.startswith(_EVENT_STREAM)
-        if not new and not ask_body:
+        ask_body = ask_body and not exchange.mint  # the body goes to the handles then
+        if not new and not ask_body and not exchange.mint:
             return _RESPONSE_HEADERS_DONE, False  # the steady state: the session's own id, repeated
         refused = self._identify(exchange)
         if refused is not None:
@@ -302,6 +346,8 @@ class ProcessService:
                 return self._refuse(outcome, exchange)
             if outcome.session_new:
                 exchange.extra["authz.session.bound_at"] = "response"
+        if exchange.mint:
+            return self._start_minting(headers, exchange, status)
         if ask_body:
             return _ASK_FOR_BODY, True
         return _RESPONSE_HEADERS_DONE, False
@@ -337,6 +383,59 @@ class ProcessService:
             if ended:
                 # The upstream's own 404 goes on to the client: the session ends, nothing is refused.
                 exchange.outcome = _FORGOTTEN
+        return _RESPONSE_BODY_DONE, False
+
+    def _start_minting(
+        self, headers: ext_proc_pb2.HttpHeaders, exchange: _Exchange, status: int
+    ) -> tuple[ext_proc_pb2.ProcessingResponse, bool]:
+        """The response to a request that may mint a handle: its body is asked for (streamed
+        for SSE, buffered otherwise), or without a body, judged now."""
+        assert exchange.context is not None
+        context = with_body(exchange.context, exchange.request_body)
+        response_headers: dict[str, str] = {}
+        for entry in headers.headers.headers:
+            key = entry.key.lower()
+            if not key.startswith(":"):
+                raw = entry.raw_value or entry.value.encode("utf-8", "replace")
+                value = raw.decode("latin-1")
+                known = response_headers.get(key)
+                response_headers[key] = value if known is None else f"{known},{value}"
+        binder = self.authorizer.handle_binder
+        minting = ResponseMinting(
+            self.authorizer, context, exchange.identity, status, response_headers,
+            binder.settings.max_response_bytes, time.time(),
+        )
+        exchange.minting = minting
+        if headers.end_of_stream:
+            refused = minting.no_body()
+            exchange.outcome = minting.outcome
+            if refused is not None:
+                return self._refuse(refused, exchange)
+            return _RESPONSE_HEADERS_DONE, False
+        return (_STREAM_RESPONSE_BODY if minting.streamed else _BUFFER_RESPONSE_BODY_FOR_HANDLES), True
+
+    def _minted_body(
+        self, body: ext_proc_pb2.HttpBody, exchange: _Exchange
+    ) -> tuple[ext_proc_pb2.ProcessingResponse, bool]:
+        minting = exchange.minting
+        assert minting is not None
+        if minting.streamed:
+            released, refused = minting.streamed_chunk(body.body, body.end_of_stream)
+            exchange.outcome = minting.outcome
+            if refused is not None:
+                # Headers are out: the stream ends here, without this event or any after it.
+                return self._refuse(refused, exchange)
+            if released == body.body:
+                return _RESPONSE_BODY_DONE, not body.end_of_stream
+            mutation = ext_proc_pb2.BodyMutation(body=released)
+            reply = ext_proc_pb2.ProcessingResponse(
+                response_body=ext_proc_pb2.BodyResponse(response=ext_proc_pb2.CommonResponse(body_mutation=mutation))
+            )
+            return reply, not body.end_of_stream
+        refused = minting.buffered(body.body)
+        exchange.outcome = minting.outcome
+        if refused is not None:
+            return self._refuse(refused, exchange)
         return _RESPONSE_BODY_DONE, False
 
     def _read_response(self, headers: ext_proc_pb2.HttpHeaders) -> tuple[int, dict[str, str], str]:

@@ -16,7 +16,7 @@ import base64
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.text import safe_text
@@ -29,14 +29,28 @@ _BASE64_OPEN, _BASE64_CLOSE = "=?base64?", "?="
 _JSON_MEDIA_SUFFIX = "+json"
 
 
+# The methods whose `params.arguments` a policy sees as `mcp.arguments`.
+ARGUMENT_METHODS = frozenset({"tools/call", "prompts/get"})
+
+
 @dataclass(frozen=True, slots=True)
 class McpCall:
     method: str = ""
     name: str = ""
     protocol_version: str = ""
+    # A tools/call's (or prompts/get's) `params.arguments`, as parsed; {} otherwise.
+    arguments: dict[str, Any] = field(default_factory=dict, compare=False)
+    # The JSON-RPC id as parsed (str, int, float); None for a notification or no body. A
+    # refusal that answers this call carries it back, so the client raises an ordinary error.
+    request_id: str | int | float | None = field(default=None, compare=False)
 
-    def as_cel(self) -> dict[str, str]:
-        return {"method": self.method, "name": self.name, "protocol_version": self.protocol_version}
+    def as_cel(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "name": self.name,
+            "protocol_version": self.protocol_version,
+            "arguments": self.arguments,
+        }
 
 
 NOT_MCP = McpCall()
@@ -184,7 +198,13 @@ def _call_from_message(message: Any, protocol_version: str) -> McpCall:
     if method == "initialize" and not protocol_version:
         version = params.get("protocolVersion", "")
         protocol_version = version if isinstance(version, str) else ""
-    return McpCall(method, name, protocol_version)
+    arguments: dict[str, Any] = {}
+    if method in ARGUMENT_METHODS and params.get("arguments") is not None:
+        arguments = params["arguments"]
+        if not isinstance(arguments, dict):
+            # A server might read a list by position; what a policy sees must be what it runs.
+            raise Unparseable(f"{method}: params.arguments is not an object")
+    return McpCall(method, name, protocol_version, arguments, request_id)
 
 
 def parse_body(headers: Mapping[str, str], body: str, protocol_version: str) -> tuple[McpCall, ...]:
@@ -249,3 +269,115 @@ def mcp_view(headers: Mapping[str, str], body: str) -> tuple[McpCall, ...]:
     if protocol_version:
         return (McpCall(protocol_version=protocol_version),)
     return (NOT_MCP,)
+
+
+def read_json(text: str) -> Any:
+    """One JSON value read as strictly as a request body: no duplicate keys, bounded depth and
+    numbers, no NUL or lone surrogate. Raises Unparseable or UnsafeText."""
+    return _load(text)
+
+
+class EventStream:
+    """A `text/event-stream` body read event by event, as it arrives: never buffered whole.
+
+    `feed` takes the next bytes and returns the data of each event they complete (the
+    `data:` lines joined with newlines; an event without data is a keep-alive, left out).
+    An event larger than `max_event_bytes`, or not UTF-8, raises Unparseable; so does
+    `finish` when the stream ends inside an event (a truncated event is never judged)."""
+
+    def __init__(self, max_event_bytes: int) -> None:
+        self._max = max_event_bytes
+        self._pending = b""
+        self._data: list[str] = []
+        self._event_bytes = 0
+        self._started = False
+        # Bytes read as whole lines, and of them those up to the end of the last complete event
+        # (a blank line): what may be delivered so far, byte for byte.
+        self.consumed = 0
+        self.complete = 0
+
+    def feed(self, chunk: bytes) -> list[str]:
+        self._pending += chunk
+        events: list[str] = []
+        while True:
+            cut = _line_end(self._pending)
+            if cut is None:
+                break
+            end, after = cut
+            line, self._pending = self._pending[:end], self._pending[after:]
+            self._event_bytes += after
+            self.consumed += after
+            if self._event_bytes > self._max:
+                raise Unparseable(f"an event is larger than {self._max} bytes")
+            event = self._line(line)
+            if event is not None:
+                events.append(event)
+        if self._event_bytes + len(self._pending) > self._max:
+            raise Unparseable(f"an event is larger than {self._max} bytes")
+        return events
+
+    def finish(self) -> list[str]:
+        """The events the end of the stream completes (a last line ended by a lone CR)."""
+        events = []
+        if self._pending.endswith(b"\r"):
+            self.consumed += len(self._pending)
+            event = self._line(self._pending[:-1])
+            self._pending = b""
+            if event is not None:
+                events.append(event)
+        if self._pending or self._data:
+            raise Unparseable("the stream ended inside an event")
+        return events
+
+    def _line(self, raw: bytes) -> str | None:
+        if not self._started:
+            self._started = True
+            raw = raw.removeprefix(b"\xef\xbb\xbf")
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Unparseable("an event is not UTF-8") from None
+        if not line:
+            data, self._data, self._event_bytes = self._data, [], 0
+            self.complete = self.consumed
+            return "\n".join(data) if data else None
+        name, colon, value = line.partition(":")
+        if colon and value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        return None
+
+
+def _line_end(buffer: bytes) -> tuple[int, int] | None:
+    """Where the first line ends (CRLF, LF or CR) and where the next begins; None while a lone
+    CR at the end may yet be followed by LF."""
+    newline, carriage = buffer.find(b"\n"), buffer.find(b"\r")
+    if carriage < 0 or (0 <= newline < carriage):
+        return None if newline < 0 else (newline, newline + 1)
+    if carriage + 1 == len(buffer):
+        return None
+    crlf = buffer[carriage + 1 : carriage + 2] == b"\n"
+    return (carriage, carriage + 2 if crlf else carriage + 1)
+
+
+def response_messages(content_type: str, body: bytes, max_bytes: int) -> list[Any]:
+    """The JSON messages of a whole response: one for JSON, one per event for SSE. Raises
+    Unparseable or UnsafeText for a body the gateway cannot read exactly."""
+    kind, charset = media_type({"content-type": content_type})
+    if len(body) > max_bytes:
+        raise Unparseable(f"the response is larger than {max_bytes} bytes")
+    if charset not in (None, "utf-8", "utf8"):
+        raise Unparseable(f"a response in charset {charset}")
+    if kind == "text/event-stream":
+        stream = EventStream(max_bytes)
+        events = stream.feed(body)
+        events.extend(stream.finish())
+        return [read_json(event) for event in events]
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Unparseable("the response is not UTF-8") from None
+    if text.startswith("\ufeff"):
+        raise Unparseable("the response starts with a byte order mark")
+    return [read_json(text)]

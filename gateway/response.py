@@ -18,6 +18,8 @@ from gateway.envoy_api.envoy.config.core.v3 import base_pb2
 from gateway.envoy_api.envoy.service.auth.v3 import external_auth_pb2
 from gateway.envoy_api.envoy.type.v3 import http_status_pb2
 from gateway.envoy_api.google.rpc import code_pb2, status_pb2
+from gateway.policy.handles import refusal_reply
+from gateway.policy.model import HandleRefusal
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 # A second value of a header the deny already sets (the DPoP challenge beside the Bearer one):
@@ -48,7 +50,13 @@ _PUBLIC_ERROR = {
     503: "unavailable",
 }
 _ALLOWED_CACHE_SIZE = 10_000
+# Check's dynamic metadata for an allow whose response may mint a handle (read by ext_proc).
+MINT_METADATA_KEY = "authz.handles.mint"
 _BUILT_IN_REASONS = frozenset(decision.STATUS_OF) | {decision.ALLOWED}
+# A handle refusal carries its kind's answer (Decision.reply, with the request's id); without
+# one (a rule reusing the reason) it is the default refusal of a request without an id.
+_HANDLE_REFUSALS = frozenset({decision.HANDLE_MISMATCH, decision.HANDLE_UNKNOWN, decision.HANDLE_INVALID})
+_DEFAULT_HANDLE_REFUSAL = refusal_reply(HandleRefusal(), None)
 
 
 def _header(name: str, value: str, action: int = _OVERWRITE) -> base_pb2.HeaderValueOption:
@@ -73,6 +81,7 @@ class ResponseBuilder:
         self._denied: dict[tuple[str, int], external_auth_pb2.CheckResponse] = {}
         # Responses are immutable once built: one per identity serves all its allows.
         self._allowed: dict[tuple[tuple[str, str], ...], external_auth_pb2.CheckResponse] = {}
+        self._minting: dict[tuple[tuple[str, str], ...], external_auth_pb2.CheckResponse] = {}
         self._lock = threading.Lock()
         self._plain_ok = external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
@@ -104,12 +113,14 @@ class ResponseBuilder:
         return [dpop] if self._auth.dpop.required else [self.challenge(reason), dpop]
 
     def _session_refusal(self, reason: str, status: int) -> bool:
-        return status == 404 and reason in _BUILT_IN_REASONS
+        return status == 404 and reason in _BUILT_IN_REASONS and reason not in _HANDLE_REFUSALS
 
     def content_type(self, reason: str, status: int) -> str:
         return self._not_found.content_type if self._session_refusal(reason, status) else _JSON
 
     def body(self, reason: str, status: int) -> str:
+        if reason in _HANDLE_REFUSALS:
+            return _DEFAULT_HANDLE_REFUSAL[1]
         if self._session_refusal(reason, status):
             return self._not_found.body
         if status == 401 and reason == decision.TOKEN_MISSING:
@@ -123,6 +134,8 @@ class ResponseBuilder:
         return json.dumps({"error": error}, separators=(",", ":"))
 
     def build(self, outcome: Decision) -> external_auth_pb2.CheckResponse:
+        if outcome.allowed and outcome.mints_handles:
+            return self._minting_response(outcome.upstream_headers)
         if outcome.allowed:
             if not outcome.upstream_headers:
                 return self._plain_ok
@@ -134,6 +147,9 @@ class ResponseBuilder:
                         self._allowed.pop(next(iter(self._allowed)), None)
                     self._allowed[outcome.upstream_headers] = allowed
             return allowed
+        if outcome.reply is not None:
+            # A handle refusal: its own bytes (the request's JSON-RPC id), never cached.
+            return self._denied_response(outcome.reason, outcome.status, outcome.headers, outcome.reply)
         if outcome.headers:
             return self._denied_response(outcome.reason, outcome.status, outcome.headers)
         key = (outcome.reason, outcome.status)
@@ -143,6 +159,22 @@ class ResponseBuilder:
             with self._lock:
                 if len(self._denied) < 1024:
                     self._denied[key] = cached
+        return cached
+
+    def _minting_response(
+        self, upstream_headers: tuple[tuple[str, str], ...]
+    ) -> external_auth_pb2.CheckResponse:
+        """An allow whose response may mint a handle: Envoy's dynamic metadata tells the
+        response path (ext_proc) to read it (gateway/extproc_handles.py)."""
+        cached = self._minting.get(upstream_headers)
+        if cached is None:
+            cached = external_auth_pb2.CheckResponse()
+            cached.CopyFrom(self._allowed_response(upstream_headers))
+            cached.dynamic_metadata.update({MINT_METADATA_KEY: True})
+            with self._lock:
+                if len(self._minting) >= _ALLOWED_CACHE_SIZE:
+                    self._minting.pop(next(iter(self._minting)), None)
+                self._minting[upstream_headers] = cached
         return cached
 
     def _allowed_response(
@@ -162,19 +194,25 @@ class ResponseBuilder:
     def denial(self, outcome: Decision) -> tuple[str, list[tuple[str, str]]]:
         """The body and headers of a deny, as the client receives them (Check's denied_response,
         and the ext_proc ImmediateResponse of the response path)."""
-        return self._denial(outcome.reason, outcome.status, outcome.headers)
+        return self._denial(outcome.reason, outcome.status, outcome.headers, outcome.reply)
 
     def _denial(
-        self, reason: str, status: int, extra_headers: tuple[tuple[str, str], ...]
+        self,
+        reason: str,
+        status: int,
+        extra_headers: tuple[tuple[str, str], ...],
+        reply: tuple[str, str] | None = None,
     ) -> tuple[str, list[tuple[str, str]]]:
-        body = self.body(reason, status)
+        if reply is None:
+            reply = (self.content_type(reason, status), self.body(reason, status))
+        content_type, body = reply
         # Envoy fills in content-length itself (in place), then appends date and server. Listing
         # content-length first gives a denial the header order of an upstream response after
         # the example Envoy config's normalization (content-length, content-type, cache-control,
         # date, server), so a session refusal matches the MCP server's own 404 in order too.
         headers = [
             ("content-length", str(len(body.encode("utf-8")))),
-            ("content-type", self.content_type(reason, status)),
+            ("content-type", content_type),
             _NO_STORE,
         ]
         if status == 401:
@@ -186,9 +224,13 @@ class ResponseBuilder:
         return body, headers
 
     def _denied_response(
-        self, reason: str, status: int, extra_headers: tuple[tuple[str, str], ...]
+        self,
+        reason: str,
+        status: int,
+        extra_headers: tuple[tuple[str, str], ...],
+        reply: tuple[str, str] | None = None,
     ) -> external_auth_pb2.CheckResponse:
-        body, headers = self._denial(reason, status, extra_headers)
+        body, headers = self._denial(reason, status, extra_headers, reply)
         grpc_code = code_pb2.UNAUTHENTICATED if status == 401 else code_pb2.PERMISSION_DENIED
         options, seen = [], set()
         for name, value in headers:

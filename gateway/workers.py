@@ -85,17 +85,22 @@ def serve_workers(config: Config, serve: ServeOne) -> int:
     # First, so a port the admin API cannot have stops everything before any worker starts.
     admin_server = None
     admin_store = None
+    admin_handles = None
     if config.admin.listen:
         from gateway.admin import admin_access, start_session_admin
         from gateway.app import store_settings
         from gateway.session import open_store
+        from gateway.session.handles import open_handle_store
 
         access = admin_access(config)  # its files checked before the store opens
         admin_store = open_store(config.store, store_settings(config))
+        s = config.session
+        admin_handles = open_handle_store(config.store, config.handles, s.store_timeout, s.max_sessions)
         try:
-            admin_server = start_session_admin(config, admin_store, access)
+            admin_server = start_session_admin(config, admin_store, access, admin_handles)
         except BaseException:
             admin_store.close()
+            admin_handles.close()
             raise
 
     for index in range(config.workers):
@@ -131,5 +136,7 @@ def serve_workers(config: Config, serve: ServeOne) -> int:
         admin_server.stop(1.0).wait()
     if admin_store is not None:
         admin_store.close()
+    if admin_handles is not None:
+        admin_handles.close()
     log.info("all workers stopped")
     return 1 if failed else 0

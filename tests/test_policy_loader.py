@@ -152,7 +152,7 @@ def test_unknown_keys_are_located(engine: str) -> None:
     """
     assert problems_of(text, engine) == [
         "p.yaml:2:1: unknown key 'whenn' in a policy "
-        "(allowed: description, mode, name, rules, session, when)",
+        "(allowed: description, handles, mode, name, rules, session, when)",
         "p.yaml:6:23: unknown key 'stauts' in deny (allowed: claim, headers, reason, status)",
     ]
 

@@ -511,7 +511,8 @@ def test_the_triple_quote_blind_spot_was_a_bypass(engine: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # When cel-python's parser cannot be trusted: every variable whole
 
-EVERY_VARIABLE_WHOLE = dict.fromkeys(VARIABLES)
+# `response` is known only to `minted`; the set never reads it on the request side.
+EVERY_VARIABLE_WHOLE = dict.fromkeys(v for v in VARIABLES if v != "response")
 
 
 @pytest.mark.parametrize(
@@ -531,7 +532,7 @@ EVERY_VARIABLE_WHOLE = dict.fromkeys(VARIABLES)
 def test_an_expression_celpy_cannot_read_as_cel_reads_everything(source: str) -> None:
     reads = analyze(source)
     assert not reads.analyzed
-    assert dict(reads.variables) == EVERY_VARIABLE_WHOLE
+    assert dict(reads.variables) == dict.fromkeys(VARIABLES)
     assert reads.uses_body
 
 

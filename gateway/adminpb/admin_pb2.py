@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"authz_gateway/admin/v1/admin.proto\x12\x16\x61uthz_gateway.admin.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x82\x01\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x11\n\tanonymous\x18\x03 \x01(\x08\x12\x12\n\ncreated_at\x18\x04 \x01(\x01\x12\r\n\x05owner\x18\x05 \x01(\t\x12&\n\x05\x62ound\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\"$\n\x13ListSessionsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"\\\n\x14ListSessionsResponse\x12\x31\n\x08sessions\x18\x01 \x03(\x0b\x32\x1f.authz_gateway.admin.v1.Session\x12\x11\n\ttruncated\x18\x02 \x01(\x08\"\x1f\n\x11GetSessionRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\"\n\x14RevokeSessionRequest\x12\n\n\x02id\x18\x01 \x01(\t\"/\n\x15RevokeSessionResponse\x12\x16\n\x0eprevious_state\x18\x01 \x01(\t\"7\n\x14RevokeSubjectRequest\x12\x0e\n\x06issuer\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\"(\n\x15RevokeSubjectResponse\x12\x0f\n\x07revoked\x18\x01 \x01(\r2\xaf\x03\n\x0cSessionAdmin\x12i\n\x0cListSessions\x12+.authz_gateway.admin.v1.ListSessionsRequest\x1a,.authz_gateway.admin.v1.ListSessionsResponse\x12X\n\nGetSession\x12).authz_gateway.admin.v1.GetSessionRequest\x1a\x1f.authz_gateway.admin.v1.Session\x12l\n\rRevokeSession\x12,.authz_gateway.admin.v1.RevokeSessionRequest\x1a-.authz_gateway.admin.v1.RevokeSessionResponse\x12l\n\rRevokeSubject\x12,.authz_gateway.admin.v1.RevokeSubjectRequest\x1a-.authz_gateway.admin.v1.RevokeSubjectResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"authz_gateway/admin/v1/admin.proto\x12\x16\x61uthz_gateway.admin.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x82\x01\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x11\n\tanonymous\x18\x03 \x01(\x08\x12\x12\n\ncreated_at\x18\x04 \x01(\x01\x12\r\n\x05owner\x18\x05 \x01(\t\x12&\n\x05\x62ound\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\"5\n\x13ListSessionsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12\x0f\n\x07handles\x18\x02 \x01(\x08\"\\\n\x14ListSessionsResponse\x12\x31\n\x08sessions\x18\x01 \x03(\x0b\x32\x1f.authz_gateway.admin.v1.Session\x12\x11\n\ttruncated\x18\x02 \x01(\x08\"0\n\x11GetSessionRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07handles\x18\x02 \x01(\x08\"3\n\x14RevokeSessionRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07handles\x18\x02 \x01(\x08\"/\n\x15RevokeSessionResponse\x12\x16\n\x0eprevious_state\x18\x01 \x01(\t\"H\n\x14RevokeSubjectRequest\x12\x0e\n\x06issuer\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x0f\n\x07handles\x18\x03 \x01(\x08\"(\n\x15RevokeSubjectResponse\x12\x0f\n\x07revoked\x18\x01 \x01(\r2\xaf\x03\n\x0cSessionAdmin\x12i\n\x0cListSessions\x12+.authz_gateway.admin.v1.ListSessionsRequest\x1a,.authz_gateway.admin.v1.ListSessionsResponse\x12X\n\nGetSession\x12).authz_gateway.admin.v1.GetSessionRequest\x1a\x1f.authz_gateway.admin.v1.Session\x12l\n\rRevokeSession\x12,.authz_gateway.admin.v1.RevokeSessionRequest\x1a-.authz_gateway.admin.v1.RevokeSessionResponse\x12l\n\rRevokeSubject\x12,.authz_gateway.admin.v1.RevokeSubjectRequest\x1a-.authz_gateway.admin.v1.RevokeSubjectResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,19 +35,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSION']._serialized_start=93
   _globals['_SESSION']._serialized_end=223
   _globals['_LISTSESSIONSREQUEST']._serialized_start=225
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=261
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=263
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=355
-  _globals['_GETSESSIONREQUEST']._serialized_start=357
-  _globals['_GETSESSIONREQUEST']._serialized_end=388
-  _globals['_REVOKESESSIONREQUEST']._serialized_start=390
-  _globals['_REVOKESESSIONREQUEST']._serialized_end=424
-  _globals['_REVOKESESSIONRESPONSE']._serialized_start=426
-  _globals['_REVOKESESSIONRESPONSE']._serialized_end=473
-  _globals['_REVOKESUBJECTREQUEST']._serialized_start=475
-  _globals['_REVOKESUBJECTREQUEST']._serialized_end=530
-  _globals['_REVOKESUBJECTRESPONSE']._serialized_start=532
-  _globals['_REVOKESUBJECTRESPONSE']._serialized_end=572
-  _globals['_SESSIONADMIN']._serialized_start=575
-  _globals['_SESSIONADMIN']._serialized_end=1006
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=278
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=280
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=372
+  _globals['_GETSESSIONREQUEST']._serialized_start=374
+  _globals['_GETSESSIONREQUEST']._serialized_end=422
+  _globals['_REVOKESESSIONREQUEST']._serialized_start=424
+  _globals['_REVOKESESSIONREQUEST']._serialized_end=475
+  _globals['_REVOKESESSIONRESPONSE']._serialized_start=477
+  _globals['_REVOKESESSIONRESPONSE']._serialized_end=524
+  _globals['_REVOKESUBJECTREQUEST']._serialized_start=526
+  _globals['_REVOKESUBJECTREQUEST']._serialized_end=598
+  _globals['_REVOKESUBJECTRESPONSE']._serialized_start=600
+  _globals['_REVOKESUBJECTRESPONSE']._serialized_end=640
+  _globals['_SESSIONADMIN']._serialized_start=643
+  _globals['_SESSIONADMIN']._serialized_end=1074
 # @@protoc_insertion_point(module_scope)

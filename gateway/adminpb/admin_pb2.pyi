@@ -24,10 +24,12 @@ class Session(_message.Message):
     def __init__(self, id: _Optional[str] = ..., state: _Optional[str] = ..., anonymous: _Optional[bool] = ..., created_at: _Optional[float] = ..., owner: _Optional[str] = ..., bound: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class ListSessionsRequest(_message.Message):
-    __slots__ = ("limit",)
+    __slots__ = ("limit", "handles")
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    HANDLES_FIELD_NUMBER: _ClassVar[int]
     limit: int
-    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+    handles: bool
+    def __init__(self, limit: _Optional[int] = ..., handles: _Optional[bool] = ...) -> None: ...
 
 class ListSessionsResponse(_message.Message):
     __slots__ = ("sessions", "truncated")
@@ -38,16 +40,20 @@ class ListSessionsResponse(_message.Message):
     def __init__(self, sessions: _Optional[_Iterable[_Union[Session, _Mapping]]] = ..., truncated: _Optional[bool] = ...) -> None: ...
 
 class GetSessionRequest(_message.Message):
-    __slots__ = ("id",)
+    __slots__ = ("id", "handles")
     ID_FIELD_NUMBER: _ClassVar[int]
+    HANDLES_FIELD_NUMBER: _ClassVar[int]
     id: str
-    def __init__(self, id: _Optional[str] = ...) -> None: ...
+    handles: bool
+    def __init__(self, id: _Optional[str] = ..., handles: _Optional[bool] = ...) -> None: ...
 
 class RevokeSessionRequest(_message.Message):
-    __slots__ = ("id",)
+    __slots__ = ("id", "handles")
     ID_FIELD_NUMBER: _ClassVar[int]
+    HANDLES_FIELD_NUMBER: _ClassVar[int]
     id: str
-    def __init__(self, id: _Optional[str] = ...) -> None: ...
+    handles: bool
+    def __init__(self, id: _Optional[str] = ..., handles: _Optional[bool] = ...) -> None: ...
 
 class RevokeSessionResponse(_message.Message):
     __slots__ = ("previous_state",)
@@ -56,12 +62,14 @@ class RevokeSessionResponse(_message.Message):
     def __init__(self, previous_state: _Optional[str] = ...) -> None: ...
 
 class RevokeSubjectRequest(_message.Message):
-    __slots__ = ("issuer", "subject")
+    __slots__ = ("issuer", "subject", "handles")
     ISSUER_FIELD_NUMBER: _ClassVar[int]
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    HANDLES_FIELD_NUMBER: _ClassVar[int]
     issuer: str
     subject: str
-    def __init__(self, issuer: _Optional[str] = ..., subject: _Optional[str] = ...) -> None: ...
+    handles: bool
+    def __init__(self, issuer: _Optional[str] = ..., subject: _Optional[str] = ..., handles: _Optional[bool] = ...) -> None: ...
 
 class RevokeSubjectResponse(_message.Message):
     __slots__ = ("revoked",)

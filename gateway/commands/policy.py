@@ -144,6 +144,8 @@ def check(directories: list[Path], engines: tuple[str, ...], out: TextIO) -> int
             features = [f"{len(policy.rules)} rule(s)", policy.mode]
             if policy.session is not None:
                 features.append("binds sessions")
+            if policy.handles:
+                features.append(f"binds handles: {', '.join(kind.name for kind in policy.handles)}")
             if policy.uses_body:
                 features.append("reads the body")
             print(f"{_shown(str(policy.location))}: {policy.name} ({', '.join(features)})", file=out)
@@ -280,6 +282,21 @@ def _describe_session(found: Any) -> str:
     return f"{'stored session found' if found.existed else 'new session bound'} ({who})"
 
 
+def _describe_handle(step: str, found: Any) -> str:
+    """One handle step of the trace: a handle presented (found or refused), ended, or minted."""
+    if step.endswith(" terminate"):
+        return "terminate is true: the handle ends (tombstone)"
+    if hasattr(found, "reason"):
+        return f"REFUSED {found.reason}: {found.message}"
+    bound = dict(found.data.get("bound", {}))
+    who = "anonymous" if found.data.get("anonymous") else ", ".join(f"{k}={v}" for k, v in bound.items())
+    if step.endswith(" minted"):
+        return f"{'a new handle, bound' if not found.existed else 'already this caller’s'} ({who})"
+    if not found.existed:
+        return "never minted, passes (unknown: allow)"
+    return f"stored handle found ({who})"
+
+
 def _explain_case(case: PolicyCase, policies: PolicySet, directory: Path, engine: str, out: TextIO) -> int:
     steps = _Steps()
     outcome = CaseRunner(policies).run(case, steps)
@@ -304,6 +321,14 @@ def _explain_case(case: PolicyCase, policies: PolicySet, directory: Path, engine
         s = case.session
         who = "anonymous" if s.anonymous else ", ".join(f"{k}={v}" for k, v in s.bound.items())
         print(f"stored    session {s.id}: {s.state} ({who})", file=out)
+    if case.handle is not None:
+        h = case.handle
+        who = "anonymous" if h.anonymous else ", ".join(f"{k}={v}" for k, v in h.bound.items())
+        print(f"stored    handle {h.kind}:{h.id}: {h.state} ({who})", file=out)
+    if case.response is not None:
+        kind = case.response.headers.get("content-type", "no content type")
+        size = len(case.response.body)
+        print(f"response  {case.response.status} ({kind}, {size} bytes) from the upstream", file=out)
     for number, call in enumerate(steps.calls, start=1):
         label = f"mcp call {number} of {len(steps.calls)}" if len(steps.calls) > 1 else "mcp"
         described = f"method={call.method!r} name={call.name!r}" if call.method else "(not an MCP request)"
@@ -344,6 +369,9 @@ def _explain_case(case: PolicyCase, policies: PolicySet, directory: Path, engine
             f"session   {outcome.session_id}: {session_state(outcome.session_after)} after the check",
             file=out,
         )
+    if outcome.handle_key:
+        state = session_state(outcome.handle_after)
+        print(f"handle    {outcome.handle_key}: {state} after the check", file=out)
     if case.expect is not None:
         problems = failures(case.expect, outcome)
         print(f"expected  {'as expected' if not problems else '; '.join(problems)}", file=out)
@@ -377,6 +405,12 @@ def _print_policy(
             return
     elif policy.session is not None:
         print("   session: as for the first call of the batch", file=out)
+    handle_steps = [
+        (step, result) for _, _, rule, step, result in events if not rule and step.startswith("handle ")
+    ]
+    for step, result in handle_steps:
+        if not step.endswith(" minted"):
+            print(f"   {step}: {_describe_handle(step, result)}", file=out)
     decided = False
     for rule in policy.rules:
         mark = _rule_line(rule, by_step, decided, policy.audit)
@@ -385,6 +419,9 @@ def _print_policy(
             decided = True
     if by_step.get(("", "session.terminate")):
         print("   session.terminate is true: the session ends (tombstone)", file=out)
+    for step, result in handle_steps:
+        if step.endswith(" minted"):
+            print(f"   {step} in the response: {_describe_handle(step, result)}", file=out)
 
 
 def _rule_line(rule: Any, by_step: dict[tuple[str, str], Any], decided: bool, audit: bool) -> str:

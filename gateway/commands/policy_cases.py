@@ -21,24 +21,26 @@ from __future__ import annotations
 import datetime
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
 from yaml.nodes import Node, SequenceNode
 
 from gateway import decision
-from gateway.config import AuthConfig, SessionConfig
+from gateway.config import AuthConfig, HandlesConfig, SessionConfig
 from gateway.decision import Decision
 from gateway.envoy_api.envoy.config.core.v3 import address_pb2
 from gateway.envoy_api.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from gateway.identity.verifier import Identity, TokenRejected, TokenVerifier, auth_map_for, confirmation_of
+from gateway.mcp import Unparseable, UnsafeText, response_messages
 from gateway.pipeline import UPSTREAM_HEADERS, Authorizer, PolicyHolder
 from gateway.policy.evaluate import Tracer
 from gateway.policy.loader import TEST_SUFFIXES
 from gateway.policy.model import Location, PolicySet
 from gateway.request import PARTIAL_BODY_HEADER, RequestContext, RequestError, from_check_request
 from gateway.response import ResponseBuilder
+from gateway.session.handles import handle_store_settings, store_key
 from gateway.session.memory import MemoryStore
 from gateway.session.record import ENDED_REVOKED, ENDED_TERMINATED, new_record, owner_key, tombstone
 from gateway.session.store import StoreSettings
@@ -49,11 +51,19 @@ from gateway.yaml_reader import NodeReader, Position, YamlError, load, values, w
 DEFAULT_NOW = 1_767_225_600.0
 
 FILE_KEYS = {"defaults", "cases"}
-CASE_KEYS = {"name", "description", "now", "request", "claims", "anonymous", "session", "expect"}
+CASE_KEYS = {
+    "name", "description", "now", "request", "claims", "anonymous", "session", "handle", "response", "expect"
+}
 REQUEST_KEYS = {"method", "path", "host", "scheme", "headers", "body", "partial_body", "context", "source"}
 SESSION_KEYS = {"id", "bound", "anonymous", "state", "created", "idle", "record"}
-EXPECT_KEYS = {"decision", "reason", "status", "policy", "rule", "headers", "body", "audit", "session"}
+EXPECT_KEYS = {
+    "decision", "reason", "status", "policy", "rule", "headers", "body", "audit", "session", "handle"
+}
 EXPECT_SESSION_KEYS = {"state", "bound", "anonymous"}
+HANDLE_KEYS = {"kind", "id", "bound", "anonymous", "state", "created"}
+RESPONSE_KEYS = {"status", "headers", "body"}
+EXPECT_HANDLE_KEYS = {"kind", "id", "state", "bound", "anonymous", "new"}
+HANDLE_STATES = ("live", "terminated", "revoked", "expired", "legacy")
 SESSION_STATES = ("live", "terminated", "revoked", "expired", "legacy")
 STATES_AFTER = ("absent", *SESSION_STATES)
 
@@ -78,6 +88,25 @@ class StoredSession:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredHandle:
+    kind: str
+    id: str
+    bound: Mapping[str, Any]
+    anonymous: bool
+    state: str
+    created: float  # seconds before the check
+
+
+@dataclass(frozen=True, slots=True)
+class CaseResponse:
+    """The upstream's answer to the request, for the kinds' `minted` expressions."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Expectation:
     decision: str  # allow | deny
     reason: str | None
@@ -88,6 +117,7 @@ class Expectation:
     body: str | None
     audit: tuple[Mapping[str, Any], ...] | None
     session: Mapping[str, Any] | None
+    handle: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +130,8 @@ class PolicyCase:
     session: StoredSession | None
     expect: Expectation | None
     description: str = ""
+    handle: StoredHandle | None = None
+    response: CaseResponse | None = None
 
 
 @dataclass(slots=True)
@@ -108,6 +140,8 @@ class Outcome:
     response: external_auth_pb2.CheckResponse
     session_after: Mapping[str, Any] | None  # the stored record after the check; None if absent
     session_id: str
+    handle_after: Mapping[str, Any] | None = None  # the expected handle's record after; None if absent
+    handle_key: str = ""  # kind:id of that handle
 
 
 @dataclass(slots=True)
@@ -168,8 +202,11 @@ class _CaseReader(NodeReader):
         nodes = self.keys(node, CASE_KEYS, "a case")
         self.keys(nodes.get("request"), REQUEST_KEYS, "request")
         self.keys(nodes.get("session"), SESSION_KEYS, "session")
+        self.keys(nodes.get("handle"), HANDLE_KEYS, "handle")
+        self.keys(nodes.get("response"), RESPONSE_KEYS, "response")
         expect = self.keys(nodes.get("expect"), EXPECT_KEYS, "expect")
         self.keys(expect.get("session"), EXPECT_SESSION_KEYS, "expect.session")
+        self.keys(expect.get("handle"), EXPECT_HANDLE_KEYS, "expect.handle")
         return nodes
 
     def mapping_value(self, value: Any, node: Node | None, what: str) -> Mapping[str, Any] | None:
@@ -225,6 +262,12 @@ class _CaseReader(NodeReader):
         session = None
         if merged.get("session") is not None:
             session = self.session(merged["session"], nodes.get("session", node), request)
+        handle = None
+        if merged.get("handle") is not None:
+            handle = self.stored_handle(merged["handle"], nodes.get("handle", node))
+        response = None
+        if merged.get("response") is not None:
+            response = self.response(merged["response"], nodes.get("response", node))
         expect = None
         if merged.get("expect") is None:
             if not self.single:
@@ -242,7 +285,46 @@ class _CaseReader(NodeReader):
             session=session,
             expect=expect,
             description=str(merged.get("description", "")),
+            handle=handle,
+            response=response,
         )
+
+    def stored_handle(self, value: Any, node: Node | None) -> StoredHandle | None:
+        mapping = self.mapping_value(value, node, "handle")
+        if mapping is None:
+            return None
+        kind, handle_id = mapping.get("kind"), mapping.get("id")
+        if not isinstance(kind, str) or not kind or not isinstance(handle_id, str) or not handle_id:
+            self.problem(node, "handle.kind and handle.id must be non-empty strings")
+            return None
+        state = mapping.get("state", "live")
+        if state not in HANDLE_STATES:
+            self.problem(node, f"handle.state must be one of {', '.join(HANDLE_STATES)}")
+            return None
+        created = mapping.get("created", 60.0)
+        if isinstance(created, bool) or not isinstance(created, int | float) or created < 0:
+            self.problem(node, "handle.created must be a number of seconds >= 0")
+            return None
+        bound = self.mapping_value(mapping.get("bound"), node, "handle.bound") or {}
+        anonymous = mapping.get("anonymous") is True
+        return StoredHandle(kind, handle_id, bound, anonymous, str(state), float(created))
+
+    def response(self, value: Any, node: Node | None) -> CaseResponse | None:
+        mapping = self.mapping_value(value, node, "response")
+        if mapping is None:
+            return None
+        status = mapping.get("status", 200)
+        if wrong := wrong_type(status, "integer"):
+            self.problem(node, f"response.status {wrong}")
+            return None
+        given = self.strings(mapping.get("headers"), node, "response.headers")
+        headers = {k.lower(): v for k, v in given.items()}
+        body = mapping.get("body", "")
+        # A mapping or a list is a JSON body written as YAML (a JSON-RPC response).
+        if not isinstance(body, str):
+            body = json.dumps(body, separators=(",", ":"))
+            headers.setdefault("content-type", "application/json")
+        return CaseResponse(int(status), headers, body.encode("utf-8", "surrogatepass"))
 
     def now(self, value: Any, node: Node | None) -> float:
         if isinstance(value, datetime.datetime):
@@ -336,6 +418,7 @@ class _CaseReader(NodeReader):
             body=str(mapping["body"]) if "body" in mapping else None,
             audit=tuple(audit) if audit is not None else None,
             session=session,
+            handle=self.mapping_value(mapping.get("handle"), nodes.get("handle", node), "expect.handle"),
         )
 
 
@@ -462,6 +545,59 @@ def _store_session(store: MemoryStore, session: StoredSession, now: float, setti
     store.replace(session.id, record, now - session.idle)
 
 
+def _store_handle(store: MemoryStore, handle: StoredHandle, now: float, ttl: float) -> None:
+    bound = handle.bound
+    owner = "" if handle.anonymous else owner_key(str(bound.get("iss", "")), str(bound.get("sub", "")))
+    key = store_key(handle.kind, handle.id)
+    if handle.state == "legacy":
+        store.write_raw(key, {"sub": handle.bound.get("sub", ""), "token_hash": "0" * 64}, now)
+        return
+    created = max(handle.created, ttl + 60) if handle.state == "expired" else handle.created
+    record = new_record(anonymous=handle.anonymous, bound=handle.bound, owner=owner, now=now - created)
+    if handle.state in ("terminated", "revoked"):
+        ended = ENDED_TERMINATED if handle.state == "terminated" else ENDED_REVOKED
+        record = tombstone(record, ended, now - 1)
+    store.replace(key, record, now - 1)
+
+
+def _expected_handle_key(case: PolicyCase) -> str:
+    expected = case.expect.handle if case.expect is not None and case.expect.handle is not None else {}
+    kind = expected.get("kind", case.handle.kind if case.handle else None)
+    handle_id = expected.get("id", case.handle.id if case.handle else None)
+    return store_key(str(kind), str(handle_id)) if kind and handle_id else ""
+
+
+def _respond(
+    authorizer: Authorizer,
+    context: RequestContext,
+    identity: Identity | None,
+    case: PolicyCase,
+    checked: Decision,
+    max_bytes: int,
+    trace: Tracer | None,
+) -> Decision:
+    """The response side of a case: the upstream's answer read as the gateway reads it, and
+    every handle it mints bound; a refusal (502) replaces the allow."""
+    assert case.response is not None
+    response = case.response
+    try:
+        messages = response_messages(response.headers.get("content-type", ""), response.body, max_bytes)
+    except (Unparseable, UnsafeText) as exc:
+        return decision.deny(decision.HANDLE_UNREADABLE, error=f"the response cannot be read: {exc}")
+    result = checked
+    for message in messages:
+        variable = {"status": response.status, "headers": dict(response.headers), "json": message}
+        minted = authorizer.mint(context, identity, variable, case.now, trace)
+        if not minted.allowed:
+            return minted
+        if minted.handle_kind and not result.handle_new:
+            result = replace(
+                result, handle_kind=minted.handle_kind, handle_new=minted.handle_new,
+                handle_id=minted.handle_id,
+            )
+    return result
+
+
 def session_state(record: Mapping[str, Any] | None) -> str:
     if record is None:
         return "absent"
@@ -480,10 +616,12 @@ class CaseRunner:
         policies: PolicySet,
         auth: AuthConfig | None = None,
         sessions: SessionConfig | None = None,
+        handles: HandlesConfig | None = None,
     ) -> None:
         self.policies = policies
         self.auth = auth or AuthConfig()
         self.sessions = sessions or SessionConfig()
+        self.handles = handles or HandlesConfig()
         self.responses = ResponseBuilder(self.auth, UPSTREAM_HEADERS)
 
     def run(self, case: PolicyCase, trace: Tracer | None = None) -> Outcome:
@@ -491,8 +629,14 @@ class CaseRunner:
         store = MemoryStore(settings)
         if case.session is not None:
             _store_session(store, case.session, case.now, self.sessions)
+        handle_store = MemoryStore(
+            handle_store_settings(self.handles, self.sessions.store_timeout, self.sessions.max_sessions)
+        )
+        if case.handle is not None:
+            _store_handle(handle_store, case.handle, case.now, self.handles.ttl)
         authorizer = Authorizer(
-            self.auth, self.sessions, TokenVerifier(self.auth), store, PolicyHolder(self.policies)
+            self.auth, self.sessions, TokenVerifier(self.auth), store, PolicyHolder(self.policies),
+            handle_store, self.handles,
         )
         outcome = self._decide(authorizer, case, trace)
         session_id = case.session.id if case.session else case.request["headers"].get("mcp-session-id", "")
@@ -500,7 +644,12 @@ class CaseRunner:
         if session_id:
             loaded = store.load(session_id, case.now)
             after = loaded.data if loaded is not None else None
-        return Outcome(outcome, self.responses.build(outcome), after, session_id)
+        handle_key = _expected_handle_key(case)
+        handle_after = None
+        if handle_key:
+            loaded = handle_store.load(handle_key, case.now)
+            handle_after = loaded.data if loaded is not None else None
+        return Outcome(outcome, self.responses.build(outcome), after, session_id, handle_after, handle_key)
 
     def _decide(self, authorizer: Authorizer, case: PolicyCase, trace: Tracer | None) -> Decision:
         try:
@@ -514,7 +663,10 @@ class CaseRunner:
             identity = identity_from_claims(case.claims, case.now) if case.claims is not None else None
         except TokenRejected as rejected:  # a `cnf` the verifier would refuse
             return decision.deny(rejected.reason, error=str(rejected))
-        return authorizer.check_identity(context, identity, case.now, trace)
+        checked = authorizer.check_identity(context, identity, case.now, trace)
+        if not checked.allowed or case.response is None:
+            return checked
+        return _respond(authorizer, context, identity, case, checked, self.handles.max_response_bytes, trace)
 
 
 def _status(response: external_auth_pb2.CheckResponse) -> int:
@@ -566,6 +718,28 @@ def failures(expect: Expectation, outcome: Outcome) -> list[str]:
             found.append(f"expected audit {list(expect.audit)}, got {got_audit}")
     if expect.session is not None:
         found.extend(_session_failures(expect.session, outcome))
+    if expect.handle is not None:
+        found.extend(_handle_failures(expect.handle, outcome))
+    return found
+
+
+def _handle_failures(expected: Mapping[str, Any], outcome: Outcome) -> list[str]:
+    record = outcome.handle_after
+    state = session_state(record)
+    found = []
+    if not outcome.handle_key:
+        return ["expect.handle needs kind and id (or a handle in the case)"]
+    wanted = expected.get("state", "live")
+    if state != wanted:
+        found.append(f"expected the handle {outcome.handle_key} to be {wanted}, it is {state}")
+    held = record or {}
+    if record is not None and "bound" in expected and dict(held.get("bound", {})) != dict(expected["bound"]):
+        found.append(f"expected the handle bound to {dict(expected['bound'])}, got {record.get('bound')}")
+    anonymous = bool(held.get("anonymous"))
+    if record is not None and "anonymous" in expected and anonymous != expected["anonymous"]:
+        found.append(f"expected handle anonymous={expected['anonymous']}, got {record.get('anonymous')}")
+    if "new" in expected and outcome.decision.handle_new != expected["new"]:
+        found.append(f"expected authz.handle.new={expected['new']}, got {outcome.decision.handle_new}")
     return found
 
 

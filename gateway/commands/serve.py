@@ -73,7 +73,9 @@ def serve(config: Config, *, reuse_port: bool = False, admin: bool = True) -> in
     # it out of the cyclic collector's way, so that collecting a check's garbage stays cheap.
     gc.collect()
     gc.freeze()
-    admin_server = start_session_admin(config, gateway.store, access) if access is not None else None
+    admin_server = None
+    if access is not None:
+        admin_server = start_session_admin(config, gateway.store, access, gateway.handle_store)
     watcher = PolicyWatcher(gateway.policy_dir, gateway.reload_policies, debounce=config.reload_debounce)
     watcher.start()
     log.info(

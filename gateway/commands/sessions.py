@@ -24,8 +24,12 @@ from typing import Any, Protocol
 
 from gateway.config import Config, ConfigError, is_loopback_listen, load_config
 from gateway.session import StoreURLError, open_store, operations
+from gateway.session.handles import open_handle_store
 from gateway.session.operations import InvalidSessionId, SessionInfo
 from gateway.session.store import SessionStore, StoreSettings, StoreUnavailable
+
+# A handle's id is its kind (at most 64 characters) and ':' before the handle itself.
+HANDLE_KIND_ROOM = 65
 
 
 class Backend(Protocol):
@@ -119,7 +123,9 @@ def admin_credentials(args: argparse.Namespace) -> AdminCredentials:
 class AdminBackend:
     """The same operations through a gateway's gRPC admin API."""
 
-    def __init__(self, address: str, credentials: AdminCredentials | None = None) -> None:
+    def __init__(
+        self, address: str, credentials: AdminCredentials | None = None, handles: bool = False
+    ) -> None:
         import grpc
 
         from gateway.adminpb import admin_pb2, admin_pb2_grpc
@@ -134,6 +140,7 @@ class AdminBackend:
             )
         self._grpc = grpc
         self._pb = admin_pb2
+        self._handles = handles
         self._tls = credentials.tls
         self._metadata = (("authorization", f"Bearer {credentials.token}"),) if credentials.token else None
         if credentials.tls:
@@ -179,20 +186,23 @@ class AdminBackend:
         )
 
     def list(self, limit: int) -> tuple[list[SessionInfo], bool]:
-        reply = self._call("ListSessions", self._pb.ListSessionsRequest(limit=limit))
+        reply = self._call("ListSessions", self._pb.ListSessionsRequest(limit=limit, handles=self._handles))
         return [self._info(s) for s in reply.sessions], bool(reply.truncated)
 
     def show(self, session_id: str) -> SessionInfo | None:
         try:
-            return self._info(self._call("GetSession", self._pb.GetSessionRequest(id=session_id)))
+            request = self._pb.GetSessionRequest(id=session_id, handles=self._handles)
+            return self._info(self._call("GetSession", request))
         except LookupError:
             return None
 
     def revoke(self, session_id: str) -> str:
-        return str(self._call("RevokeSession", self._pb.RevokeSessionRequest(id=session_id)).previous_state)
+        request = self._pb.RevokeSessionRequest(id=session_id, handles=self._handles)
+        return str(self._call("RevokeSession", request).previous_state)
 
     def revoke_subject(self, issuer: str, subject: str) -> int:
-        reply = self._call("RevokeSubject", self._pb.RevokeSubjectRequest(issuer=issuer, subject=subject))
+        request = self._pb.RevokeSubjectRequest(issuer=issuer, subject=subject, handles=self._handles)
+        reply = self._call("RevokeSubject", request)
         return int(reply.revoked)
 
     def close(self) -> None:
@@ -216,6 +226,10 @@ def add_parser(subparsers: Any) -> None:
     common.add_argument("--admin-cert", type=Path, metavar="FILE", help="mTLS: the client certificate (PEM)")
     common.add_argument("--admin-key", type=Path, metavar="FILE", help="mTLS: the client certificate's key")
     common.add_argument("--json", action="store_true", help="one JSON object per session")
+    common.add_argument(
+        "--handles", action="store_true",
+        help="handles (MCP 2026-07-28) instead of sessions; ids are KIND:HANDLE",
+    )
     listing = actions.add_parser("list", parents=[common], help="stored sessions, tombstones included")
     listing.add_argument("--limit", type=int, default=operations.DEFAULT_LIST_LIMIT)
     show = actions.add_parser("show", parents=[common], help="one session")
@@ -232,7 +246,7 @@ def add_parser(subparsers: Any) -> None:
 
 def _backend(args: argparse.Namespace) -> Backend:
     if args.admin:
-        return AdminBackend(args.admin, admin_credentials(args))
+        return AdminBackend(args.admin, admin_credentials(args), args.handles)
     for flag in ("admin_token_file", "admin_ca", "admin_cert", "admin_key"):
         if getattr(args, flag) is not None:
             raise ValueError(f"--{flag.replace('_', '-')} needs --admin HOST:PORT")
@@ -244,6 +258,9 @@ def _backend(args: argparse.Namespace) -> Backend:
             "--admin HOST:PORT (the gateway's admin.listen)"
         )
     s = config.session
+    if args.handles:
+        store = open_handle_store(url, config.handles, s.store_timeout, s.max_sessions)
+        return StoreBackend(store, config.handles.max_id_length + HANDLE_KIND_ROOM)
     settings = StoreSettings(s.ttl, s.idle_timeout, s.max_sessions, s.key_prefix, s.store_timeout)
     return StoreBackend(open_store(url, settings), s.max_id_length)
 

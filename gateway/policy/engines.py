@@ -17,7 +17,9 @@ from google.protobuf import timestamp_pb2
 
 Expect = Literal["bool", "string", "any"]
 
-VARIABLES = ("request", "mcp", "claims", "auth", "session", "context", "source", "now")
+VARIABLES = ("request", "mcp", "claims", "auth", "session", "context", "source", "now", "handle", "response")
+# Known only to a handle kind's `minted` expression, which reads the upstream's response.
+RESPONSE_ONLY = frozenset({"response"})
 
 
 class CompileError(Exception):
@@ -43,7 +45,7 @@ class CompiledExpression(Protocol):
 class Engine(Protocol):
     name: str
 
-    def compile(self, source: str, expect: Expect) -> CompiledExpression: ...
+    def compile(self, source: str, expect: Expect, *, response: bool = False) -> CompiledExpression: ...
 
     def activation(self, variables: Mapping[str, Any]) -> Any: ...
 
@@ -92,27 +94,30 @@ class NativeEngine:
         dyn_map = t.Map(t.STRING, t.DYN)
         string_map = t.Map(t.STRING, t.STRING)
         self._cel = cel
-        self._env = cel.NewEnv(
-            variables={
-                "request": dyn_map,
-                "mcp": string_map,
-                "claims": dyn_map,
-                "auth": dyn_map,
-                "session": dyn_map,
-                "context": string_map,
-                "source": string_map,
-                "now": t.TIMESTAMP,
-            },
-            extensions=[ext_strings.ExtStrings(), ext_optional.ExtOptional()],
-        )
+        declared = {
+            "request": dyn_map,
+            # `mcp.arguments` is a map; the other fields are strings.
+            "mcp": dyn_map,
+            "claims": dyn_map,
+            "auth": dyn_map,
+            "session": dyn_map,
+            "handle": dyn_map,
+            "context": string_map,
+            "source": string_map,
+            "now": t.TIMESTAMP,
+        }
+        extensions = [ext_strings.ExtStrings(), ext_optional.ExtOptional()]
+        self._env = cel.NewEnv(variables=declared, extensions=extensions)
+        # A handle kind's `minted` expression also sees the upstream's response.
+        self._response_env = cel.NewEnv(variables={**declared, "response": dyn_map}, extensions=extensions)
         self._allowed = {
             "bool": {t.BOOL.name(), t.DYN.name()},
             "string": {t.STRING.name(), t.DYN.name()},
         }
 
-    def compile(self, source: str, expect: Expect) -> _NativeExpression:
+    def compile(self, source: str, expect: Expect, *, response: bool = False) -> _NativeExpression:
         try:
-            program = self._env.compile(source)
+            program = (self._response_env if response else self._env).compile(source)
         except RuntimeError as exc:
             match = _LOCATED.search(str(exc))
             if match:
@@ -126,7 +131,8 @@ class NativeEngine:
         return _NativeExpression(source, program, expect)
 
     def activation(self, variables: Mapping[str, Any]) -> Any:
-        return self._env.Activation(variables)
+        env = self._response_env if "response" in variables else self._env
+        return env.Activation(variables)
 
 
 class _CelpyExpression:
@@ -196,7 +202,7 @@ class CelpyEngine:
         self._celpy = celpy
         self._env = celpy.Environment()
 
-    def compile(self, source: str, expect: Expect) -> _CelpyExpression:
+    def compile(self, source: str, expect: Expect, *, response: bool = False) -> _CelpyExpression:
         from celpy.celparser import CELParseError
 
         try:

@@ -47,6 +47,11 @@ def _evaluate(expr: CompiledExpression, activation: Any, policy: str, rule: str,
         raise PolicyFailure(denial) from None
 
 
+def run_expression(expr: CompiledExpression, activation: Any, policy: str, step: str) -> Any:
+    """One expression's value; a runtime error raises PolicyFailure (policy_error, fail closed)."""
+    return _evaluate(expr, activation, policy, "", step)
+
+
 def applies(policy: Policy, activation: Any, trace: Tracer | None = None) -> bool:
     if policy.when is None:
         return True

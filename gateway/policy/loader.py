@@ -13,7 +13,15 @@ from pathlib import Path
 
 from yaml.nodes import MappingNode, Node, ScalarNode
 
-from gateway.policy.engines import CompiledExpression, CompileError, Engine, Expect, make_engine
+from gateway.policy.engines import (
+    RESPONSE_ONLY,
+    CompiledExpression,
+    CompileError,
+    Engine,
+    Expect,
+    make_engine,
+)
+from gateway.policy.handles import kind_expressions, read_handle_kinds
 from gateway.policy.memo import FusedMemo
 from gateway.policy.model import (
     ALL_ALLOW,
@@ -38,7 +46,7 @@ _HEADER_LOOKUP = re.compile(
 )
 
 
-POLICY_KEYS = {"name", "description", "mode", "when", "session", "rules"}
+POLICY_KEYS = {"name", "description", "mode", "when", "session", "rules", "handles"}
 SESSION_KEYS = {"key", "bind", "terminate"}
 RULE_KEYS = {"name", "when", "allow", "deny"}
 DENY_KEYS = {"status", "reason", "claim", "headers"}
@@ -83,7 +91,9 @@ class _FileLoader(NodeReader):
     def at(self, node: Node) -> Location:
         return Location(*self.where(node))
 
-    def expression(self, node: Node, expect: Expect, what: str) -> CompiledExpression | None:
+    def expression(
+        self, node: Node, expect: Expect, what: str, *, response: bool = False
+    ) -> CompiledExpression | None:
         if not isinstance(node, ScalarNode):
             self.problem(node, f"{what} must be a CEL expression (a string)")
             return None
@@ -94,12 +104,19 @@ class _FileLoader(NodeReader):
             self.problem(node, f"{what} is empty")
             return None
         try:
-            compiled = self.engine.compile(source, expect)
+            compiled = self.engine.compile(source, expect, response=response)
         except CompileError as exc:
             where = self.where_in(node, offset_in(source, exc.line, exc.column))
             self.report(where, f"{what}: {exc.message}")
             return None
-        for name in analyze(source).header_names:
+        reads = analyze(source)
+        if not response and reads.analyzed and RESPONSE_ONLY & reads.variables.keys():
+            # The cel engine refuses it at compile time; celpy would only fail at run time.
+            found = re.search(r"\bresponse\b", source)
+            where = self.where_in(node, found.start() if found else 0)
+            self.report(where, f"{what}: `response` is known only to handles.<kind>.minted")
+            return None
+        for name in reads.header_names:
             if name != name.lower():
                 # Header names arrive lower-case: this lookup could never match, and a session
                 # key built on it would silently bind nothing.
@@ -225,6 +242,7 @@ class _FileLoader(NodeReader):
         if when is not None and when.source.strip() == "true":
             when = None  # always applies: skip the evaluation per request
         session = self.session(fields["session"][1]) if "session" in fields else None
+        handles = read_handle_kinds(self, fields["handles"][1]) if "handles" in fields else ()
         rules: list[Rule] = []
         rules_ok = True
         if "rules" in fields:
@@ -246,8 +264,9 @@ class _FileLoader(NodeReader):
             or not rules_ok
             or ("when" in fields and when is None and not _is_true(fields["when"][1]))
             or ("session" in fields and session is None)
+            or handles is None
         )
-        if broken or name is None:
+        if broken or name is None or handles is None:
             return None
         return Policy(
             name=name,
@@ -257,8 +276,12 @@ class _FileLoader(NodeReader):
             session=session,
             rules=tuple(rules),
             location=self.at(node),
-            uses_body=any(analyze(e.source).uses_body for e in _expressions(when, session, rules)),
+            uses_body=any(
+                analyze(e.source).uses_body
+                for e in (*_expressions(when, session, rules), *kind_expressions(handles))
+            ),
             fused=self._fuse(rules, session),
+            handles=handles,
         )
 
     def _fuse(self, rules: list[Rule], session: SessionSpec | None) -> CompiledExpression | None:
@@ -335,7 +358,7 @@ def _memo_fields(reads: Mapping[str, frozenset[str] | None]) -> tuple[tuple[str,
     return tuple((name, field) for name in sorted(reads) for field in sorted(reads[name] or ()))
 
 
-def _reads(policies: Iterable[Policy]) -> dict[str, frozenset[str] | None]:
+def _reads(policies: Iterable[Policy], handles: bool = True) -> dict[str, frozenset[str] | None]:
     """Each variable any expression may read, with the fields read of it (None: all of it).
 
     Found on each expression's syntax tree (gateway.policy.reads), which over-approximates
@@ -354,7 +377,10 @@ def _reads(policies: Iterable[Policy]) -> dict[str, frozenset[str] | None]:
             known.add(field)
 
     for policy in policies:
-        for expr in _expressions(policy.when, policy.session, policy.rules):
+        # A kind's expressions run outside the fused one: what only they read is no part of the
+        # memo's key (`handles=False`), though the activation and the body reading need it.
+        handle_expressions = kind_expressions(policy.handles) if handles else ()
+        for expr in (*_expressions(policy.when, policy.session, policy.rules), *handle_expressions):
             if policy.session is not None and policy.session.header and expr is policy.session.key:
                 continue  # read straight from the headers, not through CEL
             for variable, read in analyze(expr.source).variables.items():
@@ -367,7 +393,12 @@ def _reads(policies: Iterable[Policy]) -> dict[str, frozenset[str] | None]:
                 # The mismatch event reports the bound and the presented value of this claim.
                 add("claims", rule.deny.claim)
                 add("session", rule.deny.claim)
-    return {name: frozenset(known) if known is not None else None for name, known in fields.items()}
+    # `response` exists only for `minted`, which is evaluated apart (gateway.pipeline.Authorizer.mint).
+    return {
+        name: frozenset(known) if known is not None else None
+        for name, known in fields.items()
+        if name not in RESPONSE_ONLY
+    }
 
 
 def load_documents(path: str, text: str, engine: Engine, problems: list[Problem]) -> list[Policy]:
@@ -389,6 +420,7 @@ def load_policy_set(
     policies: list[Policy] = []
     files: list[str] = []
     seen: dict[str, Location] = {}
+    kinds: dict[str, Location] = {}
     for path, text in sources:
         files.append(path)
         for policy in load_documents(path, text, engine, problems):
@@ -399,6 +431,12 @@ def load_policy_set(
                 continue
             seen[policy.name] = policy.location
             policies.append(policy)
+            for kind in policy.handles:
+                # One kind is one key space in the store: two declarations would share handles.
+                if kind.name in kinds:
+                    message = f"duplicate handle kind {kind.name!r} (first at {kinds[kind.name]})"
+                    problems.append(Problem(kind.location, message))
+                kinds.setdefault(kind.name, kind.location)
     if problems:
         raise PolicyLoadError(problems)
     reads = _reads(policies)
@@ -407,7 +445,7 @@ def load_policy_set(
         engine,
         tuple(files),
         reads,
-        FusedMemo(_memo_fields(reads)),
+        FusedMemo(_memo_fields(_reads(policies, handles=False))),
         uses_body=any(policy.uses_body for policy in policies),
     )
 

@@ -53,6 +53,46 @@ class SessionSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class HandleRefusal:
+    """What a client gets for a refused handle: a JSON-RPC error that carries the request's
+    own id (so an MCP client raises an ordinary error for that call), with this status."""
+
+    status: int = 404
+    code: int = -32602
+    message: str = "Unknown handle"
+
+
+@dataclass(frozen=True, slots=True)
+class HandleKind:
+    """A kind of handle (MCP 2026-07-28): an id a server mints in a response and the caller
+    presents in later requests, bound to the identity that got it (gateway.policy.handles)."""
+
+    name: str
+    location: Location
+    # CEL string over the request: the handle this request presents; "" for none.
+    presented: CompiledExpression | None = None
+    # CEL string over the request and `response`: the handle the response mints; "" for none.
+    minted: CompiledExpression | None = None
+    # CEL bool over the request: whether its response may mint (only then is it read).
+    minted_by: CompiledExpression | None = None
+    bind: tuple[tuple[str, CompiledExpression], ...] = ()
+    ttl: float | None = None  # None: the configured handles.ttl
+    # CEL bool over the request: the owner's request that ends the handle.
+    terminate: CompiledExpression | None = None
+    unknown_allowed: bool = False
+    refusal: HandleRefusal = HandleRefusal()
+    # Set when `presented` is exactly `"x" in mcp.arguments ? mcp.arguments.x : ""` (the
+    # argument's name) or `"h" in request.headers ? request.headers["h"] : ""` (the header's):
+    # the handle is then read directly, without evaluating CEL. The same value either way.
+    argument: str | None = None
+    header: str | None = None
+    # Remembered results of `terminate` and `minted_by` by the values of the fields they read
+    # (CEL is pure); None when they read a value whole.
+    terminate_memo: FusedMemo | None = None
+    minted_by_memo: FusedMemo | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     name: str
     description: str
@@ -67,6 +107,8 @@ class Policy:
     # the hot path: the index of the first denying rule, ALL_ALLOW, or ALL_ALLOW_TERMINATE.
     # Any error in it falls back to rule-by-rule evaluation, which names the failing rule.
     fused: CompiledExpression | None = None
+    # Kinds of handle this policy binds (MCP 2026-07-28), in the order declared.
+    handles: tuple[HandleKind, ...] = ()
 
     @property
     def audit(self) -> bool:

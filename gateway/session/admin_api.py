@@ -70,9 +70,25 @@ def to_message(info: SessionInfo) -> admin_pb2.Session:
 
 
 class SessionAdminService(admin_pb2_grpc.SessionAdminServicer):  # type: ignore[misc]  # untyped base
-    def __init__(self, store: SessionStore, max_id_length: int = 256) -> None:
-        self._store = store
+    def __init__(
+        self, store: SessionStore, max_id_length: int = 256, handle_store: SessionStore | None = None
+    ) -> None:
+        self._sessions = store
         self._max_id_length = max_id_length
+        self._handles = handle_store
+
+    def _store_of(self, request: Any, context: grpc.ServicerContext) -> SessionStore:
+        """The session store, or with `handles` set the handle store (ids `<kind>:<handle>`)."""
+        if not request.handles:
+            return self._sessions
+        if self._handles is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this gateway serves no handle store")
+        assert self._handles is not None
+        return self._handles
+
+    def _id_length(self, request: Any) -> int:
+        # A handle's id is its kind (at most 64 characters) and ':' before the handle itself.
+        return self._max_id_length + 65 if request.handles else self._max_id_length
 
     def _fail(self, context: grpc.ServicerContext, exc: Exception) -> Any:
         if isinstance(exc, InvalidSessionId):
@@ -83,7 +99,7 @@ class SessionAdminService(admin_pb2_grpc.SessionAdminServicer):  # type: ignore[
     def ListSessions(self, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             sessions, truncated = operations.list_sessions(
-                self._store, time.time(), request.limit or operations.DEFAULT_LIST_LIMIT
+                self._store_of(request, context), time.time(), request.limit or operations.DEFAULT_LIST_LIMIT
             )
         except StoreUnavailable as exc:
             return self._fail(context, exc)
@@ -92,7 +108,9 @@ class SessionAdminService(admin_pb2_grpc.SessionAdminServicer):  # type: ignore[
     def GetSession(self, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             info = operations.show_session(
-                self._store, operations.validate_id(request.id, self._max_id_length), time.time()
+                self._store_of(request, context),
+                operations.validate_id(request.id, self._id_length(request)),
+                time.time(),
             )
         except (InvalidSessionId, StoreUnavailable) as exc:
             return self._fail(context, exc)
@@ -103,7 +121,9 @@ class SessionAdminService(admin_pb2_grpc.SessionAdminServicer):  # type: ignore[
     def RevokeSession(self, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             previous = operations.revoke_session(
-                self._store, operations.validate_id(request.id, self._max_id_length), time.time()
+                self._store_of(request, context),
+                operations.validate_id(request.id, self._id_length(request)),
+                time.time(),
             )
         except (InvalidSessionId, StoreUnavailable) as exc:
             return self._fail(context, exc)
@@ -116,7 +136,8 @@ class SessionAdminService(admin_pb2_grpc.SessionAdminServicer):  # type: ignore[
         if not request.issuer or not request.subject:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "issuer and subject are both required")
         try:
-            revoked = operations.revoke_subject(self._store, request.issuer, request.subject, time.time())
+            store = self._store_of(request, context)
+            revoked = operations.revoke_subject(store, request.issuer, request.subject, time.time())
         except StoreUnavailable as exc:
             return self._fail(context, exc)
         log.info("admin: revoked %d session(s) of one identity, asked by %s", revoked, _caller.get())
@@ -175,6 +196,7 @@ def start_admin_server(
     *,
     authenticate: Authenticate,
     credentials: grpc.ServerCredentials | None = None,
+    handle_store: SessionStore | None = None,
 ) -> tuple[grpc.Server, int]:
     """Serve the admin API on `listen`; returns the server and the bound port.
 
@@ -187,7 +209,8 @@ def start_admin_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="admin"), interceptors=interceptors
     )
-    admin_pb2_grpc.add_SessionAdminServicer_to_server(SessionAdminService(store, max_id_length), server)
+    service = SessionAdminService(store, max_id_length, handle_store)
+    admin_pb2_grpc.add_SessionAdminServicer_to_server(service, server)
     try:
         if credentials is None:
             port = server.add_insecure_port(address)

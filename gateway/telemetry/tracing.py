@@ -140,6 +140,9 @@ def decision_attributes(outcome: Decision, context: RequestContext | None) -> di
         attributes["authz.mismatch.claim"] = outcome.mismatch.claim
     if outcome.dpop_failure:
         attributes["authz.dpop.failure"] = outcome.dpop_failure  # the check's name, never the proof
+    if outcome.handle_kind:
+        attributes["authz.handle.kind"] = outcome.handle_kind
+        attributes["authz.handle.new"] = outcome.handle_new
     return attributes
 
 
@@ -194,6 +197,8 @@ class CheckSpans:
                 "authz.bound": str(bound),
                 "authz.presented": str(presented),
             }
+            if outcome.handle_kind:
+                attributes["authz.handle.kind"] = outcome.handle_kind
             events.append(Event("authz.binding_mismatch", attributes, end_ns))
         for audited in outcome.audit_denies:
             attributes = {
@@ -227,6 +232,8 @@ class CheckSpans:
         if not span.is_recording():
             return span
         attributes = decision_attributes(outcome, context)
+        if outcome.handle_id:
+            attributes["authz.handle.id"] = self._hash(outcome.handle_id)  # a keyed hash, never the handle
         if extra:
             attributes.update(extra)
         events, status = self._events(outcome, context, end_ns, error)
