@@ -363,6 +363,23 @@ def h2load(
     return result
 
 
+def start_profilers(way: Way, number: int, args: argparse.Namespace) -> list[subprocess.Popen[bytes]]:
+    """py-spy on each Python server (and its workers) during the measured run: GIL-holding samples,
+    as collapsed stacks (flamegraph.pl's input), written to the --profile directory."""
+    binary = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    started = []
+    for label, process in way.servers.items():
+        if label == "redis":
+            continue
+        for pid in (process.pid, *_children(process.pid)):
+            out = args.profile / f"{way.name}-{label}-{pid}-round{number}.txt"
+            argv = ["taskset", "-c", str(args.load_cpu), binary, "record", "--pid", str(pid), "--gil", "--nonblocking",
+                    "--rate", "200", "--duration", f"{max(1, round(args.duration))}", "--format", "raw",
+                    "--output", str(out)]  # fmt: skip
+            started.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return started
+
+
 def measure_way(
     way: Way, number: int, body: Path, headers: dict[str, str], args: argparse.Namespace, work: Path
 ) -> Sample:
@@ -370,9 +387,12 @@ def measure_way(
     if args.warmup > 0:
         h2load(way.port, body, headers, duration=args.warmup, **load)
     pids = {label: p.pid for label, p in way.processes().items()}
+    profilers = start_profilers(way, number, args) if args.profile else []
     before = {label: cpu_seconds(pid) for label, pid in pids.items()}
     peak = h2load(way.port, body, headers, duration=args.duration, **load)
     after = {label: cpu_seconds(pid) for label, pid in pids.items()}
+    for profiler in profilers:
+        profiler.wait(30)
     done = max(peak.succeeded, 1)
     cpu_us = {label: (after[label] - before[label]) * 1e6 / done for label in pids}
     rate = peak.checks_per_s / 2
@@ -451,16 +471,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--server-cpu", type=int, default=0)
     parser.add_argument("--load-cpu", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write every sample here")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:VAR=VALUE;...",
+        help="also a gateway (memory store) started with these environment variables (to compare settings)",
+    )
+    parser.add_argument(
+        "--aio", action="store_true", help="also the no-op and the gateway on grpc.aio (bench/aio_servers.py)"
+    )
+    parser.add_argument("--profile", type=Path, help="py-spy each Python server into this directory")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.duration, args.latency_duration, args.warmup = 1, 1.0, 1.0, 0.3
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     ways = [w for w in args.ways.split(",") if w]
     unknown = set(ways) - set(WAYS)
     if unknown:
         parser.error(f"unknown ways: {', '.join(sorted(unknown))}")
     if args.workers > 1:
         ways.append(f"gateway-redis-w{args.workers}")
+    if args.aio:
+        ways += ["noop-aio", "gateway-aio", "gateway-redis-aio"]
+    variants: dict[str, dict[str, str]] = {}
+    for text in args.variant:
+        name, _, assignments = text.partition(":")
+        variants[name] = dict(a.split("=", 1) for a in assignments.split(";") if a)
+        ways.append(name)
 
     os.sched_setaffinity(0, {args.load_cpu})  # this script's own work stays off the servers' core
     work = Path(tempfile.mkdtemp(prefix="bench-envoy-"))
@@ -496,6 +536,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             started.append(process)
             wait_answering(f"127.0.0.1:{port}", check_body, process)
             return {"noop": process}, port
+        if way == "noop-aio":
+            port = free_port()
+            process = pinned(way, [sys.executable, str(BENCH / "aio_servers.py"), "noop", str(port)], env=env)
+            wait_answering(f"127.0.0.1:{port}", check_body, process)
+            return {"noop": process}, port
         extra: dict[str, Any] = {}
         servers: dict[str, subprocess.Popen[bytes]] = {}
         workers = int(way.rsplit("-w", 1)[1]) if "-w" in way else 1
@@ -516,8 +561,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         config_dir = work / way
         config_dir.mkdir()
         config = gateway_config(config_dir, identity, port, **extra)
-        process = start_gateway(config, args.server_cpu, work / f"{way}.log", env=env)
-        started.append(process)
+        if way.endswith("-aio"):
+            argv = [sys.executable, str(BENCH / "aio_servers.py"), "gateway", str(config), str(port)]
+            process = pinned(way, argv, env=env)
+        else:
+            process = start_gateway(
+                config, args.server_cpu, work / f"{way}.log", env={**env, **variants.get(way, {})}
+            )
+            started.append(process)
         address = f"127.0.0.1:{port}"
         wait_answering(address, check_body, process)
         # The first check verifies the token and binds the session: every later one is an allow
@@ -529,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = wait_http(way.port, way.envoy, headers)
         if status != 200:
             raise RuntimeError(f"{way.name}: the benchmark request is answered {status}, not 200")
-        if way.name in ("envoy", "noop"):
+        if way.name in ("envoy", "noop", "noop-aio"):
             return
         # The way really authorizes: another subject's token (native) or a token for another
         # session owner (gateway: 404) is refused, so a 200 above was decided, not waved through.
@@ -609,7 +660,7 @@ def per_round_ratios(samples: dict[str, list[Sample]]) -> dict[str, list[float]]
     floor = {s.round: s.requests_per_s for s in samples["noop"]}
     out: dict[str, list[float]] = {}
     for name, values in samples.items():
-        if name.startswith("gateway"):
+        if name not in ("envoy", "native", "noop"):  # every other way against the sync no-op
             out[name] = [s.requests_per_s / floor[s.round] for s in values if s.round in floor]
     return out
 

@@ -23,6 +23,7 @@ an error or a timeout fails the check closed, and the next check simply reconnec
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
@@ -134,7 +135,16 @@ class RedisStore(SessionStore):
         self._bind = self._client.register_script(_BIND)
         self._get_and_slide = self._client.register_script(_GET_AND_SLIDE)
         self._has_getex = True
+        # The check's GETEX goes over a connection of the calling thread's own, past the pool
+        # and redis-py's per-command machinery (a lock, a readiness poll, retries, metrics):
+        # under load that machinery cost as much CPU as the rest of the check.
+        self._idle_arguments = b"$2\r\nPX\r\n$%d\r\n%s\r\n" % (len(self._idle_ms), self._idle_ms.encode())
+        self._own = threading.local()
+        self._own_connections: list[Any] = []
+        self._own_lock = threading.Lock()
+        self._closed = False
         kwargs = self._client.connection_pool.connection_kwargs
+        self._operation_attributes: dict[str, dict[str, Any]] = {}
         self._span_attributes: dict[str, Any] = {"db.system.name": "redis"}
         if "host" in kwargs:
             self._span_attributes["server.address"] = str(kwargs["host"])
@@ -145,7 +155,10 @@ class RedisStore(SessionStore):
 
     def _round_trip(self, operation: str, call: Callable[[], T]) -> T:
         """One request to Redis (a client span if the check's span records); errors → StoreUnavailable."""
-        attributes = {**self._span_attributes, "db.operation.name": operation}
+        attributes = self._operation_attributes.get(operation)
+        if attributes is None:
+            attributes = {**self._span_attributes, "db.operation.name": operation}
+            self._operation_attributes[operation] = attributes
         with self._observer.operation(f"redis {operation}", attributes, within_check=True) as request:
             try:
                 return call()
@@ -172,11 +185,46 @@ class RedisStore(SessionStore):
             self._round_trip("PEXPIRE", lambda: self._command("PEXPIRE", key, max(1, left)))
         return Loaded(data)
 
+    def _own_connection(self) -> Any:
+        connection = getattr(self._own, "connection", None)
+        if connection is None:
+            pool = self._client.connection_pool
+            # The pool's class and settings: the same address, TLS, credentials, db and timeouts.
+            connection = pool.connection_class(**pool.connection_kwargs)
+            with self._own_lock:
+                if self._closed:
+                    raise redis.exceptions.ConnectionError("the store is closed")
+                self._own_connections.append(connection)
+            self._own.connection = connection
+        return connection
+
+    def _getex(self, key: str) -> bytes | None:
+        """GETEX key PX idle, as redis-py would send it; one immediate retry on a broken connection
+        (Redis restarted under it), none on a timeout. Either error leaves the connection closed,
+        and the next command opens it again."""
+        encoded = key.encode()
+        packed = b"*4\r\n$5\r\nGETEX\r\n$%d\r\n%s\r\n%s" % (len(encoded), encoded, self._idle_arguments)
+        connection = self._own_connection()
+        for attempt in (1, 2):
+            try:
+                connection.send_packed_command((packed,), check_health=False)
+                value: bytes | None = connection.read_response()
+                return value
+            except redis.exceptions.ConnectionError:
+                connection.disconnect()
+                if attempt == 2:
+                    raise
+            except redis.exceptions.ResponseError:
+                raise  # an error reply, read whole: the connection is still in step
+            except BaseException:
+                connection.disconnect()  # a reply may still be on its way: never read it as the next one's
+                raise
+        raise AssertionError("unreachable")
+
     def _get(self, key: str) -> bytes | None:
         if self._has_getex:
             try:
-                value: bytes | None = self._command("GETEX", key, "PX", self._idle_ms)
-                return value
+                return self._getex(key)
             except redis.exceptions.ResponseError as exc:
                 if "unknown command" not in str(exc).lower():
                     raise
@@ -288,4 +336,9 @@ class RedisStore(SessionStore):
         self._round_trip("PING", lambda: self._command("PING"))
 
     def close(self) -> None:
+        with self._own_lock:
+            self._closed = True
+            own, self._own_connections = self._own_connections, []
+        for connection in own:
+            connection.disconnect()
         self._client.close()
