@@ -9,17 +9,22 @@ Envoy (one worker) answers a direct response behind the filters of each way:
     gateway-redis  ext_authz -> authz-gateway on a Redis store (a real redis-server)
 
 Envoy, the authorization server and redis-server are pinned to one core (--server-cpu), h2load
-to the other (--load-cpu). h2load speaks HTTP/1.1 over 32 connections (one request in flight
-on each, as wrk does) and posts an MCP tools/call with one RS256 token and one session id.
+to the other (--load-cpu). h2load (h2c; its HTTP/1.1 mode hangs at the end of a timed run)
+opens 32 connections with one request in flight on each, as wrk would, and posts an MCP
+tools/call with one RS256 token and one session id.
 
 For each way, each round: the maximum rate (h2load as fast as it can), the CPU time each
 process spent per request (utime + stime from /proc/PID/stat, all threads, read around the
-measured run), then p50/p99 latency at a fixed rate of half that maximum (h2load --rps).
-The table shows the median round of each way; ratios are taken within the run.
+measured run), then p50/p99 latency at a fixed rate of half that maximum (h2load --rps on
+one connection). The table shows the median round of each way; the ratios to the no-op are
+also printed round by round, as they are what counts on a shared machine.
 
     python bench/bench_envoy.py                  # 3 rounds of 5 s per way and mode
     python bench/bench_envoy.py --quick          # a smoke run (1 round of 1 s)
     python bench/bench_envoy.py --workers 2      # also the Redis gateway with 2 workers
+    python bench/bench_envoy.py --aio            # also the no-op and the gateway on grpc.aio
+    python bench/bench_envoy.py --variant 'NAME:VAR=VALUE;...'   # a gateway with other env
+    python bench/bench_envoy.py --profile DIR    # py-spy of every Python server while measured
 """
 
 from __future__ import annotations
@@ -373,9 +378,9 @@ def start_profilers(way: Way, number: int, args: argparse.Namespace) -> list[sub
             continue
         for pid in (process.pid, *_children(process.pid)):
             out = args.profile / f"{way.name}-{label}-{pid}-round{number}.txt"
-            argv = ["taskset", "-c", str(args.load_cpu), binary, "record", "--pid", str(pid), "--gil", "--nonblocking",
-                    "--rate", "200", "--duration", f"{max(1, round(args.duration))}", "--format", "raw",
-                    "--output", str(out)]  # fmt: skip
+            argv = ["taskset", "-c", str(args.load_cpu), binary, "record", "--pid", str(pid), "--gil",
+                    "--nonblocking", "--rate", "200", "--duration", f"{max(1, round(args.duration))}",
+                    "--format", "raw", "--output", str(out)]  # fmt: skip
             started.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     return started
 
