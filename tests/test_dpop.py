@@ -236,6 +236,18 @@ def test_a_cnf_that_is_not_an_object_is_refused(stack: Stack, client_key: DpopKe
     assert stack.check(token, client_key.proof("POST", URL, token))[1].reason == decision.TOKEN_INVALID
 
 
+def test_a_binding_the_gateway_cannot_check_refuses_the_token(stack: Stack, client_key: DpopKey) -> None:
+    """RFC 7800's jwk, kid or jku, a SHA-1 x5t, an empty cnf: taken as unbound, a sender-constrained
+    token would pass as a bearer token."""
+    for cnf in (
+        {"jwk": client_key.public_jwk}, {"kid": "k1"}, {"jku": "https://idp/jwks"}, {"x5t": "AAAA"},
+        {}, {"jkt": None}, {"JKT": client_key.jkt}, {"jkt": client_key.jkt, "kid": "k1"},
+    ):
+        token = stack.idp.token("alice", cnf=cnf)
+        status, outcome, _ = stack.check(token, None, scheme="Bearer")
+        assert (status, outcome.reason) == (401, decision.TOKEN_INVALID), cnf
+
+
 def _jwe_like() -> str:
     parts = [{"alg": "RSA-OAEP", "enc": "A256GCM", "typ": "dpop+jwt"}, "k", "iv", "ct", "tag"]
     encoded = [base64.urlsafe_b64encode(json.dumps(p).encode()).rstrip(b"=").decode() for p in parts]
@@ -246,6 +258,7 @@ def _bad_proofs(key: DpopKey, token: str) -> dict[str, tuple[str, str]]:
     """name -> (proof, the failure it must be refused with)."""
     rsa_small = DpopKey("RS256", rsa_bits=1024)
     huge_rsa = {"kty": "RSA", "e": "AQAB", "n": _b64_raw(b"\xc5" + bytes(range(256)) * 4)}  # 8200 bits
+    big_exponent = {**DpopKey("RS256").public_jwk, "e": _b64_raw((2**32 + 1).to_bytes(5, "big"))}
     with_private = {**key.public_jwk, "d": "AAAA"}
     secp256k1 = DpopKey("ES256", curve="secp256k1")  # joserfc makes the key; the proof names ES256
     x25519 = {"kty": "OKP", "crv": "X25519", "x": key.public_jwk["x"]}
@@ -270,6 +283,9 @@ def _bad_proofs(key: DpopKey, token: str) -> dict[str, tuple[str, str]]:
         "curve secp256k1": (key.proof("POST", URL, token, header={"jwk": secp256k1.public_jwk}), "jwk"),
         "curve X25519": (key.proof("POST", URL, token, header={"jwk": x25519}), "jwk"),
         "RSA 1024": (rsa_small.proof("POST", URL, token), "jwk"),
+        "RSA exponent of 33 bits": (
+            f"{_b64({'typ': 'dpop+jwt', 'alg': 'RS256', 'jwk': big_exponent})}.{payload}.{signature}", "jwk"
+        ),
         "RSA of 8200 bits": (
             f"{_b64({'typ': 'dpop+jwt', 'alg': 'RS256', 'jwk': huge_rsa})}.{payload}.{signature}", "jwk"
         ),

@@ -343,6 +343,9 @@ def _proof_key(header_segment: str, algorithms: frozenset[str]) -> ProofKey:
     if kty == "RSA" and not MIN_RSA_BITS <= key.key_size <= MAX_RSA_BITS:
         # Longer keys prove nothing more and make every verification slower (a cheap way to load us).
         raise InvalidProofKey(f"the proof's RSA key is not {MIN_RSA_BITS} to {MAX_RSA_BITS} bits long")
+    if kty == "RSA" and key.public_numbers().e.bit_length() > 32:
+        # A huge public exponent makes one verification cost tens of milliseconds.
+        raise InvalidProofKey("the proof's RSA public exponent is larger than 32 bits")
     return ProofKey(alg, key, jkt)
 
 
@@ -482,6 +485,8 @@ class ProofVerifier:
         # Last: only a proof that passed everything else uses up its jti. Keyed by the key as well,
         # so that nobody can use up the jti of another client's proof.
         digest = hashlib.sha256(f"{key.jkt}\n{jti}".encode("utf-8", "surrogatepass")).hexdigest()
-        expires_at = iat + self._config.max_age + self._leeway + 1.0
+        # Long enough for a replica whose clock lags by up to the leeway: it still accepts the
+        # proof's iat, so it must still find the jti.
+        expires_at = max(iat, now) + self._config.max_age + 2 * self._leeway + 1.0
         if not self._replay.first_use(digest, max(expires_at, now + 1.0), now):
             raise ProofReplayed("the proof's jti was used before")

@@ -76,12 +76,18 @@ def confirmation_of(claims: Mapping[str, Any]) -> tuple[str, str]:
         return "", ""
     if not isinstance(cnf, dict):
         raise TokenRejected(decision.TOKEN_INVALID, "the cnf claim is not a JSON object")
+    # A binding the gateway cannot check (RFC 7800's jwk, kid or jku, a SHA-1 x5t, an empty cnf)
+    # refuses the token: taken as unbound, a sender-constrained token would pass as a bearer one.
+    if not cnf or any(member not in ("jkt", "x5t#S256") for member in cnf):
+        raise TokenRejected(
+            decision.TOKEN_INVALID, "the cnf claim names a binding other than jkt or x5t#S256"
+        )
     found = []
     for member in ("jkt", "x5t#S256"):
-        value = cnf.get(member)
-        if value is not None and (not isinstance(value, str) or not 0 < len(value) <= _MAX_THUMBPRINT):
+        value = cnf.get(member, "")
+        if member in cnf and (not isinstance(value, str) or not 0 < len(value) <= _MAX_THUMBPRINT):
             raise TokenRejected(decision.TOKEN_INVALID, f"the cnf claim's {member} is not a thumbprint")
-        found.append(value or "")
+        found.append(value)
     return found[0], found[1]
 
 

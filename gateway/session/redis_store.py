@@ -503,8 +503,9 @@ class RedisStore(SessionStore):
     def set_if_absent(self, key: str, ttl_ms: int) -> bool:
         """`SET key 1 NX PX ttl_ms` (the DPoP replay cache, gateway/session/replay.py): True
         when this call created the key. One key, so one slot in a cluster."""
-        created = self._round_trip(
-            "SET", lambda: self._keyed().execute_command("SET", key, b"1", "NX", "PX", ttl_ms), key
+        # Confirmed on a replica like a bind: a jti lost in a failover could be replayed once.
+        created = self._confirmed_write(
+            key, "SET", ("SET", key, b"1", "NX", "PX", ttl_ms), lambda reply: reply is not None
         )
         return created is not None
 
