@@ -123,6 +123,8 @@ class HandlesConfig:
     key_prefix: str = "authz:handle:"
     # The largest response (or SSE event) read for a handle; a larger one is refused (502).
     max_response_bytes: int = 1024 * 1024
+    # Live handles one identity may hold: a caller minting without end cannot fill the store.
+    max_per_identity: int = 10_000
 
 BIND_ON_FIRST_USE = "first_use"
 BIND_ON_RESPONSE = "response"
@@ -466,6 +468,7 @@ def _handles(reader: _Reader) -> HandlesConfig:
         max_id_length=reader.integer("max_id_length", d.max_id_length, 1),
         key_prefix=reader.string("key_prefix", d.key_prefix) or d.key_prefix,
         max_response_bytes=reader.integer("max_response_bytes", d.max_response_bytes, 1024),
+        max_per_identity=reader.integer("max_per_identity", d.max_per_identity, 1),
     )
     reader.finish()
     return handles

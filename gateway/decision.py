@@ -38,6 +38,7 @@ HANDLE_UNKNOWN = "handle_unknown"
 HANDLE_INVALID = "handle_invalid"
 HANDLE_UNREADABLE = "handle_unreadable"
 HANDLE_REISSUED = "handle_reissued"
+HANDLE_LIMIT_EXCEEDED = "handle_limit_exceeded"
 # session.bind_on: response (docs/sessions.md): an id no response of the server issued, and a
 # response that hands out an id already bound to another identity (or ended).
 SESSION_UNKNOWN = "session_unknown"
@@ -76,6 +77,7 @@ STATUS_OF: dict[str, int] = {
     HANDLE_INVALID: 404,
     HANDLE_UNREADABLE: 502,
     HANDLE_REISSUED: 502,
+    HANDLE_LIMIT_EXCEEDED: 429,
     SESSION_UNKNOWN: 404,
     SESSION_REISSUED: 502,
     DPOP_REQUIRED: 401,

@@ -122,6 +122,24 @@ def test_both_challenges_survive_envoy_as_separate_values(dpop_stack: DpopStack)
     assert json.loads(bad.body) == {"error": "invalid_dpop_proof"}
 
 
+def test_the_upstream_gets_the_path_the_proof_was_judged_on(dpop_stack: DpopStack) -> None:
+    """The gateway compares htu with the normalized path; the example config has Envoy forward
+    that same path, so a proof for /mcp never lets the upstream see /x/../mcp or /%6dcp."""
+    key = DpopKey("ES256")
+    token = dpop_stack.idp.token("alice", cnf={"jkt": key.jkt})
+    for sent in ("/x/../mcp", "/%6dcp", "//mcp"):
+        before = len(dpop_stack.upstream.requests)
+        headers = {"authorization": f"DPoP {token}", "dpop": key.proof("POST", dpop_stack.url, token)}
+        connection = http.client.HTTPConnection("127.0.0.1", dpop_stack.port, timeout=10)
+        reply = _send(connection, "POST", sent, headers)
+        if reply.status == 200:
+            assert dpop_stack.upstream.requests[-1]["path"] == "/mcp", sent
+        else:
+            assert len(dpop_stack.upstream.requests) == before, sent
+    escaped = _send(http.client.HTTPConnection("127.0.0.1", dpop_stack.port, timeout=10), "POST", "/a%2Fmcp", {})
+    assert escaped.status == 400  # an escaped slash is refused by Envoy, never judged
+
+
 def test_a_dpop_session_keeps_across_a_refresh_and_refuses_replay_and_theft(dpop_stack: DpopStack) -> None:
     stack, url, session = dpop_stack, dpop_stack.url, {"mcp-session-id": "dpop-session-1"}
     key = DpopKey("ES256")

@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -732,3 +733,23 @@ def test_a_batch_whose_response_may_mint_is_refused() -> None:
     (one,) = parse_cases("t_test.yaml", text)
     outcome = CaseRunner(load_policy_dir(EXAMPLE)).run(one)
     assert (outcome.decision.reason, outcome.decision.status) == (decision.HANDLE_UNREADABLE, 502)
+
+
+def test_one_identity_cannot_fill_the_handle_store() -> None:
+    """A caller minting without end is refused past handles.max_per_identity (429), and the
+    others keep minting."""
+    from gateway.config import HandlesConfig
+    from gateway.session.handles import HandleBinder, HandleRefused, handle_store_settings
+    from gateway.session.memory import MemoryStore
+
+    settings = HandlesConfig(max_per_identity=2)
+    binder = HandleBinder(MemoryStore(handle_store_settings(settings, 0.25, 1_000)), settings)
+    bob, alice = (ISS, "bob"), (ISS, "alice")
+    now = time.time()
+    for n in range(2):
+        assert not isinstance(binder.mint("draft", f"d-bob-{n}", bob, dict, now), HandleRefused)
+    over = binder.mint("draft", "d-bob-2", bob, dict, now)
+    assert isinstance(over, HandleRefused) and over.reason == decision.HANDLE_LIMIT_EXCEEDED
+    never = binder.find("draft", "d-bob-2", bob, None, False, now)
+    assert isinstance(never, HandleRefused) and never.reason == decision.HANDLE_UNKNOWN
+    assert not isinstance(binder.mint("draft", "d-alice-0", alice, dict, now), HandleRefused)

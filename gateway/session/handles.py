@@ -108,6 +108,7 @@ class HandleBinder:
     def __init__(self, store: SessionStore, settings: HandlesConfig) -> None:
         self.store = store
         self.settings = settings
+        self._max_per_identity = settings.max_per_identity
 
     def _ttl(self, kind_ttl: float | None) -> float:
         return self.settings.ttl if kind_ttl is None else min(kind_ttl, self.settings.ttl)
@@ -168,7 +169,10 @@ class HandleBinder:
         owner_id = "" if owner is None else owner_key(*owner)
         record = new_record(anonymous=owner is None, bound=bound, owner=owner_id, now=now)
         key = store_key(kind, value)
-        created = self.store.create(key, record, now, _NO_CAP)
+        created = self.store.create(key, record, now, self._max_per_identity if owner else _NO_CAP)
+        if created.over_limit:
+            message = f"{kind}: the identity holds handles.max_per_identity live handles"
+            return HandleRefused(decision.HANDLE_LIMIT_EXCEEDED, message)
         if created.created:
             return Handle(kind, value, record, existed=False)
         existing = created.existing.data if created.existing is not None else {}
