@@ -136,7 +136,8 @@ def test_the_upstream_gets_the_path_the_proof_was_judged_on(dpop_stack: DpopStac
             assert dpop_stack.upstream.requests[-1]["path"] == "/mcp", sent
         else:
             assert len(dpop_stack.upstream.requests) == before, sent
-    escaped = _send(http.client.HTTPConnection("127.0.0.1", dpop_stack.port, timeout=10), "POST", "/a%2Fmcp", {})
+    connection = http.client.HTTPConnection("127.0.0.1", dpop_stack.port, timeout=10)
+    escaped = _send(connection, "POST", "/a%2Fmcp", {})
     assert escaped.status == 400  # an escaped slash is refused by Envoy, never judged
 
 
