@@ -8,7 +8,6 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import grpc
 import pytest
 
 from gateway.envoy_api.envoy.config.core.v3 import base_pb2
@@ -150,12 +149,14 @@ def test_an_sse_answer_passes_event_by_event(
     assert bound(gateway, "d-sse-1")["bound"]["sub"] == "alice"
 
 
-def test_bodies_not_asked_for_end_the_stream(processor: Processor, idp: TestIssuer) -> None:
-    with pytest.raises(grpc.RpcError) as failed:
-        processor.exchange(
-            minting_request(idp.token("alice"), mint=False), request_body(tool_call("create_draft", {}))
-        )
-    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+def test_bodies_not_asked_for_are_never_read(processor: Processor, idp: TestIssuer) -> None:
+    """An unmarked call under bind_on: first_use: the stream ends at its request headers, so a
+    body sent after them is never read (with bind_on: response it ends the stream with
+    INVALID_ARGUMENT: tests/test_extproc_stream.py)."""
+    replies = processor.exchange(
+        minting_request(idp.token("alice"), mint=False), request_body(tool_call("create_draft", {}))
+    )
+    assert [reply.WhichOneof("response") for reply in replies] == ["request_headers"]
 
 
 def test_an_unmarked_call_reads_no_body(processor: Processor, idp: TestIssuer) -> None:

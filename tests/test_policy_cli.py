@@ -113,7 +113,7 @@ def test_test_runs_the_shipped_and_example_cases_on_both_engines() -> None:
         "(deny subject_mismatch 404)" in lines
     )
     summary = lines[-1]
-    assert summary.endswith("passed, 0 failed (5 test file(s), engines: cel, celpy)")
+    assert summary.endswith("passed, 0 failed (6 test file(s), engines: cel, celpy)")
     assert int(summary.split()[0]) == len(lines) - 1 >= 2 * 40
 
 
