@@ -598,12 +598,26 @@ def test_the_documented_refusal_is_the_refusal_sent() -> None:
     assert documented == [f"HTTP/1.1 {denied.status.code} Not Found", *headers, "", denied.body]
 
 
-def test_a_handle_may_be_presented_in_an_mcp_param_header() -> None:
-    policy = """\
+def test_a_handle_presented_only_in_an_mcp_param_header_is_refused_at_load() -> None:
+    """An Mcp-Param-* header only mirrors an argument, and the server acts on the body (the SDK
+    ignores the header for a tool that does not declare it): a client leaving the header out would
+    present its handle unchecked."""
+    header_only = """\
     name: jobs
     handles:
       job:
         presented: '"mcp-param-job" in request.headers ? request.headers["mcp-param-job"] : ""'
+    """
+    (problem,) = problems_of(textwrap.dedent(header_only))
+    assert problem.startswith("h.yaml:4:16: handles.job.presented reads the mcp-param-job header but not")
+
+
+def test_a_handle_in_a_custom_header_may_be_presented() -> None:
+    policy = """\
+    name: jobs
+    handles:
+      job:
+        presented: '"x-job" in request.headers ? request.headers["x-job"] : ""'
     """
     policy_set = load_policy_set([("p.yaml", textwrap.dedent(policy))])
     runner = CaseRunner(policy_set)
@@ -611,7 +625,7 @@ def test_a_handle_may_be_presented_in_an_mcp_param_header() -> None:
     def sent(job: str, sub: str) -> Any:
         (one,) = parse_cases("t_test.yaml", textwrap.dedent(f"""\
             name: c
-            request: {{method: POST, headers: {{mcp-param-job: "{job}"}}}}
+            request: {{method: POST, headers: {{x-job: "{job}"}}}}
             claims: {{iss: {ISS}, sub: {sub}}}
             handle: {{kind: job, id: j-1, bound: {{iss: {ISS}, sub: alice}}}}
             """))

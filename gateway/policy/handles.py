@@ -98,6 +98,9 @@ def _read_kind(loader: KindReader, name: str, key_node: Node, node: Node) -> Han
     # `presented` and `minted` are read as any value: a handle that arrives as a number or an
     # object is refused at run time (handle_invalid), never turned into a string.
     presented = compiled("presented", "any")
+    if presented is not None and (problem := _header_only(presented.source)):
+        loader.problem(fields["presented"][1], f"{what}.presented {problem}")
+        ok = False
     minted = compiled("minted", "any", response=True)
     minted_by = compiled("minted_by", "bool")
     terminate = compiled("terminate", "bool")
@@ -202,7 +205,7 @@ def _direct_read(source: str) -> tuple[str | None, str | None]:
     if found and found.group(1) == found.group(2) and found.group(1) not in _CEL_RESERVED:
         return found.group(1), None
     found = _HEADER_LOOKUP.match(source)
-    if found and found.group(1) == found.group(2) and found.group(1) != "authorization":
+    if found and found.group(1) == found.group(2) and found.group(1) not in ("authorization", "dpop"):
         return None, found.group(1)
     return None, None
 
@@ -257,6 +260,19 @@ def kind_expressions(kinds: Iterable[HandleKind]) -> Iterator[CompiledExpression
         yield from (expression for _, expression in kind.bind)
         if kind.terminate is not None:
             yield kind.terminate
+
+
+def _header_only(source: str) -> str | None:
+    """Why a `presented` that reads an Mcp-Param-* header but not the body cannot be trusted."""
+    reads = analyze(source)
+    mirrors = [h for h in reads.header_names if h.lower().startswith("mcp-param-")]
+    if not mirrors or "mcp" in reads.variables:
+        return None
+    return (
+        f"reads the {mirrors[0]} header but not mcp.arguments: the header only mirrors an argument "
+        "and the server acts on the body, so a client that leaves the header out would present its "
+        "handle unchecked; read the argument (the header may be compared with it)"
+    )
 
 
 def presented_value(kind: HandleKind, activation: Any, policy: str) -> Any:
