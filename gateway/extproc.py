@@ -279,14 +279,16 @@ class ProcessService:
         return _REQUEST_HEADERS_DONE, True
 
     def _hold(self, request: Any) -> bytes:
-        """Counts the stream against its credential's share (the Authorization header, hashed;
-        anonymous requests share one)."""
+        """Counts the stream against its holder's share: the identity of a token Check verified
+        (its refreshed tokens count as one), else the Authorization value; anonymous requests
+        share one."""
         value = b""
         for entry in request.headers:
             if entry.key.lower() == "authorization":
                 value = entry.raw_value or entry.value.encode("utf-8", "surrogatepass")
                 break
-        credential = hashlib.sha256(value).digest()
+        holder = self.authorizer.holder_of(value.decode("latin-1")) if value else None
+        credential = hashlib.sha256(value if holder is None else "\n".join(holder).encode()).digest()
         with self._held_lock:
             held = self._held.get(credential, 0)
             if held >= self._credential_share:

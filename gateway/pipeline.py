@@ -134,6 +134,12 @@ class Authorizer:
         except StoreUnavailable as exc:
             return decision.deny(decision.STORE_UNAVAILABLE, error=f"DPoP replay cache: {exc}")
 
+    def holder_of(self, authorization: str) -> tuple[str, str] | None:
+        """Whose token an Authorization value carries, when Check verified it a moment ago (the
+        response path shares its streams out by identity, not by token: a refresh is no new share)."""
+        _, _, token = authorization.strip().partition(" ")
+        return self._verifier.owner_of(token.strip()) if token.strip() else None
+
     def check_identity(
         self, context: RequestContext, identity: Identity | None, now: float, trace: Tracer | None = None
     ) -> Decision:

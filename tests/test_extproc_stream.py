@@ -419,6 +419,7 @@ def test_one_credential_holds_only_its_share_of_the_streams(idp: TestIssuer) -> 
     client = Processor(running.address)
     release = threading.Event()
     mallory = idp.token("mallory")
+    assert running.client.status(token=mallory) == 200  # Check verified it, as Envoy's order has it
 
     def slow_call() -> Iterator[pb.ProcessingRequest]:
         yield request(mallory)
@@ -432,6 +433,12 @@ def test_one_credential_holds_only_its_share_of_the_streams(idp: TestIssuer) -> 
             client.exchange(request(mallory), response(200, "mallory-third"))
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert stored(running, "mallory-third") is None
+        # A refreshed token, once Check verified it, is the same identity: no new share.
+        refreshed = idp.token("mallory", jti="refreshed")
+        assert running.client.status(token=refreshed) == 200
+        with pytest.raises(grpc.RpcError) as refused:
+            client.exchange(request(refreshed), response(200, "mallory-refreshed"))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert client.exchange(request(idp.token("alice")), response(200, "alice-meanwhile"))
         assert stored(running, "alice-meanwhile") is not None
     finally:
