@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -116,6 +117,16 @@ class RedisStore(SessionStore):
         self._slot_map_read = 0.0
         self._replicas: dict[tuple[str, int], tuple[float, int]] = {}
         self._span_attributes: dict[str, Any] = {"db.system.name": "redis"}
+        # One Redis server: a check's GETEX goes over a connection of the calling thread's own,
+        # written directly, past redis-py's per-command machinery (the pool's lock, a readiness
+        # poll, the retry wrapper, metrics hooks), which under load cost as much as the rest of
+        # the check (bench/RESULTS.md, bench_envoy). Held weakly besides: a thread's connection
+        # closes when the thread ends, the rest when the store closes.
+        self._idle_arguments = b"$2\r\nPX\r\n$%d\r\n%s\r\n" % (len(self._idle_ms), self._idle_ms.encode())
+        self._own = threading.local()
+        self._own_connections: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._own_lock = threading.Lock()
+        self._closed = False
         target = self._target
         if target.kind == "single":
             self._client: Any = redis.Redis.from_url(target.single_url, **timeouts)
@@ -323,10 +334,49 @@ class RedisStore(SessionStore):
         found = self._round_trip("EXISTS", lambda: self._keyed().exists(old_record, old_marker))
         return Loaded({LEGACY_LAYOUT: True}) if found else None
 
+    def _own_connection(self) -> Any:
+        connection = getattr(self._own, "connection", None)
+        if connection is None:
+            pool = self._client.connection_pool
+            # The pool's class and settings: the same address, TLS, credentials, db and timeouts.
+            connection = pool.connection_class(**pool.connection_kwargs)
+            with self._own_lock:
+                if self._closed:
+                    raise redis.exceptions.ConnectionError("the store is closed")
+                self._own_connections.add(connection)
+            self._own.connection = connection
+        return connection
+
+    def _own_getex(self, key: str) -> bytes | None:
+        """GETEX key PX idle, as redis-py would send it, on the thread's own connection: one
+        immediate retry on a broken connection (Redis restarted under it), none on a timeout. Any
+        error but a whole error reply closes the connection, so a late reply is never read as the
+        next command's."""
+        encoded = key.encode()
+        packed = b"*4\r\n$5\r\nGETEX\r\n$%d\r\n%s\r\n%s" % (len(encoded), encoded, self._idle_arguments)
+        connection = self._own_connection()
+        for attempt in (1, 2):
+            try:
+                connection.send_packed_command((packed,), check_health=False)
+                value: bytes | None = connection.read_response()
+                return value
+            except redis.exceptions.ConnectionError:
+                connection.disconnect()
+                if attempt == 2:
+                    raise
+            except redis.exceptions.ResponseError:
+                raise
+            except BaseException:
+                connection.disconnect()
+                raise
+        raise AssertionError("unreachable")
+
     def _get(self, key: str) -> bytes | None:
         client = self._keyed()
         if self._has_getex:
             try:
+                if self._target.kind == "single":
+                    return self._own_getex(key)
                 value: bytes | None = client.execute_command("GETEX", key, "PX", self._idle_ms)
                 return value
             except redis.exceptions.ResponseError as exc:
@@ -517,6 +567,11 @@ class RedisStore(SessionStore):
             self._round_trip("PING", lambda: self._client.execute_command("PING"))
 
     def close(self) -> None:
+        with self._own_lock:
+            self._closed = True
+            own = list(self._own_connections)
+        for connection in own:
+            connection.disconnect()
         client = self._cluster if self._target.kind == "cluster" else self._client
         if client is not None:
             client.close()
