@@ -5,6 +5,7 @@ Reason codes and their statuses are a contract (DESIGN.md §4); dashboards key o
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,20 +163,17 @@ def deny(
     )
 
 
-class Allows(dict[tuple[str, str] | None, Decision]):
-    """The allow of an identity's ordinary request (no audit deny, no new session): one
-    immutable Decision per identity, so the hot path allocates none. A dict, so that a hit is
-    one C-level `get`. Bounded."""
+class Allows(dict[Hashable, Decision]):
+    """The allows of ordinary requests (no audit deny, no new session), by what tells them apart
+    (the identity; with handles, the handle too): one immutable Decision each, so the hot path
+    allocates none. A dict, so that a hit is one C-level `get`. Bounded."""
 
     def __init__(self, size: int = 10_000) -> None:
         super().__init__()
         self._size = size
 
-    def remember(
-        self, identity: tuple[str, str] | None, upstream_headers: tuple[tuple[str, str], ...]
-    ) -> Decision:
-        allowed = Decision(True, ALLOWED, upstream_headers=upstream_headers)
+    def remember(self, key: Hashable, allowed: Decision) -> Decision:
         if len(self) >= self._size:
             self.clear()
-        self[identity] = allowed
+        self[key] = allowed
         return allowed

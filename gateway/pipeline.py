@@ -94,7 +94,7 @@ class Authorizer:
         self._binder = Binder(store, sessions)
         self.policies = policies
         self._allows = Allows()
-        self._handle_allows: dict[tuple[Any, ...], Decision] = {}
+        self._handle_allows = Allows()
         handles = handles or HandlesConfig()
         if handle_store is None:
             # One process's memory: what `policy test` and in-process tests need. A gateway
@@ -282,7 +282,6 @@ class Authorizer:
         event's data). A handle bound to someone else, or ended, is a re-issue (502); a minted
         expression that fails, or a value that cannot be a handle, refuses the response (502)."""
         policy_set = self.policies.current
-        check = _Check(policy_set, context, identity, now, trace)
         try:
             calls = context.mcp_calls
         except RequestError as exc:  # Check read it; a response must not pass on a guess
@@ -340,7 +339,6 @@ class Authorizer:
             return replace(failure.denial, status=STATUS_OF_RESPONSE_REFUSAL)
         except StoreUnavailable as exc:
             return decision.deny(decision.STORE_UNAVAILABLE, error=f"handle store: {exc}")
-        del check
         return minted or Decision(True, decision.ALLOWED)
 
     def _session(
@@ -457,7 +455,8 @@ class Authorizer:
         key = None if identity is None else (identity.issuer, identity.subject)
         allowed = self._allows.get(key)
         if allowed is None:
-            allowed = self._allows.remember(key, self._upstream_headers(identity))
+            allowed = Decision(True, decision.ALLOWED, upstream_headers=self._upstream_headers(identity))
+            self._allows.remember(key, allowed)
         return allowed
 
     def _handle_allow(self, check: _Check) -> Decision:
@@ -473,9 +472,7 @@ class Authorizer:
             allowed = Decision(True, decision.ALLOWED, upstream_headers=self._upstream_headers(identity),
                                handle_kind=check.handle_kind, handle_id=check.handle_id,
                                mints_handles=check.mints)
-            if len(self._handle_allows) >= 10_000:
-                self._handle_allows.clear()
-            self._handle_allows[key] = allowed
+            self._handle_allows.remember(key, allowed)
         return allowed
 
     def _upstream_headers(self, identity: Identity | None) -> tuple[tuple[str, str], ...]:
