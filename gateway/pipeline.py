@@ -518,7 +518,10 @@ def _unreadable_request(why: str) -> Decision:
 
 
 def _minted_denial(policy: Policy, kind: HandleKind, refused: HandleRefused, value: Any) -> Decision:
-    status = STATUS_OF_RESPONSE_REFUSAL
+    # The response is withheld (502), unless the reason names its own answer: one identity's
+    # handles at their cap is 429 (docs/reference.md).
+    limited = refused.reason == decision.HANDLE_LIMIT_EXCEEDED
+    status = decision.STATUS_OF[refused.reason] if limited else STATUS_OF_RESPONSE_REFUSAL
     denial = decision.deny(refused.reason, status=status, policy=policy.name, error=refused.message)
     return replace(denial, handle_kind=kind.name, handle_id=value if isinstance(value, str) else "")
 

@@ -767,3 +767,12 @@ def test_one_identity_cannot_fill_the_handle_store() -> None:
     never = binder.find("draft", "d-bob-2", bob, None, False, now)
     assert isinstance(never, HandleRefused) and never.reason == decision.HANDLE_UNKNOWN
     assert not isinstance(binder.mint("draft", "d-alice-0", alice, dict, now), HandleRefused)
+
+
+def test_a_response_minting_past_the_identitys_cap_is_refused_with_429() -> None:
+    # At the time of the run: the memory store counts an owner's records only near its clock.
+    case = mint_case(result("d-2"), stored=True) + f"now: {time.time()}\n"
+    over = run_case(case, extra=MINTED, max_per_identity=1)
+    assert (over.decision.reason, over.response.denied_response.status.code) == (
+        decision.HANDLE_LIMIT_EXCEEDED, 429
+    )
