@@ -5,9 +5,12 @@ Real gateway processes and a real redis-server, stopped and started again on the
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from gateway.session import display_url
+import pytest
+
+from gateway.session import display_url, redis_url
 from tests.support.checks import CheckClient
 from tests.support.issuer import TestIssuer
 from tests.support.processes import GatewayProcess, RedisServer, free_port, health_status, wait_until
@@ -90,4 +93,22 @@ def test_store_urls_are_shown_without_their_password() -> None:
     assert PASSWORD not in display_url(f"unix:///run/redis.sock?db=0&password={PASSWORD}")
     for plain in ("memory://", "sqlite:////var/lib/authz/sessions.db", "redis://127.0.0.1:6379/0"):
         assert display_url(plain) == plain
-    assert PASSWORD not in display_url(f"redis://:{PASSWORD}@host:notaport/0")
+
+
+@pytest.mark.parametrize("secret", ["s3cr/et9q", "s3cr?et9q#xx9", "s3cr@et9q", "s3cr/et9q@wx9?yz7"])
+def test_a_password_holding_url_delimiters_is_never_shown(secret: str) -> None:
+    """Unescaped `/`, `?`, `#` or `@` in a password must not move where the redaction ends."""
+    fragments = re.split(r"[/?#@]", secret)
+    for url in (
+        f"redis://user:{secret}@h:6379/0",
+        f"redis+sentinel://user:{secret}@h:1,h:2/mymaster",
+        f"redis+cluster://user:{secret}@h:1,h:2",
+        f"redis+sentinel://h:1,h:2/mymaster?sentinel_password={secret}",
+        f"redis://h:6379/0?password={secret}",
+    ):
+        shown = display_url(url)
+        assert not any(fragment in shown for fragment in fragments), (url, shown)
+        try:
+            redis_url.parse(url)
+        except redis_url.RedisURLError as refused:
+            assert not any(fragment in str(refused) for fragment in fragments), (url, str(refused))

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from gateway.observe import NO_OBSERVER, Observer
 from gateway.session import redis_url
-from gateway.session.redis_url import CLUSTER_SCHEME, REDIS_SCHEMES, SENTINEL_SCHEME, RedisURLError
+from gateway.session.redis_url import REDIS_SCHEMES, RedisURLError
 from gateway.session.store import SessionStore, StoreSettings
 
 
@@ -41,18 +41,4 @@ def open_store(url: str, settings: StoreSettings, observer: Observer = NO_OBSERV
 
 def display_url(url: str) -> str:
     """The store URL for a log line: a password (in the userinfo or the query) never shown."""
-    if url.partition("://")[0].lower() in (SENTINEL_SCHEME, CLUSTER_SCHEME):
-        return redis_url.display(url)  # several hosts: urlsplit cannot tell their ports
-    try:
-        parts = urlsplit(url)
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return url.partition("://")[0] + "://[unparseable]"
-    if "password" not in parts.query.lower() and parts.password is None:
-        return url
-    if "password" in parts.query.lower():
-        parts = parts._replace(query="[redacted]")
-    if parts.password is not None:
-        user = parts.username or ""
-        parts = parts._replace(netloc=f"{user}:***@{parts.hostname or ''}{port}")
-    return urlunsplit(parts)
+    return redis_url.display(url)

@@ -58,7 +58,8 @@ def _split_hosts(netloc: str, scheme: str) -> tuple[tuple[tuple[str, int], ...],
         else:
             host, _, port_text = item.rpartition(":")
         if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise RedisURLError(f"{scheme}:// needs HOST:PORT[,HOST:PORT…], not {item[:80]!r}")
+            # The item is not quoted: with a password holding a `/`, it may be part of it.
+            raise RedisURLError(f"{scheme}:// needs HOST:PORT[,HOST:PORT…] after any user:password@")
         hosts.append((host, int(port_text)))
     return tuple(hosts), username, password
 
@@ -83,7 +84,8 @@ def parse(url: str) -> RedisTarget:
         raise RedisURLError(f"not a Redis URL scheme: {scheme!r}")
     unknown = sorted({k for k, _ in query} - set(_OWN_PARAMETERS))
     if unknown:
-        raise RedisURLError(f"{scheme}:// does not take the parameter(s) {', '.join(unknown)}")
+        # Not named: with a password holding a `?` unescaped, a "parameter" may be part of it.
+        raise RedisURLError(f"{scheme}:// takes only the parameters {', '.join(_OWN_PARAMETERS)}")
     hosts, username, password = _split_hosts(parts.netloc, scheme)
     if scheme == CLUSTER_SCHEME:
         if parts.path.strip("/") or "sentinel_password" in own or "sentinel_username" in own:
@@ -107,20 +109,21 @@ def parse(url: str) -> RedisTarget:
 
 
 def display(url: str) -> str:
-    """A multi-host Redis URL for a log line: passwords never shown, in the userinfo or the query."""
+    """A store URL for a log line: passwords never shown, in the userinfo or the query.
+
+    A password may hold `/`, `?`, `#` or `@` unescaped, so where the userinfo ends is read from
+    the last `@` (hosts, paths and Redis parameters hold none), never from the URL's structure."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         return "[unparseable]"
-    netloc, slash, path_and_query = rest.partition("/")
-    if "?" in netloc:  # no path: the query follows the hosts directly
-        netloc, _, query = netloc.partition("?")
-        path_and_query = "?" + query
-        slash = ""
-    userinfo, at, hosts = netloc.rpartition("@")
+    userinfo, at, address = rest.rpartition("@")
+    shown = ""
     if at:
+        if "?" in userinfo and "password" in userinfo.lower():  # the `@` may be in a query's password
+            return f"{scheme}://[redacted]"
         user, colon, _ = userinfo.partition(":")
-        netloc = f"{user}{':***' if colon else ''}@{hosts}"
-    path, question, query = path_and_query.partition("?")
+        shown = f"{user}{':***' if colon else ''}@"
+    address, question, query = address.partition("?")
     if question and "password" in query.lower():
         query = "[redacted]"
-    return f"{scheme}://{netloc}{slash}{path}{question}{query}"
+    return f"{scheme}://{shown}{address}{question}{query}"
