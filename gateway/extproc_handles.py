@@ -79,7 +79,6 @@ class ResponseMinting:
         self.streamed = headers.get("content-type", "").strip().lower().startswith(_EVENT_STREAM)
         self._events = EventStream(max_bytes) if self.streamed else None
         self._body = b""
-        self._fed = 0  # SSE bytes received so far
         self._released = 0  # SSE bytes passed on so far
         self.outcome: Decision = PASSED
 
@@ -121,7 +120,6 @@ class ResponseMinting:
         bytes of earlier chunks included), or a refusal that ends the stream."""
         assert self._events is not None
         self._body += chunk
-        self._fed += len(chunk)
         try:
             events = self._events.feed(chunk)
             if end:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway import decision
+from gateway.session.health import HealthTrackedStore, StoreHealth
 from gateway.session.memory import MemoryStore
 from gateway.session.redis_store import RedisStore
 from gateway.session.replay import (
@@ -47,6 +48,10 @@ def test_the_cache_for_each_store(tmp_path: Path, redis_server: RedisServer) -> 
     try:
         assert isinstance(replay_cache_for(sqlite), SQLiteReplayCache)
         assert isinstance(replay_cache_for(redis_store), RedisReplayCache)
+        # A wrapper around a shared store gets no private cache (a proof replayable elsewhere).
+        wrapped = HealthTrackedStore(redis_store, StoreHealth(redis_store, lambda up, why: None))
+        with pytest.raises(TypeError):
+            replay_cache_for(wrapped)
     finally:
         sqlite.close()
         redis_store.close()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import sqlite3
 import threading
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from gateway.session.memory import MemoryStore
 from gateway.session.sqlite import SQLiteStore
@@ -27,6 +27,8 @@ _SWEEP_EVERY = 256
 
 
 class ReplayCache(Protocol):
+    """gateway.identity.dpop.ReplayCache, restated: steps never import one another."""
+
     def first_use(self, key: str, expires_at: float, now: float) -> bool: ...
 
 
@@ -113,6 +115,7 @@ class RedisReplayCache:
         return self._store.set_if_absent(self._prefix + key, ttl_ms)
 
 
+@runtime_checkable
 class RedisStoreLike(Protocol):
     def set_if_absent(self, key: str, ttl_ms: int) -> bool: ...
 
@@ -130,8 +133,9 @@ def replay_cache_for(store: SessionStore) -> ReplayCache:
         return MemoryReplayCache()
     if isinstance(store, SQLiteStore):
         return SQLiteReplayCache(store)
-    if hasattr(store, "set_if_absent"):
+    if isinstance(store, RedisStoreLike):
         return RedisReplayCache(store, replay_key_prefix(store.settings.key_prefix))
-    # A store of another kind (a test double, a wrapper): this process's own cache. Across
-    # replicas that is not enough, so only stores that cannot be shared end up here.
-    return MemoryReplayCache()
+    # Refused rather than served from this process's memory: a store shared by replicas (a
+    # wrapper around one, say) with a private replay cache would let a proof be replayed at
+    # another replica.
+    raise TypeError(f"no DPoP replay cache for a {type(store).__name__}")
