@@ -470,6 +470,8 @@ def _handles(reader: _Reader) -> HandlesConfig:
         max_response_bytes=reader.integer("max_response_bytes", d.max_response_bytes, 1024),
         max_per_identity=reader.integer("max_per_identity", d.max_per_identity, 1),
     )
+    if not math.isfinite(handles.ttl) or handles.ttl <= 0:
+        raise reader.error("must be a finite duration longer than 0s", "ttl")
     reader.finish()
     return handles
 
@@ -635,7 +637,7 @@ def _check_handle_prefix(config: Config, top: _Reader) -> None:
     # A session id may hold ':', so one prefix inside the other would let a session id name a handle.
     sessions, handles = config.session.key_prefix, config.handles.key_prefix
     if sessions.startswith(handles) or handles.startswith(sessions):
-        raise top.error(f"must not overlap session.key_prefix {sessions!r}", "handles.key_prefix")
+        raise top.child("handles").error(f"must not overlap session.key_prefix {sessions!r}", "key_prefix")
 
 
 def load_config(path: str | Path) -> Config:

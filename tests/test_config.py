@@ -176,6 +176,11 @@ def test_a_config_file_error_is_located_where_the_key_is(tmp_path: Path) -> None
             "    - issuer: https://b\n      jwks_uri: 7\n      audiences: [x]\n",
             "7:17: auth.issuers[1].jwks_uri:",
         ),
+        ("handles:\n  ttl: .inf\n", "2:8: handles.ttl: must be a finite duration longer than 0s"),
+        (
+            "session:\n  key_prefix: 'a:'\nhandles:\n  key_prefix: 'a:b'\n",
+            "4:15: handles.key_prefix: must not overlap",
+        ),
         # A key that is missing: where its mapping starts.
         (
             "auth:\n  issuers:\n    - issuer: https://a\n      jwks_uri: https://a/k\n",
