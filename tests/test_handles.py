@@ -648,6 +648,24 @@ def test_the_documented_refusal_is_the_refusal_sent() -> None:
     assert documented == [f"HTTP/1.1 {denied.status.code} Not Found", *headers, "", denied.body]
 
 
+def test_the_readmes_story_shows_the_real_explain_output() -> None:
+    """README §5 shows bob's refused publish with `policy explain`: the command's own output,
+    byte for byte, with the exact JSON-RPC error bytes bob's client gets."""
+    readme = (REPO / "README.md").read_text()
+    command = (
+        "authz-gateway policy explain --input examples/policies/handles/10-drafts_test.yaml"
+        " --case another-identity-is-refused"
+    )
+    shown = readme.split(f"$ {command}\n", 1)[1].split("```", 1)[0]
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", *command.split()[1:]],
+        capture_output=True, text=True, cwd=REPO, timeout=60, env={"PYTHONPATH": str(REPO), "PATH": ""},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == shown
+    assert '{"jsonrpc":"2.0","id":7,"error":{"code":-32602,"message":"Unknown handle"}}' in shown
+
+
 def test_a_handle_presented_only_in_an_mcp_param_header_is_refused_at_load() -> None:
     """An Mcp-Param-* header only mirrors an argument, and the server acts on the body (the SDK
     ignores the header for a tool that does not declare it): a client leaving the header out would
