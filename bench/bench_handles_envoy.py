@@ -32,6 +32,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -306,6 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for process in reversed(started):
             stop(process)
+        shutil.rmtree(work, ignore_errors=True)
 
     print()
     print(format_table(samples))
