@@ -117,8 +117,12 @@ class SessionConfig:
 class HandlesConfig:
     """Handles (MCP 2026-07-28): kept in the session store's backend, in a key space of their own."""
 
-    # How long the store keeps a handle (a kind's own `ttl` may be shorter, never longer).
+    # How long a handle lives (a kind's own `ttl` may be shorter, never longer).
     ttl: float = 24 * 3600.0
+    # How long past its ttl an expired handle is still kept, refused to everyone (its owner
+    # too) whatever the kind's `unknown` says; after it the value is forgotten. Read from the
+    # config: by default as long as `ttl`.
+    expired_retention: float = 24 * 3600.0
     max_id_length: int = 256
     key_prefix: str = "authz:handle:"
     # The largest response (or SSE event) read for a handle; a larger one is refused (502).
@@ -463,8 +467,10 @@ def _session(reader: _Reader) -> SessionConfig:
 
 def _handles(reader: _Reader) -> HandlesConfig:
     d = HandlesConfig()
+    ttl = reader.duration("ttl", d.ttl)
     handles = HandlesConfig(
-        ttl=reader.duration("ttl", d.ttl),
+        ttl=ttl,
+        expired_retention=reader.duration("expired_retention", ttl),
         max_id_length=reader.integer("max_id_length", d.max_id_length, 1),
         key_prefix=reader.string("key_prefix", d.key_prefix) or d.key_prefix,
         max_response_bytes=reader.integer("max_response_bytes", d.max_response_bytes, 1024),
@@ -472,6 +478,8 @@ def _handles(reader: _Reader) -> HandlesConfig:
     )
     if not math.isfinite(handles.ttl) or handles.ttl <= 0:
         raise reader.error("must be a finite duration longer than 0s", "ttl")
+    if not math.isfinite(handles.expired_retention):  # parse_duration refuses negative ones
+        raise reader.error("must be finite", "expired_retention")
     reader.finish()
     return handles
 

@@ -177,6 +177,9 @@ def test_a_config_file_error_is_located_where_the_key_is(tmp_path: Path) -> None
             "7:17: auth.issuers[1].jwks_uri:",
         ),
         ("handles:\n  ttl: .inf\n", "2:8: handles.ttl: must be a finite duration longer than 0s"),
+        ("handles:\n  expired_retention: -5\n", "2:22: handles.expired_retention: a duration cannot"),
+        ("handles:\n  expired_retention: .inf\n", "2:22: handles.expired_retention: must be finite"),
+        ("handles:\n  expired_retention: soon\n", "2:22: handles.expired_retention: not a duration"),
         (
             "session:\n  key_prefix: 'a:'\nhandles:\n  key_prefix: 'a:b'\n",
             "4:15: handles.key_prefix: must not overlap",
@@ -347,3 +350,10 @@ def test_no_command_prints_help_and_fails() -> None:
     result = subprocess.run([CLI], capture_output=True, text=True, timeout=30, cwd=REPO)
     assert result.returncode == 2
     assert "serve" in result.stdout
+
+
+def test_expired_handles_are_kept_as_long_as_the_ttl_unless_told() -> None:
+    assert config_from_mapping({}, "c.yaml").handles.expired_retention == 24 * 3600
+    assert config_from_mapping({"handles": {"ttl": "1h"}}, "c.yaml").handles.expired_retention == 3600
+    told = config_from_mapping({"handles": {"ttl": "1h", "expired_retention": "0s"}}, "c.yaml")
+    assert told.handles.ttl == 3600 and told.handles.expired_retention == 0

@@ -526,6 +526,56 @@ def test_handles_keep_their_own_key_space_in_every_store(store_url: str, tmp_pat
             sessions.close()
 
 
+def test_an_expired_handle_is_refused_to_everyone_until_the_retention_ends(store_url: str) -> None:
+    """Past its ttl a handle is refused to its owner and to anyone else alike, whatever the
+    kind's `unknown` says, for `handles.expired_retention`; then the store forgets it."""
+    handles = HandlesConfig(ttl=3600, expired_retention=1800)
+    store = open_handle_store(store_url, handles, 0.5, 1000)
+    binder = HandleBinder(store, handles)
+    alice, bob = (ISS, "alice"), (ISS, "bob")
+    # Times near the real clock: Redis expires keys on its own clock, relative to the write.
+    start = float(int(time.time()))
+    try:
+        for value in ("d-1", "d-2", "d-3", "d-4"):
+            assert not isinstance(binder.mint("draft", value, alice, lambda: ALICE, start), HandleRefused)
+        live = binder.find("draft", "d-1", bob, None, True, start + 3599)
+        assert isinstance(live, HandleRefused) and live.reason == decision.HANDLE_MISMATCH
+        expired = start + 3601
+        for who in (bob, alice, bob):  # the second look finds the expiry tombstone
+            refused = binder.find("draft", "d-1", who, None, True, expired)
+            assert refused == HandleRefused(decision.HANDLE_UNKNOWN, "draft: the handle has expired"), who
+        # A kind's shorter ttl expires it sooner, for everyone too.
+        short = binder.find("draft", "d-3", bob, 60.0, True, start + 61)
+        assert short == HandleRefused(decision.HANDLE_UNKNOWN, "draft: the handle has expired")
+        # Kept, an expired value is never bound again, not even to its owner.
+        again = binder.mint("draft", "d-1", alice, lambda: ALICE, expired + 1)
+        assert isinstance(again, HandleRefused) and again.reason == decision.HANDLE_REISSUED
+        # Never presented after it expired, a handle is kept until its ttl + retention (d-4), then
+        # forgotten (d-2): presented after that, it is a value never minted.
+        last = binder.find("draft", "d-4", bob, None, True, start + 3600 + 1799)
+        assert last == HandleRefused(decision.HANDLE_UNKNOWN, "draft: the handle has expired")
+        if store_url.startswith("redis"):
+            import redis as redis_client
+
+            from gateway.session.redis_layout import record_key
+
+            client = redis_client.Redis.from_url(store_url)
+            try:
+                kept_ms = client.pttl(record_key(handles.key_prefix, store_key("draft", "d-2")))
+            finally:
+                client.close()
+            # Native expiry (Redis's clock): the whole ttl + retention from the mint, slid by reads.
+            assert 5390 * 1000 < kept_ms <= 5400 * 1000, kept_ms
+        else:
+            forgotten = start + 3600 + 1800 + 1
+            passed = binder.find("draft", "d-2", bob, None, True, forgotten)
+            assert not isinstance(passed, HandleRefused) and not passed.existed
+            never = binder.find("draft", "d-2", bob, None, False, forgotten)
+            assert never == HandleRefused(decision.HANDLE_UNKNOWN, "draft: a handle never minted")
+    finally:
+        store.close()
+
+
 def test_the_handle_store_url_and_the_prefix_check() -> None:
     assert handle_store_url("sqlite:///var/lib/authz/sessions.db") == "sqlite:///var/lib/authz/sessions.handles.db"
     assert handle_store_url("sqlite://rel.db") == "sqlite://rel.handles.db"
@@ -596,6 +646,24 @@ def test_the_documented_refusal_is_the_refusal_sent() -> None:
     denied = outcome.response.denied_response
     headers = [f"{h.header.key}: {h.header.value}" for h in denied.headers]
     assert documented == [f"HTTP/1.1 {denied.status.code} Not Found", *headers, "", denied.body]
+
+
+def test_the_readmes_story_shows_the_real_explain_output() -> None:
+    """README §5 shows bob's refused publish with `policy explain`: the command's own output,
+    byte for byte, with the exact JSON-RPC error bytes bob's client gets."""
+    readme = (REPO / "README.md").read_text()
+    command = (
+        "authz-gateway policy explain --input examples/policies/handles/10-drafts_test.yaml"
+        " --case another-identity-is-refused"
+    )
+    shown = readme.split(f"$ {command}\n", 1)[1].split("```", 1)[0]
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", *command.split()[1:]],
+        capture_output=True, text=True, cwd=REPO, timeout=60, env={"PYTHONPATH": str(REPO), "PATH": ""},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == shown
+    assert '{"jsonrpc":"2.0","id":7,"error":{"code":-32602,"message":"Unknown handle"}}' in shown
 
 
 def test_a_handle_presented_only_in_an_mcp_param_header_is_refused_at_load() -> None:

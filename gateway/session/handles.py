@@ -20,6 +20,7 @@ from gateway import decision
 from gateway.config import HandlesConfig
 from gateway.observe import NO_OBSERVER, Observer
 from gateway.session.record import (
+    ENDED_EXPIRED,
     ENDED_TERMINATED,
     needs_tombstone,
     new_record,
@@ -63,10 +64,14 @@ def store_key(kind: str, value: str) -> str:
 
 
 def handle_store_settings(handles: HandlesConfig, timeout: float, max_records: int) -> StoreSettings:
-    """A handle has no idle timeout: it lives until its kind's ttl, kept at most `handles.ttl`."""
+    """A handle has no idle timeout: it lives until its kind's ttl, at most `handles.ttl`. The
+    store keeps it `handles.expired_retention` longer: a value forgotten at its expiry would be
+    one never minted, which `unknown: allow` lets through for anyone; kept, it is refused as
+    expired (HandleBinder.find judges the lifetime, the store only how long to remember)."""
+    kept = handles.ttl + handles.expired_retention
     return StoreSettings(
-        ttl=handles.ttl,
-        idle_timeout=handles.ttl,
+        ttl=kept,
+        idle_timeout=kept,
         max_sessions=max_records,
         key_prefix=handles.key_prefix,
         timeout=timeout,
@@ -140,6 +145,9 @@ class HandleBinder:
                 self.store.replace(key, tombstone(data, ended, now), now)
             if reason == decision.INTERNAL_ERROR:
                 return HandleRefused(reason, f"{kind}: a stored handle of an unknown schema")
+            if reason == decision.SESSION_EXPIRED or data.get("ended") == ENDED_EXPIRED:
+                # Its owner's too: a handle past its ttl is over for everyone, as a session is.
+                return HandleRefused(decision.HANDLE_UNKNOWN, f"{kind}: the handle has expired")
             # An ended handle is refused whatever `unknown` says: it was minted, and is over.
             return HandleRefused(decision.HANDLE_UNKNOWN, f"{kind}: stored handle refused: {reason}")
         if not _owned_by(data, owner):
