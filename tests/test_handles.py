@@ -576,6 +576,23 @@ def test_an_expired_handle_is_refused_to_everyone_until_the_retention_ends(store
         store.close()
 
 
+def test_an_expired_handle_still_kept_is_listed_expired_not_live() -> None:
+    """The store keeps a handle `expired_retention` past its ttl; the listing judges it by
+    `handles.ttl`, as every call presenting it is judged."""
+    from gateway.session import operations
+
+    handles = HandlesConfig(ttl=3600, expired_retention=1800)
+    store = MemoryStore(handle_store_settings(handles, 0.25, 1_000))
+    binder = HandleBinder(store, handles)
+    assert not isinstance(binder.mint("draft", "d-1", (ISS, "alice"), lambda: ALICE, 1000.0), HandleRefused)
+    key = store_key("draft", "d-1")
+    before = operations.show_session(store, key, 1000.0 + 3599)
+    assert before is not None and before.state == "live"
+    after = operations.show_session(store, key, 1000.0 + 3601)
+    assert after is not None and after.state == "expired"
+    assert operations.revoke_session(store, key, 1000.0 + 3602) == "expired"
+
+
 def test_the_handle_store_url_and_the_prefix_check() -> None:
     assert handle_store_url("sqlite:///var/lib/authz/sessions.db") == "sqlite:///var/lib/authz/sessions.handles.db"
     assert handle_store_url("sqlite://rel.db") == "sqlite://rel.handles.db"

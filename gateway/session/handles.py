@@ -72,6 +72,7 @@ def handle_store_settings(handles: HandlesConfig, timeout: float, max_records: i
     return StoreSettings(
         ttl=kept,
         idle_timeout=kept,
+        lifetime=handles.ttl,
         max_sessions=max_records,
         key_prefix=handles.key_prefix,
         timeout=timeout,

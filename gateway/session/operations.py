@@ -95,7 +95,7 @@ def list_sessions(
     store: SessionStore, now: float, limit: int = DEFAULT_LIST_LIMIT
 ) -> tuple[list[SessionInfo], bool]:
     """Up to `limit` stored sessions, and whether there are more."""
-    sessions = [describe(i, data, now, store.settings.ttl) for i, data in store.scan(limit + 1)]
+    sessions = [describe(i, data, now, store.settings.usable_for) for i, data in store.scan(limit + 1)]
     return sessions[:limit], len(sessions) > limit
 
 
@@ -105,7 +105,8 @@ def show_session(store: SessionStore, session_id: str, now: float) -> SessionInf
     if loaded is None:
         return None
     settings = store.settings
-    return describe(session_id, loaded.data, now, settings.ttl, loaded.last_seen, settings.idle_timeout)
+    lifetime, idle = settings.usable_for, settings.idle_timeout
+    return describe(session_id, loaded.data, now, lifetime, loaded.last_seen, idle)
 
 
 def revoke_session(store: SessionStore, session_id: str, now: float) -> str:
@@ -116,7 +117,7 @@ def revoke_session(store: SessionStore, session_id: str, now: float) -> str:
     if loaded is None:
         return ""
     settings = store.settings
-    return state_of(loaded.data, now, settings.ttl, loaded.last_seen, settings.idle_timeout)
+    return state_of(loaded.data, now, settings.usable_for, loaded.last_seen, settings.idle_timeout)
 
 
 def revoke_subject(store: SessionStore, issuer: str, subject: str, now: float) -> int:

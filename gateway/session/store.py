@@ -62,6 +62,13 @@ class StoreSettings:
     max_sessions: int = 1_000_000
     key_prefix: str = "authz:session:"
     timeout: float = 0.25
+    # How long a record is usable when the store keeps it longer than that (handles keep an
+    # expired record to refuse it); None: `ttl`.
+    lifetime: float | None = None
+
+    @property
+    def usable_for(self) -> float:
+        return self.ttl if self.lifetime is None else self.lifetime
 
 
 def slide_interval(settings: StoreSettings) -> float:
