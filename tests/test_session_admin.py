@@ -55,7 +55,8 @@ def test_checked_in_generated_code_is_what_the_protos_generate(tmp_path: Path) -
             assert name in fresh_tree, name
         assert sorted(fresh_tree) == sorted(checked_in_tree), f"gateway/{package}: run scripts/gen-proto.sh"
         for name, content in fresh_tree.items():
-            assert content == checked_in_tree[name], f"gateway/{package}/{name} differs: run scripts/gen-proto.sh"
+            differs = f"gateway/{package}/{name} differs: run scripts/gen-proto.sh"
+            assert content == checked_in_tree[name], differs
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
