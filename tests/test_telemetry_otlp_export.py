@@ -2,7 +2,8 @@
 
 - The OTEL_EXPORTER_OTLP_* variables are read as the SDK's exporters read them.
 - Over gRPC and over HTTP/protobuf, with and without gzip: spans and metrics arrive with
-  their content, the configured headers are sent, and no header value is ever logged.
+  their content, the configured headers are sent, and no header value is ever logged; over
+  TLS, the collector's certificate is verified (OTEL_EXPORTER_OTLP_CERTIFICATE).
 - Transient failures are retried; others are not; a collector that is down, or that never
   answers, costs an export at most its timeout, and after shutdown begins at most the timeout
   in all.
@@ -244,6 +245,71 @@ def test_a_collector_down_or_silent_costs_at_most_the_timeout(
         assert exporter.export(_spans()) == SpanExportResult.FAILURE
     assert time.monotonic() - started < 1.5 + 0.5
     exporter.shutdown()
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for localhost and 127.0.0.1, signed by its own key: (cert file, key file)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "collector.pem", tmp_path / "collector.key"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_file, key_file
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_tls_to_a_collector_its_certificate_verified(tmp_path: Path, protocol: str) -> None:
+    cert_file, key_file = _self_signed(tmp_path)
+    receiver = OtlpReceiver(tls=(cert_file, key_file))
+    try:
+        port = receiver.port if protocol == GRPC else receiver.http_port
+        env = {"OTEL_EXPORTER_OTLP_PROTOCOL": protocol, "OTEL_EXPORTER_OTLP_TIMEOUT": "2"}
+        https = {**env, "OTEL_EXPORTER_OTLP_ENDPOINT": f"https://localhost:{port}"}
+        # Not trusted: the collector's certificate is its own, not in the system's roots.
+        untrusted = OtlpSpanExporter(settings(https, "TRACES"))
+        assert untrusted.export(_spans()) == SpanExportResult.FAILURE
+        untrusted.shutdown()
+        assert receiver.spans() == []
+        trusted_env = {**https, "OTEL_EXPORTER_OTLP_CERTIFICATE": str(cert_file)}
+        trusted = OtlpSpanExporter(settings(trusted_env, "TRACES"))
+        assert trusted.settings.tls
+        assert trusted.export(_spans()) == SpanExportResult.SUCCESS
+        trusted.shutdown()
+        assert {s.name for s in receiver.spans()} == {"parent", "child"}
+        if protocol == GRPC:  # an http:// endpoint with INSECURE=false is TLS too, as the SDK reads it
+            insecure_false = {
+                **env, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://localhost:{port}",
+                "OTEL_EXPORTER_OTLP_INSECURE": "false", "OTEL_EXPORTER_OTLP_CERTIFICATE": str(cert_file),
+            }
+            exporter = OtlpSpanExporter(settings(insecure_false, "TRACES"))
+            assert exporter.export(_spans()) == SpanExportResult.SUCCESS
+            exporter.shutdown()
+            assert len(receiver.spans()) == 4
+    finally:
+        receiver.stop()
 
 
 # ---------------------------------------------------------------------------------------

@@ -8,11 +8,13 @@ sent, and can search them. Both Envoy and the gateway export to it.
 from __future__ import annotations
 
 import gzip
+import ssl
 import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -40,7 +42,8 @@ class ReceivedSpan:
 
 
 class OtlpReceiver:
-    def __init__(self) -> None:
+    def __init__(self, tls: tuple[Path, Path] | None = None) -> None:
+        """tls: (certificate chain, key) PEM files: both ports then speak TLS only."""
         self.trace_requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
         self.metric_requests: list[metrics_service_pb2.ExportMetricsServiceRequest] = []
         self.raw_payloads: list[bytes] = []
@@ -74,7 +77,11 @@ class OtlpReceiver:
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(), self._grpc)
         metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(MetricsService(), self._grpc)
-        self.port = self._grpc.add_insecure_port("127.0.0.1:0")
+        if tls is None:
+            self.port = self._grpc.add_insecure_port("127.0.0.1:0")
+        else:
+            credentials = grpc.ssl_server_credentials([(tls[1].read_bytes(), tls[0].read_bytes())])
+            self.port = self._grpc.add_secure_port("127.0.0.1:0", credentials)
         self._grpc.start()
 
         class HttpHandler(BaseHTTPRequestHandler):
@@ -109,6 +116,10 @@ class OtlpReceiver:
                 return
 
         self._http = ThreadingHTTPServer(("127.0.0.1", 0), HttpHandler)
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(tls[0], tls[1])
+            self._http.socket = context.wrap_socket(self._http.socket, server_side=True)
         self.http_port = int(self._http.server_address[1])
         threading.Thread(target=self._http.serve_forever, daemon=True).start()
 
