@@ -3,8 +3,10 @@
 #   gateway/adminpb/     the admin API, proto/authz_gateway/admin/v1/admin.proto
 #   gateway/envoy_api/   Envoy's ext_authz and ext_proc APIs and the files they import, copied
 #                        from upstream into proto/ (proto/README.md says from where)
-#   bash scripts/gen-proto.sh            # regenerate gateway/adminpb/ and gateway/envoy_api/
-#   bash scripts/gen-proto.sh OUT_DIR    # generate OUT_DIR/adminpb/ and OUT_DIR/envoy_api/ instead
+#   gateway/otlp_api/    OpenTelemetry's OTLP trace and metrics messages and collector services,
+#                        copied from upstream into proto/opentelemetry/
+#   bash scripts/gen-proto.sh            # regenerate gateway/adminpb/, envoy_api/ and otlp_api/
+#   bash scripts/gen-proto.sh OUT_DIR    # generate OUT_DIR/adminpb/, envoy_api/, otlp_api/ instead
 #                                        # (tests/test_session_admin.py compares the two)
 # Needs grpcio-tools (in the `test` extra). PYTHON picks the interpreter (default: python3).
 set -euo pipefail
@@ -26,27 +28,35 @@ cp "$generated/admin_pb2.py" "$generated/admin_pb2.pyi" "$out/adminpb/"
 sed 's/^from authz_gateway\.admin\.v1 import admin_pb2/from gateway.adminpb import admin_pb2/' \
   "$generated/admin_pb2_grpc.py" > "$out/adminpb/admin_pb2_grpc.py"
 
-# --- gateway/envoy_api -----------------------------------------------------------------------
-# Every .proto under these upstream trees; the gRPC modules of the files that define services.
-# The Python modules import each other under gateway.envoy_api (not as top-level envoy.*, which
-# is xds-protos' name) and register their files in gateway.envoy_api.POOL, a descriptor pool of
-# their own: another copy of the same files (xds-protos) can be imported in the same process.
-# gateway/envoy_api/__init__.py (POOL) is written by hand and kept.
-mkdir -p "$work/envoy"
-protos=()
-while IFS= read -r file; do protos+=("$file"); done < <(
-  cd proto && find envoy udpa xds validate google -name '*.proto' | LC_ALL=C sort)
-"$python" -m grpc_tools.protoc -I proto \
-  --python_out="$work/envoy" --grpc_python_out="$work/envoy" "${protos[@]/#/proto/}"
-"$python" - "$work/envoy" "$out/envoy_api" "${protos[@]}" <<'EOF'
+# --- gateway/envoy_api and gateway/otlp_api --------------------------------------------------
+# Each: every .proto under its upstream trees, and the gRPC modules of the files that define
+# services. The Python modules import each other under their package (gateway.envoy_api.*, not
+# as top-level envoy.*, which is xds-protos' name; gateway.otlp_api.*, not opentelemetry.proto.*,
+# which opentelemetry-proto and xds-protos both install) and register their files in that
+# package's POOL, a descriptor pool of its own: another copy of the same files can be imported
+# in the same process. The package's __init__.py (POOL) is written by hand and kept.
+#   generate PACKAGE "PROTO_DIRS" "MODULE_PREFIXES" "LICENCE_FILES"
+# MODULE_PREFIXES: the generated imports to rewrite (google.protobuf, the well-known types, stays
+# protobuf's own).
+generate() {
+  local package="$1" roots="$2" prefixes="$3" licences="$4"
+  local protos=() file
+  while IFS= read -r file; do protos+=("$file"); done < <(
+    # shellcheck disable=SC2086  # the roots are words
+    cd proto && find $roots -name '*.proto' | LC_ALL=C sort)
+  mkdir -p "$work/$package"
+  "$python" -m grpc_tools.protoc -I proto \
+    --python_out="$work/$package" --grpc_python_out="$work/$package" "${protos[@]/#/proto/}"
+  "$python" - "$work/$package" "$out/$package" "$package" "$prefixes" "$licences" "${protos[@]}" <<'EOF'
 import re
 import shutil
 import sys
 from pathlib import Path
 
-work, out, protos = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
-PREFIX = "gateway.envoy_api"
-IMPORT = re.compile(r"^from (envoy|udpa|xds|validate|google\.rpc)([. ])", re.M)
+work, out, package = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+prefixes, licences, protos = sys.argv[4].split(), sys.argv[5].split(), sys.argv[6:]
+PREFIX = f"gateway.{package}"
+IMPORT = re.compile(rf"^from ({'|'.join(re.escape(prefix) for prefix in prefixes)})([. ])", re.M)
 
 
 def rewrite(text: str, name: str) -> str:
@@ -54,10 +64,10 @@ def rewrite(text: str, name: str) -> str:
     if name.endswith("_pb2.py"):
         pool = "DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile("
         assert text.count(pool) == 1, name
-        text = text.replace(pool, "DESCRIPTOR = _envoy_api.POOL.AddSerializedFile(")
+        text = text.replace(pool, f"DESCRIPTOR = _{package}.POOL.AddSerializedFile(")
         imports = "# @@protoc_insertion_point(imports)\n"
         assert text.count(imports) == 1, name
-        text = text.replace(imports, imports + "\nfrom gateway import envoy_api as _envoy_api\n")
+        text = text.replace(imports, imports + f"\nfrom gateway import {package} as _{package}\n")
         module = name[: -len(".py")].replace("/", ".")
         build = f"_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, '{module}', _globals)"
         assert text.count(build) == 1, name
@@ -83,9 +93,14 @@ for proto in protos:
 for directory in [out, *sorted(d for d in out.rglob("*") if d.is_dir())]:
     if not (directory / "__init__.py").exists():
         (directory / "__init__.py").write_text("")
-licenses = out / "LICENSES"
-licenses.mkdir(exist_ok=True)
-for license_file in sorted(Path("proto/LICENSES").iterdir()):
-    shutil.copyfile(license_file, licenses / license_file.name)
-shutil.copyfile("proto/README.md", licenses / "README.md")
+licence_dir = out / "LICENSES"
+licence_dir.mkdir(exist_ok=True)
+for licence in licences:
+    shutil.copyfile(Path("proto/LICENSES") / licence, licence_dir / licence)
+shutil.copyfile("proto/README.md", licence_dir / "README.md")
 EOF
+}
+
+generate envoy_api "envoy udpa xds validate google" "envoy udpa xds validate google.rpc" \
+  "bufbuild-protoc-gen-validate.txt cncf-xds.txt envoyproxy-data-plane-api.txt googleapis.txt"
+generate otlp_api "opentelemetry" "opentelemetry" "open-telemetry-opentelemetry-proto.txt"

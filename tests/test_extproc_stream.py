@@ -17,12 +17,12 @@ from typing import Any
 
 import grpc
 import pytest
-from opentelemetry.proto.trace.v1 import trace_pb2
 
 from gateway.config import MCP_SDK_SESSION_NOT_FOUND_BODY
 from gateway.envoy_api.envoy.config.core.v3 import base_pb2
 from gateway.envoy_api.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from gateway.extproc import SERVICE_NAME
+from gateway.otlp_api.opentelemetry.proto.trace.v1 import trace_pb2
 from gateway.policy.loader import default_policy_dir
 from gateway.session.record import owner_key
 from gateway.telemetry.tracing import PROCESS_SPAN_NAME

@@ -1,10 +1,17 @@
 """A plain install works: a wheel built from this tree, pip-installed with its dependencies
-into a fresh venv, serves Checks and exports their spans over OTLP.
+into a fresh venv, serves Checks and exports their spans over OTLP, whatever the install order.
 
-Envoy's API comes from the wheel itself (gateway/envoy_api), not from xds-protos, whose old
-copy of opentelemetry/proto/** would otherwise break the OTLP exporter (grpc/grpc#42926).
-Here xds-protos is installed into the venv first anyway, as a user might have it: the gateway's
-Envoy API and xds-protos' must then live side by side in one process (the client imports both).
+Envoy's API comes from the wheel itself (gateway/envoy_api), and so do the OTLP messages the
+gateway exports with (gateway/otlp_api): neither xds-protos nor opentelemetry-proto is a
+dependency. xds-protos ships an old copy of opentelemetry/proto/**, and whichever of it and
+opentelemetry-proto pip installs last owns those files (grpc/grpc#42926). Here:
+
+1. xds-protos is installed into the venv first, as a user might have it, then the wheel: the
+   gateway's Envoy API and xds-protos' live side by side in one process (the client imports both).
+2. Then opentelemetry-proto, as another package would bring it, and after it
+   `pip install --force-reinstall --no-deps xds-protos`: opentelemetry.proto is now broken
+   (InstrumentationScope cannot be imported; checked). The gateway still serves and exports its
+   spans, over OTLP/gRPC and OTLP/HTTP, with no repair step.
 
 Needs the package index (or pip's cache): the venv gets every dependency from it.
 """
@@ -82,28 +89,29 @@ def build_wheel(tmp_path: Path, env: dict[str, str]) -> Path:
     return wheel
 
 
-def test_a_wheel_in_a_fresh_venv_serves_and_exports_spans(tmp_path: Path, issuer: TestIssuer) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    wheel = build_wheel(tmp_path, env)
-    with zipfile.ZipFile(wheel) as archive:
-        names = set(archive.namelist())
-        metadata = next(archive.read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
-    assert "gateway/envoy_api/envoy/service/auth/v3/external_auth_pb2_grpc.py" in names
-    assert "gateway/envoy_api/envoy/service/ext_proc/v3/external_processor_pb2.py" in names
-    assert "gateway/envoy_api/LICENSES/envoyproxy-data-plane-api.txt" in names
-    requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
-    assert requires and not [line for line in requires if "xds" in line.lower()], requires
+# Run with the fresh venv's python: whether opentelemetry.proto is broken as xds-protos leaves it.
+BROKEN_OTEL_PROTO = """
+import json
+try:
+    from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
+except ImportError as exc:
+    print(json.dumps({"broken": True, "error": str(exc)}))
+else:
+    print(json.dumps({"broken": False, "error": ""}))
+"""
 
-    venv = tmp_path / "venv"
-    run([sys.executable, "-m", "venv", str(venv)], env, tmp_path)  # a clean venv: no site packages
+
+def serve_and_export(
+    venv: Path, tmp_path: Path, issuer: TestIssuer, env: dict[str, str], protocol: str, service: str
+) -> None:
+    """`authz-gateway serve` from the venv, exporting to a real OTLP receiver over `protocol`;
+    Checks sent with the gateway's message classes and xds-protos' imported in the same client;
+    the Check span, with its authz.* attributes, must arrive."""
     python = str(venv / "bin" / "python")
-    run([python, "-m", "pip", "install", "-q", "xds-protos"], env, tmp_path)
-    run([python, "-m", "pip", "install", "-q", str(wheel)], env, tmp_path)
-
     receiver = OtlpReceiver()
     port = free_port()
     jwks = issuer.write_jwks(tmp_path / "jwks.json")
-    config = tmp_path / "gateway.yaml"
+    config = tmp_path / f"gateway-{service}.yaml"
     config.write_text(
         yaml.safe_dump(
             {
@@ -114,10 +122,10 @@ def test_a_wheel_in_a_fresh_venv_serves_and_exports_spans(tmp_path: Path, issuer
         )
     )
     served = ManagedProcess(
-        "gateway",
+        service,
         [str(venv / "bin" / "authz-gateway"), "serve", "--config", str(config)],
         tmp_path,
-        {**receiver.exporter_env("grpc"), "OTEL_SERVICE_NAME": "packaged-gateway", "PYTHONUNBUFFERED": "1"},
+        {**receiver.exporter_env(protocol), "OTEL_SERVICE_NAME": service, "PYTHONUNBUFFERED": "1"},
     )
     try:
         address = f"127.0.0.1:{port}"
@@ -132,9 +140,51 @@ def test_a_wheel_in_a_fresh_venv_serves_and_exports_spans(tmp_path: Path, issuer
             answer = json.loads(run(argv, env, tmp_path))
             assert answer["gateway"].startswith(str(venv)), answer  # the installed wheel, not this checkout
             assert answer["allowed"] and answer["grpc_code"] == 0 and answer["xds_protos_reads"], answer
-        span = receiver.wait_for_span(lambda s: True, timeout=20, service="packaged-gateway", name=SPAN_NAME)
+        span = receiver.wait_for_span(lambda s: True, timeout=20, service=service, name=SPAN_NAME)
         assert span.attributes["authz.decision"] == "allow", span
+        assert span.attributes["authz.reason"] == "allowed", span
+        assert "authz.session.new" in span.attributes, span
     finally:
         assert served.stop() == 0, served.log_text()
         receiver.stop()
-    assert "Traceback" not in served.log_text()
+    log = served.log_text()
+    assert f"traces -> OTLP {protocol}" in log, log
+    assert "Traceback" not in log and "not exported" not in log and "fast path off" not in log, log
+
+
+def test_a_wheel_in_a_fresh_venv_serves_and_exports_spans(tmp_path: Path, issuer: TestIssuer) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    wheel = build_wheel(tmp_path, env)
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        metadata = next(archive.read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
+    assert "gateway/envoy_api/envoy/service/auth/v3/external_auth_pb2_grpc.py" in names
+    assert "gateway/envoy_api/envoy/service/ext_proc/v3/external_processor_pb2.py" in names
+    assert "gateway/envoy_api/LICENSES/envoyproxy-data-plane-api.txt" in names
+    assert "gateway/otlp_api/opentelemetry/proto/collector/trace/v1/trace_service_pb2.py" in names
+    assert "gateway/otlp_api/LICENSES/open-telemetry-opentelemetry-proto.txt" in names
+    requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    runtime = [line for line in requires if "extra ==" not in line]
+    assert runtime and not [line for line in runtime if "xds" in line.lower()], requires
+    assert not [line for line in runtime if "opentelemetry-proto" in line or "otlp" in line], runtime
+
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", str(venv)], env, tmp_path)  # a clean venv: no site packages
+    python = str(venv / "bin" / "python")
+    pip = [python, "-m", "pip", "install", "-q"]
+    # 1. xds-protos first, then the wheel.
+    run([*pip, "xds-protos"], env, tmp_path)
+    run([*pip, str(wheel)], env, tmp_path)
+    serve_and_export(venv, tmp_path, issuer, env, "grpc", "packaged-gateway")
+
+    # 2. opentelemetry-proto as another package brings it, then xds-protos over it again.
+    run([*pip, "opentelemetry-proto>=1.45,<1.46"], env, tmp_path)
+    check = tmp_path / "otel_proto.py"
+    check.write_text(BROKEN_OTEL_PROTO)
+    assert json.loads(run([python, str(check)], env, tmp_path)) == {"broken": False, "error": ""}
+    run([*pip, "--force-reinstall", "--no-deps", "xds-protos"], env, tmp_path)
+    hostile = json.loads(run([python, str(check)], env, tmp_path))
+    assert hostile["broken"] and "InstrumentationScope" in hostile["error"], hostile
+    for protocol in ("grpc", "http/protobuf"):
+        service = "hostile-" + protocol.replace("/", "-")
+        serve_and_export(venv, tmp_path, issuer, env, protocol, service)

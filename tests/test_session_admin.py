@@ -1,6 +1,6 @@
 """Operators: the `authz-gateway sessions` command and the gRPC admin API of a served
 gateway, and the generated code matching proto/ (regenerated here and compared): the admin
-API's (gateway/adminpb) and Envoy's (gateway/envoy_api)."""
+API's (gateway/adminpb), Envoy's (gateway/envoy_api) and OTLP's (gateway/otlp_api)."""
 
 from __future__ import annotations
 
@@ -40,14 +40,23 @@ def test_checked_in_generated_code_is_what_the_protos_generate(tmp_path: Path) -
         fresh = (tmp_path / "adminpb" / name).read_bytes()
         checked_in = (REPO / "gateway" / "adminpb" / name).read_bytes()
         assert fresh == checked_in, f"gateway/adminpb/{name} differs: run scripts/gen-proto.sh"
-    # gateway/envoy_api: the whole tree, so a module missing, left over or edited is caught.
-    fresh_tree = _generated_files(tmp_path / "envoy_api")
-    checked_in_tree = _generated_files(REPO / "gateway" / "envoy_api")
-    assert "envoy/service/auth/v3/external_auth_pb2_grpc.py" in fresh_tree
-    assert "envoy/service/ext_proc/v3/external_processor_pb2_grpc.py" in fresh_tree
-    assert sorted(fresh_tree) == sorted(checked_in_tree), "gateway/envoy_api: run scripts/gen-proto.sh"
-    for name, content in fresh_tree.items():
-        assert content == checked_in_tree[name], f"gateway/envoy_api/{name} differs: run scripts/gen-proto.sh"
+    # gateway/envoy_api and gateway/otlp_api: the whole trees, so a module missing, left over or
+    # edited is caught.
+    expected = {
+        "envoy_api": ("envoy/service/auth/v3/external_auth_pb2_grpc.py",
+                      "envoy/service/ext_proc/v3/external_processor_pb2_grpc.py"),
+        "otlp_api": ("opentelemetry/proto/collector/trace/v1/trace_service_pb2.py",
+                     "opentelemetry/proto/collector/metrics/v1/metrics_service_pb2.py"),
+    }
+    for package, must_have in expected.items():
+        fresh_tree = _generated_files(tmp_path / package)
+        checked_in_tree = _generated_files(REPO / "gateway" / package)
+        for name in must_have:
+            assert name in fresh_tree, name
+        assert sorted(fresh_tree) == sorted(checked_in_tree), f"gateway/{package}: run scripts/gen-proto.sh"
+        for name, content in fresh_tree.items():
+            differs = f"gateway/{package}/{name} differs: run scripts/gen-proto.sh"
+            assert content == checked_in_tree[name], differs
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from opentelemetry.proto.trace.v1 import trace_pb2
 
+from gateway.otlp_api.opentelemetry.proto.trace.v1 import trace_pb2
 from gateway.telemetry.tracing import SPAN_NAME, SubjectHasher
 from tests.support.issuer import TestIssuer
 from tests.support.otlp import OtlpReceiver, ReceivedSpan

@@ -3,8 +3,8 @@
 - Every private hook the fast paths rely on is there, with the expected signature; if not,
   the test fails naming the installed versions (and the gateway itself would fall back to
   the plain SDK with a warning).
-- Each hook is really used: the exporter encodes through the gateway's encoder, the readers
-  hand over the local per-check instruments.
+- Each hook is really used: the readers hand over the local per-check instruments. (The span
+  encoding needs no hook: the OTLP exporters are the gateway's own, tests/test_telemetry_otlp_export.py.)
 - `telemetry.fast_path: false` gives the same spans and the same metrics, through the plain
   SDK: compared here in-process, and end to end by the other telemetry test files, which
   run their gateways both ways with TelemetryGateway (MODES).
@@ -103,16 +103,15 @@ def _hook(name: str) -> Hook:
 
 
 def test_hook_checks_notice_a_rename_or_a_new_signature(monkeypatch: pytest.MonkeyPatch) -> None:
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
     from opentelemetry.sdk.trace.sampling import ParentBased
 
-    translate = _hook("OTLPSpanExporter._translate_data")
+    periodic = _hook("PeriodicExportingMetricReader._receive_metrics")
     prometheus = _hook("PrometheusMetricReader._receive_metrics")
     description = _hook("ParentBased(ALWAYS_ON).get_description()")
-    assert hook_problem(translate) is None and hook_problem(prometheus) is None
-    monkeypatch.delattr(OTLPSpanExporter, "_translate_data")
-    assert "gone" in str(hook_problem(translate))
+    assert hook_problem(periodic) is None and hook_problem(prometheus) is None
+    monkeypatch.delattr(PeriodicExportingMetricReader, "_receive_metrics")
+    assert "gone" in str(hook_problem(periodic))
 
     def receive(self: Any, metrics_data: Any, deadline: float = 0) -> None: ...
 
@@ -157,34 +156,6 @@ class CountingIds(IdGenerator):
 
 
 RESOURCE = Resource.create({"service.name": "fast-path-test"})
-
-
-def test_the_exporter_encodes_with_the_gateway_encoder(monkeypatch: pytest.MonkeyPatch) -> None:
-    receiver = OtlpReceiver()
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", receiver.grpc_endpoint)
-    try:
-        exporter = fast_path.fast_grpc_span_exporter()
-        used: list[int] = []
-        real = exporter._encoder.request
-
-        def request(spans: Sequence[ReadableSpan]) -> bytes:
-            used.append(len(spans))
-            return real(spans)
-
-        monkeypatch.setattr(exporter._encoder, "request", request)
-        spans = Collect()
-        provider = TracerProvider(resource=RESOURCE, shutdown_on_exit=False)
-        provider.add_span_processor(SimpleSpanProcessor(spans))
-        provider.get_tracer("t").start_span("one").end()
-        assert exporter.export(spans.spans).name == "SUCCESS"
-        exporter.shutdown()
-        assert [s.name for s in receiver.spans()] == ["one"]
-        assert used == [1], (
-            f"the OTLP/gRPC exporter of {installed_versions()} no longer calls _translate_data: "
-            "spans go out encoded by the SDK (slower)"
-        )
-    finally:
-        receiver.stop()
 
 
 class CollectMetrics(MetricExporter):
@@ -473,14 +444,14 @@ telemetry.shutdown()
 _FAST = {
     "fast_path": True,
     "lean_spans": True,
-    "exporter": "FastOTLPSpanExporter",
+    "exporter": "OtlpSpanExporter",
     "readers": ["PeriodicReader", "PrometheusReader"],
     "local_instruments": "local",
 }
 _PLAIN = {
     "fast_path": False,
     "lean_spans": False,
-    "exporter": "OTLPSpanExporter",
+    "exporter": "OtlpSpanExporter",
     "readers": ["PeriodicExportingMetricReader", "PrometheusMetricReader"],
     "local_instruments": "sdk",
 }

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from opentelemetry.proto.trace.v1 import trace_pb2
 
+from gateway.otlp_api.opentelemetry.proto.trace.v1 import trace_pb2
 from gateway.telemetry.tracing import SPAN_NAME, SubjectHasher
 from tests.support.checks import CheckClient, check_request, http_status
 from tests.support.issuer import TestIssuer

@@ -9,8 +9,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from opentelemetry.proto.trace.v1 import trace_pb2
 
+from gateway.otlp_api.opentelemetry.proto.trace.v1 import trace_pb2
 from gateway.telemetry.tracing import SPAN_NAME
 from tests.support.checks import CheckClient
 from tests.support.issuer import TestIssuer

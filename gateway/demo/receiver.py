@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
-from opentelemetry.proto.common.v1 import common_pb2
 
+from gateway.otlp_api.opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+from gateway.otlp_api.opentelemetry.proto.common.v1 import common_pb2
 from gateway.telemetry.tracing import PROCESS_SPAN_NAME, SPAN_NAME
 
 _TRACE_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"

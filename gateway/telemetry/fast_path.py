@@ -1,25 +1,25 @@
 """The telemetry fast paths: the only code that leans on OTel SDK internals.
 
-Three measured speed-ups (bench/bench_telemetry.py), each relying on something the SDK
+Two measured speed-ups (bench/bench_telemetry.py), each relying on something the SDK
 does not promise to keep:
 
 1. The lean Check span (LeanSpans): the SDK's id generator and sampler decide as its
    Tracer.start_span would, and one finished ReadableSpan goes straight to the batch
    processor, without the SDK's general-purpose span object (locks, limits, validation).
-2. The OTLP/gRPC span exporter that encodes with gateway.telemetry.otlp_encoding: it
-   overrides the exporter's private `_translate_data`.
 3. The metric readers that add the per-check local instruments (local_metrics.py) to each
    collection: they override the readers' private `_receive_metrics`.
 
-Plus one private logger name, set to ERROR in both modes (quiet_queue_full_warnings).
+(2, the OTLP span encoding, needs no hook any more: the exporter is the gateway's own,
+gateway.telemetry.otlp_export, in both modes.) Plus one private logger name, set to ERROR in
+both modes (quiet_queue_full_warnings).
 
-With `telemetry.fast_path: false` none of the three is used: the SDK's own tracer and spans,
-its exporter's own encoding, plain readers (the local instruments then record through SDK
-instruments of the same names). HOOKS lists what each fast path relies on; missing_hooks()
-checks it against the installed packages: setup_telemetry turns the fast path off, with a
-warning, when a hook it needs is missing (a hook marked not required only costs speed or
-log noise), and tests/test_telemetry_fast_path.py fails on any of them, naming the installed
-versions. pyproject.toml pins the OTel packages to the minor versions checked.
+With `telemetry.fast_path: false` neither is used: the SDK's own tracer and spans, plain
+readers (the local instruments then record through SDK instruments of the same names).
+HOOKS lists what each fast path relies on; missing_hooks() checks it against the installed
+packages: setup_telemetry turns the fast path off, with a warning, when a hook it needs is
+missing (a hook marked not required only costs speed or log noise), and
+tests/test_telemetry_fast_path.py fails on any of them, naming the installed versions.
+pyproject.toml pins the OTel packages to the minor versions checked.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -45,13 +45,9 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, TraceFlags
 
 from gateway.telemetry.local_metrics import with_local_metrics
 
-if TYPE_CHECKING:
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-
 PACKAGES = (
     "opentelemetry-api",
     "opentelemetry-sdk",
-    "opentelemetry-exporter-otlp-proto-grpc",
     "opentelemetry-exporter-prometheus",
 )
 
@@ -212,31 +208,6 @@ def install_lean_spans(spans: LeanSpans | None) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# 2. The OTLP/gRPC span exporter with the gateway's encoder.
-#
-# Relies on (checked by HOOKS): the gRPC OTLPSpanExporter turning each batch into its request
-# message through `self._translate_data(data)` (called from OTLPExporterMixin._export), which
-# takes the sequence of ReadableSpans and returns an ExportTraceServiceRequest. Renamed, the
-# override is never called: spans still go out, encoded by the SDK, only slower.
-# ---------------------------------------------------------------------------------------
-
-
-def fast_grpc_span_exporter() -> Any:
-    """The SDK's OTLP/gRPC span exporter (endpoint, headers, retries, TLS from OTEL_*), encoding faster."""
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-    from gateway.telemetry.otlp_encoding import SpanEncoder, encode_request
-
-    class FastOTLPSpanExporter(OTLPSpanExporter):
-        _encoder = SpanEncoder()
-
-        def _translate_data(self, data: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
-            return encode_request(self._encoder, data)
-
-    return FastOTLPSpanExporter()
-
-
-# ---------------------------------------------------------------------------------------
 # 3. Metric readers that add the local per-check instruments.
 #
 # Relies on (checked by HOOKS): MetricReader.collect() handing each collection to
@@ -392,12 +363,6 @@ HOOKS: tuple[Hook, ...] = (
     Hook("TraceFlags.RANDOM_TRACE_ID / IdGenerator.is_trace_id_random", _random_trace_id_flag),
     Hook("ReadableSpan(...) keywords", _readable_span_fields),
     Hook("ParentBased(ALWAYS_ON).get_description()", _default_sampler_description, required=False),
-    # 2. The exporter's encoding.
-    _method(
-        "opentelemetry.exporter.otlp.proto.grpc.trace_exporter.OTLPSpanExporter",
-        "_translate_data",
-        ("self", "data"),
-    ),
     # 3. The metric readers.
     _method(  # what MetricReader.collect() calls
         "opentelemetry.sdk.metrics.export.MetricReader",

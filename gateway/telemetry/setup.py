@@ -2,16 +2,21 @@
 
 Honoured: OTEL_SDK_DISABLED, OTEL_SERVICE_NAME (default authz-gateway),
 OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_SAMPLER(_ARG), OTEL_EXPORTER_OTLP_(TRACES_|METRICS_)
-ENDPOINT / PROTOCOL / HEADERS / TIMEOUT, OTEL_TRACES_EXPORTER / OTEL_METRICS_EXPORTER
-(`none` turns a signal off), OTEL_BSP_* and OTEL_METRIC_EXPORT_INTERVAL.
+ENDPOINT / PROTOCOL / HEADERS / TIMEOUT / INSECURE / CERTIFICATE / CLIENT_KEY /
+CLIENT_CERTIFICATE / COMPRESSION (read by gateway.telemetry.otlp_settings),
+OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE, OTEL_TRACES_EXPORTER /
+OTEL_METRICS_EXPORTER (`none` turns a signal off), OTEL_BSP_* and OTEL_METRIC_EXPORT_INTERVAL.
+
+Spans and metrics go out through the gateway's own OTLP exporters (gateway.telemetry.otlp_export),
+which need neither opentelemetry-proto nor the SDK's OTLP exporter packages.
 
 With no OTLP endpoint nothing is exported and nothing is printed per request. Spans go
 through a batch processor; shutdown() flushes them, and the metrics, before exit.
 
-fast_path (config `telemetry.fast_path`, default on) picks the lean Check span, the faster
-OTLP/gRPC span encoding and the readers that collect the per-check local instruments, all
-of gateway.telemetry.fast_path; off, or when the installed SDK lacks a hook they need,
-everything is the plain SDK's. The spans and metrics exported are the same either way.
+fast_path (config `telemetry.fast_path`, default on) picks the lean Check span and the readers
+that collect the per-check local instruments, both of gateway.telemetry.fast_path; off, or
+when the installed SDK lacks a hook they need, everything but the exporters is the plain
+SDK's. The spans and metrics exported are the same either way.
 """
 
 from __future__ import annotations
@@ -20,9 +25,12 @@ import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 from opentelemetry import metrics, trace
+
+from gateway.telemetry import otlp_settings
+from gateway.telemetry.otlp_export import OtlpMetricExporter, OtlpSpanExporter, ShutdownClock
+from gateway.telemetry.otlp_settings import Signal
 
 log = logging.getLogger(__name__)
 
@@ -37,25 +45,26 @@ def sdk_disabled() -> bool:
     return _env("OTEL_SDK_DISABLED").lower() == "true"
 
 
-def _protocol(signal: str) -> str:
-    protocol = _env(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL") or _env("OTEL_EXPORTER_OTLP_PROTOCOL")
-    return (protocol or "grpc").lower()
+def _protocol(signal: Signal) -> str:
+    return otlp_settings.protocol(os.environ, signal)
 
 
-def _endpoint(signal: str) -> str:
+def _endpoint(signal: Signal) -> str:
     return _env(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT") or _env("OTEL_EXPORTER_OTLP_ENDPOINT")
 
 
-def _endpoint_configured(signal: str) -> bool:
+def _endpoint_configured(signal: Signal) -> bool:
     # OTEL_TRACES_EXPORTER=none / OTEL_METRICS_EXPORTER=none switch one signal off.
     return bool(_endpoint(signal)) and _env(f"OTEL_{signal}_EXPORTER").lower() != "none"
 
 
-def _destination(signal: str) -> str:
-    """Where a signal goes, for the start-up log line; any user:password in the URL is left out."""
-    parts = urlsplit(_endpoint(signal))
-    netloc = parts.netloc.rpartition("@")[2]
-    return f"-> OTLP {_protocol(signal)} {parts.scheme}://{netloc}{parts.path}" if parts.scheme else "-> OTLP"
+def _destination(signal: Signal) -> str:
+    """Where a signal goes, for the start-up log line; no user:password or query of the URL."""
+    settings = otlp_settings.settings(os.environ, signal)
+    if settings.protocol == otlp_settings.GRPC:
+        scheme = "https" if settings.tls else "http"
+        return f"-> OTLP {settings.protocol} {scheme}://{settings.destination}"
+    return f"-> OTLP {settings.protocol} {settings.destination}"
 
 
 def service_resource() -> Any:
@@ -68,30 +77,6 @@ def service_resource() -> Any:
     return resource
 
 
-def _span_exporter(fast_path: bool) -> Any:
-    if _protocol("TRACES") == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
-
-        return HttpSpanExporter()
-    if fast_path:
-        from gateway.telemetry.fast_path import fast_grpc_span_exporter
-
-        return fast_grpc_span_exporter()
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
-
-    return GrpcSpanExporter()
-
-
-def _metric_exporter() -> Any:
-    if _protocol("METRICS") == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
-
-        return HttpExporter()
-    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
-
-    return GrpcExporter()
-
-
 @dataclass
 class Telemetry:
     tracer_provider: Any = None
@@ -100,9 +85,13 @@ class Telemetry:
     exporting: bool = False
     fast_path: bool = False  # whether gateway.telemetry.fast_path's hooks are in use
     extras: list[Any] = field(default_factory=list)
+    # Shared by the OTLP exporters: once shutdown begins, each export ends within its timeout.
+    shutdown_clock: ShutdownClock = field(default_factory=ShutdownClock)
 
     def shutdown(self) -> None:
-        """Flush and stop: no span or metric point is lost at exit."""
+        """Flush and stop: no span or metric point is lost at exit; a collector that is down
+        delays it by at most the OTLP timeout (OTEL_EXPORTER_OTLP_TIMEOUT)."""
+        self.shutdown_clock.begin()
         if self.tracer_provider is not None:
             from gateway.telemetry.fast_path import install_lean_spans
 
@@ -156,7 +145,8 @@ def setup_telemetry(*, metrics_http: bool = False, fast_path: bool = True) -> Te
         # A "Queue full" warning per dropped span when the collector is down: quieted in both modes.
         fast_paths.quiet_queue_full_warnings()
         tracer_provider = TracerProvider(resource=resource)  # the sampler comes from OTEL_TRACES_SAMPLER
-        processor = BatchSpanProcessor(_span_exporter(fast_path))
+        span_settings = otlp_settings.settings(os.environ, "TRACES")
+        processor = BatchSpanProcessor(OtlpSpanExporter(span_settings, telemetry.shutdown_clock))
         tracer_provider.add_span_processor(processor)
         trace.set_tracer_provider(tracer_provider)
         if fast_path:
@@ -176,7 +166,12 @@ def setup_telemetry(*, metrics_http: bool = False, fast_path: bool = True) -> Te
         periodic_reader, prometheus_reader = PeriodicExportingMetricReader, PrometheusMetricReader
     readers: list[MetricReader] = []
     if _endpoint_configured("METRICS"):
-        readers.append(periodic_reader(_metric_exporter()))
+        metric_exporter = OtlpMetricExporter(
+            otlp_settings.settings(os.environ, "METRICS"),
+            telemetry.shutdown_clock,
+            _env("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE"),
+        )
+        readers.append(periodic_reader(metric_exporter))
     if metrics_http:
         telemetry.prometheus_reader = prometheus_reader()
         readers.append(telemetry.prometheus_reader)

@@ -1,23 +1,30 @@
 """A real OTLP receiver for the tests: gRPC (port) and HTTP/protobuf (http_port).
 
-It implements the collector services from `opentelemetry-proto`, keeps every span and
-metric it is sent, and can search them. Both Envoy and the gateway export to it.
+It implements the OTLP collector services with the gateway's own generated messages
+(gateway.otlp_api, not the opentelemetry-proto package), keeps every span and metric it is
+sent, and can search them. Both Envoy and the gateway export to it.
 """
 
 from __future__ import annotations
 
+import gzip
+import ssl
 import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import grpc
-from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from gateway.demo.receiver import any_value
+from gateway.otlp_api.opentelemetry.proto.collector.metrics.v1 import (
+    metrics_service_pb2,
+    metrics_service_pb2_grpc,
+)
+from gateway.otlp_api.opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 
 @dataclass
@@ -35,20 +42,33 @@ class ReceivedSpan:
 
 
 class OtlpReceiver:
-    def __init__(self) -> None:
+    def __init__(self, tls: tuple[Path, Path] | None = None) -> None:
+        """tls: (certificate chain, key) PEM files: both ports then speak TLS only."""
         self.trace_requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
         self.metric_requests: list[metrics_service_pb2.ExportMetricsServiceRequest] = []
         self.raw_payloads: list[bytes] = []
+        # What each export request came with: HTTP headers or gRPC metadata (keys lower-case),
+        # and the HTTP Content-Encoding ("" for none).
+        self.request_headers: list[dict[str, str]] = []
+        self.content_encodings: list[str] = []
+        # Set by a test: the next this-many export requests fail, transiently (gRPC UNAVAILABLE,
+        # HTTP 503), and are counted in failed_requests.
+        self.fail_next = 0
+        self.failed_requests = 0
         self._lock = threading.Lock()
         receiver = self
 
         class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
             def Export(self, request: Any, context: Any) -> Any:
+                if receiver._arrived(dict(context.invocation_metadata()), ""):
+                    context.abort(grpc.StatusCode.UNAVAILABLE, "failing on purpose")
                 receiver._add_traces(request, request.SerializeToString())
                 return trace_service_pb2.ExportTraceServiceResponse()
 
         class MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
             def Export(self, request: Any, context: Any) -> Any:
+                if receiver._arrived(dict(context.invocation_metadata()), ""):
+                    context.abort(grpc.StatusCode.UNAVAILABLE, "failing on purpose")
                 with receiver._lock:
                     receiver.metric_requests.append(request)
                     receiver.raw_payloads.append(request.SerializeToString())
@@ -57,12 +77,22 @@ class OtlpReceiver:
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(), self._grpc)
         metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(MetricsService(), self._grpc)
-        self.port = self._grpc.add_insecure_port("127.0.0.1:0")
+        if tls is None:
+            self.port = self._grpc.add_insecure_port("127.0.0.1:0")
+        else:
+            credentials = grpc.ssl_server_credentials([(tls[1].read_bytes(), tls[0].read_bytes())])
+            self.port = self._grpc.add_secure_port("127.0.0.1:0", credentials)
         self._grpc.start()
 
         class HttpHandler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                encoding = (self.headers.get("content-encoding") or "").lower()
+                if receiver._arrived({k.lower(): v for k, v in self.headers.items()}, encoding):
+                    self.send_error(503)
+                    return
+                if encoding == "gzip":
+                    body = gzip.decompress(body)
                 if self.path == "/v1/traces":
                     request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
                     receiver._add_traces(request, body)
@@ -86,6 +116,10 @@ class OtlpReceiver:
                 return
 
         self._http = ThreadingHTTPServer(("127.0.0.1", 0), HttpHandler)
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(tls[0], tls[1])
+            self._http.socket = context.wrap_socket(self._http.socket, server_side=True)
         self.http_port = int(self._http.server_address[1])
         threading.Thread(target=self._http.serve_forever, daemon=True).start()
 
@@ -141,6 +175,17 @@ class OtlpReceiver:
         """Every payload received so far, as sent (for secret scans)."""
         with self._lock:
             return b"".join(self.raw_payloads)
+
+    def _arrived(self, headers: dict[str, str], encoding: str) -> bool:
+        """Note what an export request came with; whether to fail it (fail_next)."""
+        with self._lock:
+            self.request_headers.append(headers)
+            self.content_encodings.append(encoding)
+            if self.fail_next > 0:
+                self.fail_next -= 1
+                self.failed_requests += 1
+                return True
+            return False
 
     def _add_traces(self, request: Any, raw: bytes) -> None:
         with self._lock:

@@ -1,0 +1,385 @@
+"""The gateway's OTLP span and metric exporters, on the SDK's public exporter interfaces.
+
+They import nothing from `opentelemetry.proto` or `opentelemetry.exporter.otlp*`: the
+messages are gateway.otlp_api's (a descriptor pool of its own), so an installed
+opentelemetry-proto, in whatever version, and xds-protos' older copy of its files over it,
+make no difference (proto/README.md).
+
+Both protocols the gateway documents: OTLP/gRPC, a unary call on a plain grpc channel with
+the request already serialized; OTLP/HTTP with protobuf bodies, a POST with http.client.
+Settings come from the OTEL_EXPORTER_OTLP_* variables (otlp_settings.py).
+
+Transient failures (gRPC UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, …; HTTP 429,
+502, 503, 504; a refused or dropped connection) are retried with exponential backoff
+(1 s, 2 s, 4 s, … ±20 %, or the collector's Retry-After) while the export's timeout lasts;
+other failures are not. Once shutdown begins (ShutdownClock), every export, retries
+included, ends within the timeout of its start: a collector that is down delays the exit by
+at most that. Checks never wait for an export: spans reach it through the batch
+processor's queue, which drops when full.
+
+Header values are sent, never logged: they can hold credentials.
+"""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import logging
+import random
+import ssl
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+from urllib.parse import urlsplit
+
+import grpc
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    MetricExporter,
+    MetricExportResult,
+    MetricsData,
+)
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+from gateway.telemetry.otlp_encoding import SpanEncoder
+from gateway.telemetry.otlp_metric_encoding import MetricEncoder
+from gateway.telemetry.otlp_settings import GRPC, GRPC_METHODS, OtlpSettings
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 6
+RETRYABLE_GRPC = frozenset(
+    {
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+RETRYABLE_HTTP = frozenset({429, 502, 503, 504})
+
+
+def _user_agent() -> str:
+    try:
+        return f"authz-gateway/{version('authz-gateway')}"
+    except PackageNotFoundError:
+        return "authz-gateway"
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One try at sending: ok, or what went wrong, whether it may pass on a retry, and how
+    long the collector asked to wait (Retry-After) if it did."""
+
+    ok: bool
+    retryable: bool = False
+    problem: str = ""
+    retry_after_s: float | None = None
+    connection_lost: bool = False  # the connection failed or dropped (HTTP)
+
+
+class ShutdownClock:
+    """When shutdown began, shared by the exporters of one setup_telemetry: from then on each
+    export must end within its timeout of that moment, however many batches are left."""
+
+    def __init__(self) -> None:
+        self.began: float | None = None
+        self.event = threading.Event()
+
+    def begin(self) -> None:
+        if self.began is None:
+            self.began = time.monotonic()
+        self.event.set()
+
+
+def _read(path: str | None, what: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        log.error("telemetry: cannot read the OTLP %s %s (%s); not used", what, path, exc.strerror)
+        return None
+
+
+class GrpcSender:
+    """Unary Export calls on one grpc channel, reopened after UNAVAILABLE (so a collector that
+    comes back is reached at once, not after the channel's own reconnect backoff)."""
+
+    def __init__(self, settings: OtlpSettings) -> None:
+        self._settings = settings
+        self._metadata = settings.headers
+        self._credentials = None
+        if settings.tls:
+            self._credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(settings.certificate, "certificate"),
+                private_key=_read(settings.client_key, "client key"),
+                certificate_chain=_read(settings.client_certificate, "client certificate"),
+            )
+        self._lock = threading.Lock()
+        self._channel: grpc.Channel | None = None
+        self._call: Any = None
+        self._closed = False
+
+    def _open(self) -> Any:
+        options = [("grpc.primary_user_agent", _user_agent())]
+        compression = grpc.Compression.Gzip if self._settings.compression == "gzip" else None
+        if self._credentials is not None:
+            channel = grpc.secure_channel(
+                self._settings.target, self._credentials, options=options, compression=compression
+            )
+        else:
+            channel = grpc.insecure_channel(self._settings.target, options=options, compression=compression)
+        self._channel = channel
+        # No serializers: the request goes out as the bytes given, the response comes back as bytes.
+        self._call = channel.unary_unary(
+            GRPC_METHODS[self._settings.signal], request_serializer=None, response_deserializer=None
+        )
+        return self._call
+
+    def send(self, payload: bytes, timeout_s: float) -> Attempt:
+        with self._lock:
+            if self._closed:
+                return Attempt(False, problem="exporter shut down")
+            call = self._call if self._call is not None else self._open()
+        try:
+            call(payload, timeout=timeout_s, metadata=self._metadata)
+        except grpc.RpcError as error:
+            code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
+            details = error.details() if isinstance(error, grpc.Call) else ""
+            if code == grpc.StatusCode.UNAVAILABLE:
+                self._reset(call)
+            return Attempt(False, retryable=code in RETRYABLE_GRPC, problem=f"gRPC {code.name}: {details}")
+        return Attempt(True)
+
+    def _reset(self, failed_call: Any) -> None:
+        with self._lock:
+            if self._call is failed_call and self._channel is not None:
+                self._channel.close()
+                self._channel, self._call = None, None
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._channel is not None:
+                self._channel.close()  # cancels a call in flight
+                self._channel, self._call = None, None
+
+
+class HttpSender:
+    """POSTs on one kept-alive http.client connection, reopened after any connection error."""
+
+    def __init__(self, settings: OtlpSettings) -> None:
+        self._settings = settings
+        url = urlsplit(settings.target)
+        self._https = url.scheme == "https"
+        self._host = url.hostname or "localhost"
+        self._port = url.port
+        self._path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        self._context: ssl.SSLContext | None = None
+        if self._https:
+            self._context = ssl.create_default_context(cafile=settings.certificate or None)
+            if settings.client_certificate:
+                self._context.load_cert_chain(settings.client_certificate, settings.client_key or None)
+        self._headers = {
+            "Content-Type": "application/x-protobuf",
+            "User-Agent": _user_agent(),
+            **dict(settings.headers),
+        }
+        if settings.compression == "gzip":
+            self._headers["Content-Encoding"] = "gzip"
+        self._lock = threading.Lock()
+        self._connection: http.client.HTTPConnection | None = None
+        self._closed = False
+
+    def _connect(self, timeout_s: float) -> http.client.HTTPConnection:
+        if self._https:
+            return http.client.HTTPSConnection(
+                self._host, self._port, timeout=timeout_s, context=self._context
+            )
+        return http.client.HTTPConnection(self._host, self._port, timeout=timeout_s)
+
+    def send(self, payload: bytes, timeout_s: float) -> Attempt:
+        body = gzip.compress(payload) if self._settings.compression == "gzip" else payload
+        with self._lock:  # one request at a time on the one connection
+            if self._closed:
+                return Attempt(False, problem="exporter shut down")
+            deadline = time.monotonic() + timeout_s
+            reused = self._connection is not None
+            attempt = self._post(body, timeout_s)
+            remaining = deadline - time.monotonic()
+            if reused and attempt.connection_lost and remaining > 0:
+                # A kept-alive connection the collector had closed: once more on a new one, at once.
+                attempt = self._post(body, remaining)
+            return attempt
+
+    def _post(self, body: bytes, timeout_s: float) -> Attempt:
+        connection = self._connection
+        if connection is None:
+            connection = self._connection = self._connect(timeout_s)
+        else:
+            connection.timeout = timeout_s
+            if connection.sock is not None:
+                connection.sock.settimeout(timeout_s)
+        try:
+            connection.request("POST", self._path, body=body, headers=self._headers)
+            response = connection.getresponse()
+            response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            connection.close()
+            self._connection = None
+            problem = f"{type(exc).__name__}: {exc}"
+            return Attempt(False, retryable=True, problem=problem, connection_lost=True)
+        if 200 <= response.status < 300:
+            return Attempt(True)
+        retry_after = None
+        header = response.getheader("retry-after")
+        if header is not None and header.strip().isdigit():
+            retry_after = float(header.strip())
+        return Attempt(
+            False,
+            retryable=response.status in RETRYABLE_HTTP,
+            problem=f"HTTP {response.status} {response.reason}",
+            retry_after_s=retry_after,
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+
+class OtlpSender:
+    """Sends one serialized export request, retrying as the module doc says."""
+
+    def __init__(self, settings: OtlpSettings, clock: ShutdownClock) -> None:
+        self.settings = settings
+        self._clock = clock
+        self._transport: GrpcSender | HttpSender = (
+            GrpcSender(settings) if settings.protocol == GRPC else HttpSender(settings)
+        )
+        self._stopped = False
+
+    def _deadline(self, timeout_s: float) -> float:
+        deadline = time.monotonic() + min(timeout_s, self.settings.timeout_s)
+        if self._clock.began is not None:
+            deadline = min(deadline, self._clock.began + self.settings.timeout_s)
+        return deadline
+
+    def send(self, payload: bytes, what: str, timeout_s: float = float("inf")) -> bool:
+        if self._stopped:
+            log.warning("telemetry: %s not exported: the exporter is shut down", what)
+            return False
+        deadline = self._deadline(timeout_s)
+        attempt = Attempt(False, problem="no time left")
+        for number in range(MAX_ATTEMPTS):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            attempt = self._transport.send(payload, remaining)
+            if attempt.ok:
+                return True
+            if not attempt.retryable:
+                break
+            backoff = attempt.retry_after_s
+            if backoff is None:
+                backoff = 2**number * random.uniform(0.8, 1.2)
+            if number + 1 == MAX_ATTEMPTS or backoff >= deadline - time.monotonic():
+                break
+            # Woken early when shutdown begins: the next attempt then runs on the shutdown clock.
+            self._clock.event.wait(backoff)
+        log.warning(
+            "telemetry: %s not exported to OTLP %s %s: %s",
+            what, self.settings.protocol, self.settings.destination, attempt.problem,
+        )
+        return False
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._transport.close()
+
+
+class OtlpSpanExporter(SpanExporter):
+    def __init__(self, settings: OtlpSettings, clock: ShutdownClock | None = None) -> None:
+        self._sender = OtlpSender(settings, clock or ShutdownClock())
+        self._encoder = SpanEncoder()
+
+    @property
+    def settings(self) -> OtlpSettings:
+        return self._sender.settings
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if not spans:
+            return SpanExportResult.SUCCESS
+        payload = self._encoder.request(spans)
+        sent = self._sender.send(payload, f"{len(spans)} spans")
+        return SpanExportResult.SUCCESS if sent else SpanExportResult.FAILURE
+
+    def shutdown(self) -> None:
+        self._sender.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return True  # nothing is buffered here
+
+
+def _temporality(preference: str) -> dict[type, AggregationTemporality]:
+    """OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE, as the SDK's OTLP exporters read it."""
+    from opentelemetry.sdk.metrics import (
+        Counter,
+        Histogram,
+        ObservableCounter,
+        ObservableGauge,
+        ObservableUpDownCounter,
+        UpDownCounter,
+    )
+
+    cumulative, delta = AggregationTemporality.CUMULATIVE, AggregationTemporality.DELTA
+    chosen = preference.strip().upper() or "CUMULATIVE"
+    if chosen not in ("CUMULATIVE", "DELTA", "LOWMEMORY"):
+        log.warning("telemetry: metrics temporality preference %r unknown; CUMULATIVE is used", preference)
+        chosen = "CUMULATIVE"
+    counters = cumulative if chosen == "CUMULATIVE" else delta
+    return {
+        Counter: counters,
+        UpDownCounter: cumulative,
+        Histogram: counters,
+        ObservableCounter: delta if chosen == "DELTA" else cumulative,
+        ObservableUpDownCounter: cumulative,
+        ObservableGauge: cumulative,
+    }
+
+
+class OtlpMetricExporter(MetricExporter):
+    def __init__(
+        self, settings: OtlpSettings, clock: ShutdownClock | None = None, temporality_preference: str = ""
+    ) -> None:
+        super().__init__(preferred_temporality=_temporality(temporality_preference))
+        self._sender = OtlpSender(settings, clock or ShutdownClock())
+        self._encoder = MetricEncoder()
+
+    @property
+    def settings(self) -> OtlpSettings:
+        return self._sender.settings
+
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> MetricExportResult:
+        payload = self._encoder.request(metrics_data)
+        sent = self._sender.send(payload, "metrics", timeout_millis / 1000)
+        return MetricExportResult.SUCCESS if sent else MetricExportResult.FAILURE
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        self._sender.shutdown()
