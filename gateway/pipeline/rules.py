@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any
 
 from gateway.pipeline.state import CheckState, FoundSession, Presented
 from gateway.policy.activation import Once
@@ -13,11 +13,9 @@ from gateway.policy.evaluate import Verdict, applies, judge
 from gateway.policy.handles import handle_variable
 from gateway.policy.model import Policy
 
-
-class Judged(NamedTuple):
-    verdict: Verdict
-    activation: Once  # what the rules saw, for what an allowed call does to its handles
-    variables: Mapping[str, Any]
+# The verdict, and the activation and variables the rules saw (for what an allowed call does to
+# its handles). A plain tuple: this is on every check's path.
+Judged = tuple[Verdict, Once, Mapping[str, Any]]
 
 
 def applies_to_call(state: CheckState, policy: Policy) -> bool:
@@ -46,4 +44,4 @@ def judge_rules(
             own["handle"] = handle_variable(kind.name, first.data, first.existed)
         variables, activation = own, Once(partial(state.activations.activation, own))
     verdict = judge(policy, activation, variables, state.trace, state.policy_set.memo)
-    return Judged(verdict, activation, variables)
+    return verdict, activation, variables
