@@ -86,8 +86,10 @@ class Authorizer:
                 if denial is not None:
                     return state.denied(denial)
         # Only a request that passes every policy may end a session or a handle (the owner's DELETE).
-        self._sessions.end(state)
-        self._handles.end(state)
+        if state.ending:
+            self._sessions.end(state)
+        if state.handles_ending:
+            self._handles.end(state)
         return self._allows.allow(state)
 
     def _judge(self, state: CheckState, policy: Policy) -> Decision | None:
@@ -96,10 +98,10 @@ class Authorizer:
             state.audit(policy.name, state.unreadable)  # only audit policies read the unreadable body
             return None
         try:
-            if not applies_to_call(state, policy):
+            if policy.when is not None and not applies_to_call(state, policy):
                 return None
-            session = self._sessions.find(state, policy)
-            presented = self._handles.presented(state, policy)
+            session = self._sessions.find(state, policy) if policy.session is not None else None
+            presented = self._handles.presented(state, policy) if policy.handles else ()
         except PolicyFailure as failure:
             # An audit policy only records what it would refuse, errors and session refusals
             # included; an enforcing one refuses.
@@ -114,5 +116,6 @@ class Authorizer:
             state.audit(policy.name, verdict.audited)
         if verdict.terminate:
             self._sessions.terminate(state, policy, session)
-        self._handles.after_allow(state, policy, presented, activation, variables)
+        if policy.handles and not policy.audit:
+            self._handles.after_allow(state, policy, presented, activation, variables)
         return None

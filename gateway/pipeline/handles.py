@@ -26,8 +26,6 @@ class HandleStep:
     def presented(self, state: CheckState, policy: Policy) -> Presented:
         """Each handle the call presents, found and bound to this caller; a refusal raises
         PolicyFailure with the kind's answer. A refusal never changes the stored handle."""
-        if not policy.handles:
-            return ()
         presented: list[tuple[HandleKind, Handle]] = []
         binder = self.binder
         for kind in policy.handles:
@@ -66,9 +64,8 @@ class HandleStep:
         variables: Mapping[str, Any],
     ) -> None:
         """What an allowed call does to handles: the owner's terminating request ends one (once
-        every policy allows), and a request whose response may mint one has it read."""
-        if not policy.handles or policy.audit:
-            return
+        every policy allows), and a request whose response may mint one has it read. Enforcing
+        policies only: an audit policy changes nothing."""
         for kind, handle in presented:
             if handle.existed and ends_handle(kind, activation, variables, policy.name):
                 state.handles_ending[handle.key] = handle

@@ -19,9 +19,7 @@ Judged = tuple[Verdict, Once, Mapping[str, Any]]
 
 
 def applies_to_call(state: CheckState, policy: Policy) -> bool:
-    """Whether the policy's `when` holds for this call (no `when`: always). Raises PolicyFailure."""
-    if policy.when is None:
-        return True
+    """Whether the policy's `when` holds for this call. Raises PolicyFailure."""
     assert state.activation is not None
     return applies(policy, state.activation(), state.trace)
 

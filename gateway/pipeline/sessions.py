@@ -39,9 +39,8 @@ class SessionStep:
 
     def find(self, state: CheckState, policy: Policy) -> FoundSession | None:
         """The policy's session and its `session` variable, found or bound once per check; None
-        for a policy without one, or a request without an id. A refusal raises PolicyFailure."""
-        if policy.session is None:
-            return None
+        for a request without an id. A refusal raises PolicyFailure."""
+        assert policy.session is not None
         if policy.name in state.sessions:
             return state.sessions[policy.name]
         activations, variables = state.activations, state.variables
