@@ -171,7 +171,7 @@ def main() -> None:
 def _signature_floor(gateway: Gateway, requests: list[Any]) -> None:
     from gateway.identity.dpop import _signature_verifies, b64url_decode
 
-    proofs = gateway.authorizer._sender.proofs
+    proofs = gateway.authorizer.identity_step.sender.proofs
     parts = [request.attributes.request.http.headers["dpop"].split(".") for request in requests]
     keys = [proofs.proof_key(header) for header, _, _ in parts]
     started = time.process_time()

@@ -113,7 +113,7 @@ def variables_for(policy_set: PolicySet, with_session: bool) -> dict[str, Any]:
         "source": {"address": context.source_address, "principal": context.source_principal},
     }
     if with_session:
-        from gateway.pipeline import _session_variable  # the exact session map the gateway builds
+        from gateway.policy.activation import session_variable  # the exact session map the gateway builds
 
         record = new_record(
             anonymous=False,
@@ -121,7 +121,7 @@ def variables_for(policy_set: PolicySet, with_session: bool) -> dict[str, Any]:
             owner=owner_key(ISSUER, "alice"),
             now=NOW - 600,
         )
-        variables["session"] = _session_variable(SESSION_ID, record, True, None)
+        variables["session"] = session_variable(SESSION_ID, record, True, None)
     return variables
 
 

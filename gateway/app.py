@@ -95,7 +95,7 @@ class Gateway:
             self.authorizer, responses, CheckSpans(hasher), config.max_request_bytes, listeners
         )
         self.processor = ProcessService(
-            self.authorizer,
+            self.authorizer.response_path,
             responses,
             CheckSpans(hasher, name=PROCESS_SPAN_NAME),
             config.max_request_bytes,

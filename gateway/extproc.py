@@ -4,13 +4,13 @@ One bidirectional stream per HTTP request, on the same listener as Check. With
 `session.bind_on: response` (docs/sessions.md):
 - request headers (Envoy only sends them once ext_authz has allowed the request): kept, and
   read only when the response needs the request's identity, which then comes through the same
-  verifier and cache as Check (`Authorizer.identify`);
+  verifier and cache as Check (`ResponsePath.identify`);
 - response headers: a session id the upstream issued is bound to that identity before the
-  response goes on (`Authorizer.bind_issued`); one it may not have is refused with 502
+  response goes on (`ResponsePath.bind_issued`); one it may not have is refused with 502
   `session_reissued`, and the response never reaches the client;
 - a 404 to a request that carried a session id: only then is the body asked for
   (`mode_override`, buffered: a 404 is small), and when it is the MCP server's own "session not
-  found" (`responses.session_not_found`) the session ends (`Authorizer.forget_sessions`).
+  found" (`responses.session_not_found`) the session ends (`ResponsePath.forget_sessions`).
 Bodies are never asked for otherwise, so long-lived SSE streams pass untouched. Once nothing
 more is needed the gateway ends the stream (OK), which Envoy reads as "no more processing".
 
@@ -43,7 +43,7 @@ from gateway.envoy_api.envoy.service.ext_proc.v3 import external_processor_pb2 a
 from gateway.envoy_api.envoy.type.v3 import http_status_pb2
 from gateway.extproc_handles import ResponseMinting, may_mint, with_body
 from gateway.identity.verifier import Identity
-from gateway.pipeline import Authorizer
+from gateway.pipeline import ResponsePath
 from gateway.request import RequestContext, RequestError, from_header_map, redact_secrets
 from gateway.response import ResponseBuilder
 from gateway.session.record import valid_session_id
@@ -147,7 +147,7 @@ _FORGOTTEN = Decision(True, decision.SESSION_TERMINATED)
 class ProcessService:
     def __init__(
         self,
-        authorizer: Authorizer,
+        response_path: ResponsePath,
         responses: ResponseBuilder,
         spans: CheckSpans,
         max_request_bytes: int,
@@ -155,7 +155,7 @@ class ProcessService:
         max_id_length: int = 256,
         max_streams: int = 256,
     ) -> None:
-        self.authorizer = authorizer
+        self.response_path = response_path
         # A stream holds a pool thread until its response headers come (the whole of a slow tool
         # call): past this many at once a stream is refused (Envoy answers status_on_error), so
         # the threads kept for Check are never taken (gateway.server.build_server).
@@ -270,7 +270,7 @@ class ProcessService:
     def _request_headers(
         self, headers: ext_proc_pb2.HttpHeaders, exchange: _Exchange
     ) -> tuple[ext_proc_pb2.ProcessingResponse, bool]:
-        if not self.authorizer.binds_on_response:
+        if not self.response_path.binds_on_response:
             # bind_on: first_use: nothing to learn from the response; ending the stream here frees
             # its thread at once instead of holding it for the whole upstream call.
             return _REQUEST_HEADERS_DONE, False
@@ -287,7 +287,7 @@ class ProcessService:
             if entry.key.lower() == "authorization":
                 value = entry.raw_value or entry.value.encode("utf-8", "surrogatepass")
                 break
-        holder = self.authorizer.holder_of(value.decode("latin-1")) if value else None
+        holder = self.response_path.holder_of(value.decode("latin-1")) if value else None
         credential = hashlib.sha256(value if holder is None else "\n".join(holder).encode()).digest()
         with self._held_lock:
             held = self._held.get(credential, 0)
@@ -314,7 +314,7 @@ class ProcessService:
         exchange.context = context
         # Envoy opens the stream at the request only once ext_authz allowed it (a local reply
         # starts at the response): the proof of possession was checked there, and is not again.
-        identity = self.authorizer.identify(context, time.time(), admitted=True)
+        identity = self.response_path.identify(context, time.time(), admitted=True)
         if isinstance(identity, Decision):  # Check allowed it a moment ago; fail closed all the same
             return identity
         exchange.identity = identity
@@ -342,7 +342,7 @@ class ProcessService:
             return self._refuse(refused, exchange)
         assert exchange.context is not None
         if new:
-            outcome = self.authorizer.bind_issued(exchange.context, exchange.identity, new, time.time())
+            outcome = self.response_path.bind_issued(exchange.context, exchange.identity, new, time.time())
             exchange.outcome = outcome
             if not outcome.allowed:
                 return self._refuse(outcome, exchange)
@@ -356,7 +356,7 @@ class ProcessService:
 
     def _presented(self, request: Any) -> dict[str, str]:
         """The session ids the request carried (session header → value, repeats comma-joined)."""
-        watched = self.authorizer.session_headers()
+        watched = self.response_path.session_headers()
         presented: dict[str, str] = {}
         for entry in request.headers:
             key = entry.key.lower()
@@ -377,7 +377,7 @@ class ProcessService:
         assert exchange.context is not None
         if exchange.body == self._not_found:
             try:
-                ended = self.authorizer.forget_sessions(exchange.context, exchange.identity, time.time())
+                ended = self.response_path.forget_sessions(exchange.context, exchange.identity, time.time())
             except Exception as exc:  # the 404 still goes to the client; the span says what failed
                 exchange.error = exc
                 exchange.outcome = decision.deny(decision.STORE_UNAVAILABLE, error=type(exc).__name__)
@@ -402,9 +402,9 @@ class ProcessService:
                 value = raw.decode("latin-1")
                 known = response_headers.get(key)
                 response_headers[key] = value if known is None else f"{known},{value}"
-        binder = self.authorizer.handle_binder
+        binder = self.response_path.handle_binder
         minting = ResponseMinting(
-            self.authorizer, context, exchange.identity, status, response_headers,
+            self.response_path, context, exchange.identity, status, response_headers,
             binder.settings.max_response_bytes, time.time(),
         )
         exchange.minting = minting
@@ -442,7 +442,7 @@ class ProcessService:
 
     def _read_response(self, headers: ext_proc_pb2.HttpHeaders) -> tuple[int, dict[str, str], str]:
         """The status, the session ids issued (header → id), and the content type."""
-        watched = self.authorizer.session_headers()
+        watched = self.response_path.session_headers()
         status = 0
         content_type = ""
         issued: dict[str, str] = {}

@@ -25,7 +25,7 @@ from gateway import decision
 from gateway.decision import Decision
 from gateway.identity.verifier import Identity
 from gateway.mcp import EventStream, Unparseable, UnsafeText, read_json, response_messages
-from gateway.pipeline import Authorizer
+from gateway.pipeline import ResponsePath
 from gateway.request import RequestContext
 from gateway.response import MINT_METADATA_KEY
 
@@ -61,7 +61,7 @@ class ResponseMinting:
 
     def __init__(
         self,
-        authorizer: Authorizer,
+        authorizer: ResponsePath,
         context: RequestContext,
         identity: Identity | None,
         status: int,

@@ -770,11 +770,14 @@ def minting_for(sub: str = "alice", max_bytes: int = 4096) -> Any:
     store = MemoryStore(StoreSettings(ttl=3600, idle_timeout=3600))
     policies = PolicyHolder(load_policy_dir(EXAMPLE))
     authorizer = Authorizer(AuthConfig(), SessionConfig(), TokenVerifier(AuthConfig()), store, policies)
+    response_path = authorizer.response_path
     body = call({"title": "t"}, "create_draft", 1)
     context = from_check_request(check_request(body=body, headers={"content-type": "application/json"}))
     identity = identity_from_claims({"iss": ISS, "sub": sub}, 1000.0)
     headers = {"content-type": "text/event-stream"}
-    return authorizer, lambda: ResponseMinting(authorizer, context, identity, 200, headers, max_bytes, 1000.0)
+    return response_path, lambda: ResponseMinting(
+        response_path, context, identity, 200, headers, max_bytes, 1000.0
+    )
 
 
 def sse(message: Any) -> bytes:
@@ -782,7 +785,7 @@ def sse(message: Any) -> bytes:
 
 
 def test_an_sse_response_goes_on_event_by_event_and_stops_at_a_refused_one() -> None:
-    authorizer, make = minting_for()
+    response_path, make = minting_for()
     progress = sse({"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1}})
     minting = make()
     # A chunk that ends inside an event passes on only the complete events before it.
@@ -793,7 +796,7 @@ def test_an_sse_response_goes_on_event_by_event_and_stops_at_a_refused_one() -> 
     assert minting.outcome.handle_new and minting.outcome.handle_kind == "draft"
     # bob's response re-issuing d-1: the progress event went on, the result never does.
     bobs = minting_for("bob")[1]()
-    bobs._authorizer = authorizer  # the same store as alice's
+    bobs._authorizer = response_path  # the same store as alice's
     released, refused = bobs.streamed_chunk(progress, False)
     assert released == progress and refused is None
     released, refused = bobs.streamed_chunk(sse(result("d-1")), True)

@@ -79,16 +79,17 @@ class Harness:
         token = self.token(subject) if subject is not None else None
         context = from_check_request(check_request(token=token, session_id=presented))
         # None: an anonymous request (allow_anonymous is the Check's business, not the store's)
-        identity = None if token is None else self.authorizer.identify(context, time.time())
+        identity = None if token is None else self.authorizer.response_path.identify(context, time.time())
         assert not isinstance(identity, Decision)
-        return self.authorizer.bind_issued(context, identity, {"mcp-session-id": session_id}, time.time())
+        issued = {"mcp-session-id": session_id}
+        return self.authorizer.response_path.bind_issued(context, identity, issued, time.time())
 
     def forget(self, session_id: str, subject: str | None = "alice") -> int:
         token = self.token(subject) if subject is not None else None
         context = from_check_request(check_request(token=token, session_id=session_id))
-        identity = None if token is None else self.authorizer.identify(context, time.time())
+        identity = None if token is None else self.authorizer.response_path.identify(context, time.time())
         assert not isinstance(identity, Decision)
-        return self.authorizer.forget_sessions(context, identity, time.time())
+        return self.authorizer.response_path.forget_sessions(context, identity, time.time())
 
     def ask(self, session_id: str | None, subject: str | None = "alice", method: str = "POST") -> Decision:
         token = self.token(subject) if subject is not None else None

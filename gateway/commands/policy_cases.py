@@ -587,7 +587,7 @@ def _respond(
     result = checked
     for message in messages:
         variable = {"status": response.status, "headers": dict(response.headers), "json": message}
-        minted = authorizer.mint(context, identity, variable, case.now, trace)
+        minted = authorizer.response_path.mint(context, identity, variable, case.now, trace)
         if not minted.allowed:
             return minted
         if minted.handle_kind and not result.handle_new:

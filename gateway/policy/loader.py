@@ -393,7 +393,7 @@ def _reads(policies: Iterable[Policy], handles: bool = True) -> dict[str, frozen
                 # The mismatch event reports the bound and the presented value of this claim.
                 add("claims", rule.deny.claim)
                 add("session", rule.deny.claim)
-    # `response` exists only for `minted`, which is evaluated apart (gateway.pipeline.Authorizer.mint).
+    # `response` exists only for `minted`, which is evaluated apart (gateway.pipeline.minting.mint).
     return {
         name: frozenset(known) if known is not None else None
         for name, known in fields.items()
