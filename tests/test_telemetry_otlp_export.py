@@ -356,3 +356,12 @@ def test_a_gateway_with_its_collector_down_answers_and_exits_in_time(
     assert stopped_in < timeout_s + 3, f"exit took {stopped_in:.1f}s:\n{log}"
     assert "not exported to OTLP" in log, log
     assert "s3cr3t" not in log and "Traceback" not in log, log
+
+
+def test_the_attribute_cache_keeps_the_sign_of_a_zero() -> None:
+    from gateway.telemetry.otlp_encoding import SpanEncoder
+
+    encoder = SpanEncoder()
+    positive = encoder.attribute(b"\x0a", "x", 0.0)
+    negative = encoder.attribute(b"\x0a", "x", -0.0)  # -0.0 == 0.0: a cache on the value returns 0.0's
+    assert positive != negative and negative == SpanEncoder().attribute(b"\x0a", "x", -0.0)
