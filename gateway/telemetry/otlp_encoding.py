@@ -3,9 +3,10 @@
 Building a protobuf object for every span, attribute and value (as the SDK's encoder does)
 cost more CPU than the Check itself, at one span per Check. The Check span's attributes
 repeat (`authz.decision=deny`, `http.request.method=POST`, …), so each encoded key/value pair
-of a string, bool or int value is kept in a small cache (not floats: -0.0 == 0.0). The bytes parse to what the SDK's OTLP encoder
-builds for the same spans, field for field (tests/test_telemetry_encoding.py holds them
-equal), and to gateway.otlp_api's ExportTraceServiceRequest.
+of a string, bool or int value is kept in a small cache (not floats: -0.0 == 0.0, yet they
+encode apart). The bytes parse to what the SDK's OTLP encoder builds for the same spans,
+field for field (tests/test_telemetry_encoding.py holds them equal), and to gateway.otlp_api's
+ExportTraceServiceRequest.
 
 An attribute value OTLP cannot carry (an object, an integer beyond 64 bits) is left out of
 its span, with a warning naming the key, as the SDK's encoder leaves it out.
