@@ -17,7 +17,11 @@ included, ends within the timeout of its start: a collector that is down delays 
 at most that. Checks never wait for an export: spans reach it through the batch
 processor's queue, which drops when full.
 
-Header values are sent, never logged: they can hold credentials.
+Header values are sent, never logged: they can hold credentials. An unexpected error in a
+send (a header the transport refuses, …) fails that export and is logged by its type only, as
+its text could quote a header; it never escapes export(), where the SDK would log it in full.
+A TLS file that cannot be read raises UnusableSettings when the exporter is made: no silent
+fall-back to the system's roots.
 """
 
 from __future__ import annotations
@@ -250,9 +254,9 @@ class _TlsConnection(http.client.HTTPSConnection, _DeadlineMixin):
 
 class HttpSender:
     """POSTs on one kept-alive http.client connection, reopened after any connection error.
-    Each POST, connect and TLS handshake included, ends by its deadline: a timer shuts the
-    socket down then (only the name lookup and the TCP connect itself are bounded per step,
-    by the time left)."""
+    Once the TCP connection is up, each POST (TLS handshake included) ends by its deadline: a
+    timer shuts the socket down then. Before that, the name lookup is not bounded, and each
+    address tried may take the time left (http.client's per-operation timeout)."""
 
     def __init__(self, settings: OtlpSettings) -> None:
         self._settings = settings

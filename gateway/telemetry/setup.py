@@ -8,7 +8,9 @@ OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE, OTEL_TRACES_EXPORTER /
 OTEL_METRICS_EXPORTER (`none` turns a signal off), OTEL_BSP_* and OTEL_METRIC_EXPORT_INTERVAL.
 
 Spans and metrics go out through the gateway's own OTLP exporters (gateway.telemetry.otlp_export),
-which need neither opentelemetry-proto nor the SDK's OTLP exporter packages.
+which need neither opentelemetry-proto nor the SDK's OTLP exporter packages. A signal whose
+settings they cannot use (UnusableSettings: an endpoint that is not one, a TLS file that cannot
+be read) is off, after one error line; the gateway starts all the same.
 
 With no OTLP endpoint nothing is exported and nothing is printed per request. Spans go
 through a batch processor; shutdown() flushes them, and the metrics, before exit.
