@@ -223,24 +223,31 @@ class _DeadlineMixin(http.client.HTTPConnection):
     cutter: socket.socket | None = None
     was_cut = False
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # cut() runs on the timer's thread: it must never reach a duplicate release() has closed.
+        self._cutter_lock = threading.Lock()
+
     def connect(self) -> None:
         super().connect()
         self.release()  # http.client reconnects by itself after a Connection: close
-        self.cutter = self.sock.dup()
+        with self._cutter_lock:
+            self.cutter = self.sock.dup()
 
     def cut(self) -> None:
         """Ends whatever the connection is blocked in: the handshake, a send or a read. (The
         duplicate is not closed by close(): a response being read outlives that.)"""
-        cutter = self.cutter
-        if cutter is not None:
-            self.was_cut = True
-            with contextlib.suppress(OSError):  # already closed by the other side
-                cutter.shutdown(socket.SHUT_RDWR)
+        with self._cutter_lock:
+            if self.cutter is not None:
+                self.was_cut = True
+                with contextlib.suppress(OSError):  # already closed by the other side
+                    self.cutter.shutdown(socket.SHUT_RDWR)
 
     def release(self) -> None:
-        cutter, self.cutter = self.cutter, None
-        if cutter is not None:
-            cutter.close()
+        with self._cutter_lock:
+            cutter, self.cutter = self.cutter, None
+            if cutter is not None:
+                cutter.close()
 
 
 class _Connection(_DeadlineMixin, http.client.HTTPConnection):
