@@ -9,6 +9,12 @@
   in all.
 - A gateway process whose collector is down answers its checks at once and exits within the
   timeout, in both telemetry modes.
+- A header no request can carry (CR, LF, NUL, a -bin key) is skipped, or fails its export,
+  and never reaches the log, in-process or a gateway's stderr; an endpoint the exporters cannot
+  use (an HTTP one without http(s):// and a host, a gRPC one without a host) or a TLS file that
+  cannot be read turns that signal off with one error line; an HTTP export ends by its deadline
+  even against a collector that trickles; the exporter's framing headers win over a user's;
+  the span encoder's cache keeps -0.0 apart from 0.0.
 """
 
 from __future__ import annotations
