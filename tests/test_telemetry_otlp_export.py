@@ -9,6 +9,12 @@
   in all.
 - A gateway process whose collector is down answers its checks at once and exits within the
   timeout, in both telemetry modes.
+- A header no request can carry (CR, LF, NUL, a -bin key) is skipped, or fails its export,
+  and never reaches the log, in-process or a gateway's stderr; an endpoint the exporters cannot
+  use (an HTTP one without http(s):// and a host, a gRPC one without a host) or a TLS file that
+  cannot be read turns that signal off with one error line; an HTTP export ends by its deadline
+  even against a collector that trickles; the exporter's framing headers win over a user's;
+  the span encoder's cache keeps -0.0 apart from 0.0.
 """
 
 from __future__ import annotations
@@ -356,3 +362,224 @@ def test_a_gateway_with_its_collector_down_answers_and_exits_in_time(
     assert stopped_in < timeout_s + 3, f"exit took {stopped_in:.1f}s:\n{log}"
     assert "not exported to OTLP" in log, log
     assert "s3cr3t" not in log and "Traceback" not in log, log
+
+
+def test_the_attribute_cache_keeps_the_sign_of_a_zero() -> None:
+    from gateway.telemetry.otlp_encoding import SpanEncoder
+
+    encoder = SpanEncoder()
+    positive = encoder.attribute(b"\x0a", "x", 0.0)
+    negative = encoder.attribute(b"\x0a", "x", -0.0)  # -0.0 == 0.0: a cache on the value returns 0.0's
+    assert positive != negative and negative == SpanEncoder().attribute(b"\x0a", "x", -0.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Settings a collector must never see, or that must never reach the log.
+# ---------------------------------------------------------------------------------------
+
+NEWLINE_SECRET = "Bearer%20s3cret-nl%0Ax"  # URL-decoded: "Bearer s3cret-nl\nx"
+
+
+def test_a_header_a_request_cannot_carry_is_skipped_unquoted(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    found = parse_headers(
+        f"authorization={NEWLINE_SECRET},x-nul=s3cret-nul%00,x-token-bin=s3cret-bin,"
+        "bad%0Akey=s3cret-key,x-utf=s3cret-%C3%A9,x-tenant=edge"
+    )
+    assert found == (("x-tenant", "edge"),)
+    assert "s3cret" not in caplog.text
+    assert "authorization ignored" in caplog.text and "x-token-bin ignored" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("protocol", "header"),
+    [
+        pytest.param(HTTP, ("authorization", "Bearer s3cret-nl\nx"), id="http-newline"),
+        pytest.param(GRPC, ("authorization", "Bearer s3cret-nl\nx"), id="grpc-newline"),
+        pytest.param(GRPC, ("x-token-bin", "s3cret-bin"), id="grpc-bin"),
+    ],
+)
+def test_a_header_the_transport_refuses_fails_the_export_unquoted(
+    receiver: OtlpReceiver, protocol: str, header: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past parse_headers (built by hand here): the sender's catch-all, not the SDK's logger."""
+    import dataclasses
+
+    caplog.set_level(logging.DEBUG)
+    good = _settings(receiver, protocol, "TRACES", OTEL_EXPORTER_OTLP_TIMEOUT="1")
+    exporter = OtlpSpanExporter(dataclasses.replace(good, headers=(header,)))
+    result = exporter.export(_spans())  # must not raise
+    exporter.shutdown()
+    assert "s3cret" not in caplog.text
+    # http.client raises on the value (ValueError), grpc on a -bin key with a str (TypeError) or
+    # fails the call on a bad value (INTERNAL, "Invalid metadata"): each a failed export.
+    assert result == SpanExportResult.FAILURE and "not exported" in caplog.text
+    if header[0].endswith("-bin") or protocol == HTTP:
+        assert "(unexpected)" in caplog.text
+
+
+def test_a_gateway_with_a_newline_in_a_header_exports_and_never_logs_it(
+    tmp_path: Path, issuer: TestIssuer, receiver: OtlpReceiver
+) -> None:
+    env = {
+        "OTEL_SDK_DISABLED": "false",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http_endpoint,
+        "OTEL_EXPORTER_OTLP_PROTOCOL": HTTP,
+        "OTEL_EXPORTER_OTLP_HEADERS": f"authorization={NEWLINE_SECRET},x-tenant=edge",
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+    }
+    jwks_file = issuer.write_jwks(tmp_path / "jwks.json")
+    config = {"auth": {"issuers": [issuer.issuer_config(jwks_file=jwks_file)]}}
+    gateway = TelemetryGateway(config, tmp_path, fast_path=True, env=env)
+    client = CheckClient(gateway.address)
+    try:
+        client.check(check_request(path="/mcp", token=issuer.token("alice")))
+        receiver.wait_for_span(lambda s: True)
+        assert gateway.stop(signum=signal.SIGTERM) == 0
+    finally:
+        client.close()
+    log = gateway.log_text()
+    assert "s3cret" not in log and "Traceback" not in log, log
+    assert "OTLP header authorization ignored" in log, log
+    assert receiver.request_headers and all(
+        h["x-tenant"] == "edge" and "authorization" not in h for h in receiver.request_headers
+    )
+
+
+def test_endpoints_the_exporters_cannot_use_are_refused(caplog: pytest.LogCaptureFixture) -> None:
+    from gateway.telemetry.otlp_settings import UnusableSettings
+
+    http = {"OTEL_EXPORTER_OTLP_PROTOCOL": HTTP}
+    # `collector:4318` reads as the scheme "collector": once plaintext to localhost:80.
+    for endpoint in ("collector:4318", "ftp://collector:4318", "http:///v1", "http://collector:port"):
+        with pytest.raises(UnusableSettings, match="not an http:// or https:// URL"):
+            settings({**http, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}, "TRACES")
+    with pytest.raises(UnusableSettings, match="traces is not an http"):
+        settings({**http, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "collector:4318/v1/traces"}, "TRACES")
+    for endpoint in ("http://", "collector:port", "/just/a/path", "http://:4317"):
+        with pytest.raises(UnusableSettings, match="grpc endpoint for metrics does not name a host"):
+            settings({"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}, "METRICS")
+    # gRPC needs no scheme, as in the SDK; gRPC's own target schemes pass as they are.
+    assert settings({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317"}, "TRACES").target == "collector:4317"
+    assert settings({"OTEL_EXPORTER_OTLP_ENDPOINT": "dns:///c:4317"}, "TRACES").target == "dns:///c:4317"
+    # user:password@ is not sent, and said so without the password.
+    caplog.set_level(logging.DEBUG)
+    with_userinfo = {**http, "OTEL_EXPORTER_OTLP_ENDPOINT": "https://otel:pa55word@collector:4318"}
+    assert settings(with_userinfo, "TRACES").target == "https://collector:4318/v1/traces"
+    grpc_userinfo = {"OTEL_EXPORTER_OTLP_ENDPOINT": "https://otel:pa55word@collector:4317"}
+    assert settings(grpc_userinfo, "TRACES").target == "collector:4317"
+    assert caplog.text.count("user:password@ is ignored") == 2 and "pa55word" not in caplog.text
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_missing_certificate_file_makes_the_exporter_unusable(tmp_path: Path, protocol: str) -> None:
+    from gateway.telemetry.otlp_settings import UnusableSettings
+
+    env = {
+        "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "https://localhost:4317",
+        "OTEL_EXPORTER_OTLP_CERTIFICATE": str(tmp_path / "missing-ca.pem"),
+    }
+    # Never the system's roots instead of the CA asked for, and no traceback.
+    with pytest.raises(UnusableSettings, match="cannot read the OTLP certificate .*missing-ca.pem"):
+        OtlpSpanExporter(settings(env, "TRACES"))
+    cert_file, _ = _self_signed(tmp_path)
+    client_env = {**env, "OTEL_EXPORTER_OTLP_CERTIFICATE": str(cert_file),
+                  "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE": str(cert_file),
+                  "OTEL_EXPORTER_OTLP_CLIENT_KEY": str(tmp_path / "missing.key")}
+    with pytest.raises(UnusableSettings, match="cannot read the OTLP client key"):
+        OtlpMetricExporter(settings(client_env, "METRICS"))
+
+
+def test_a_gateway_with_unusable_otlp_settings_starts_with_those_signals_off(
+    tmp_path: Path, issuer: TestIssuer
+) -> None:
+    env = {
+        "OTEL_SDK_DISABLED": "false",
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": HTTP,
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"localhost:{free_port()}/v1/traces",
+        "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": GRPC,
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"https://localhost:{free_port()}",
+        "OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE": str(tmp_path / "missing-ca.pem"),
+        "OTEL_EXPORTER_OTLP_HEADERS": f"authorization={SECRET}",
+        "OTEL_METRIC_EXPORT_INTERVAL": "200",
+    }
+    jwks_file = issuer.write_jwks(tmp_path / "jwks.json")
+    config = {"auth": {"issuers": [issuer.issuer_config(jwks_file=jwks_file)]}}
+    gateway = TelemetryGateway(config, tmp_path, fast_path=True, env=env)
+    client = CheckClient(gateway.address)
+    try:
+        client.check(check_request(path="/mcp", token=issuer.token("alice")))
+        assert gateway.stop(signum=signal.SIGTERM) == 0
+    finally:
+        client.close()
+    log = gateway.log_text()
+    assert "s3cr3t" not in log and "Traceback" not in log, log
+    assert "the OTLP http/protobuf endpoint for traces is not an http:// or https:// URL" in log, log
+    assert "cannot read the OTLP certificate" in log and "metrics are not exported" in log, log
+    assert "telemetry: traces not exported, metrics not pushed" in log, log
+    assert "not exported to OTLP" not in log, log  # nothing was tried, at localhost:80 or elsewhere
+
+
+@pytest.fixture
+def trickling_collector() -> Iterator[int]:
+    """An HTTP server that answers 200 with a 100-byte body, one byte every 0.1 s."""
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            with connection:
+                connection.recv(65536)
+                try:
+                    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+                    for _ in range(100):
+                        if stop.wait(0.1):
+                            return
+                        connection.sendall(b"x")
+                except OSError:
+                    continue  # the client gave up
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield int(listener.getsockname()[1])
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(5)
+
+
+def test_a_trickling_collector_costs_an_http_export_at_most_its_timeout(trickling_collector: int) -> None:
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{trickling_collector}",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": HTTP,
+        "OTEL_EXPORTER_OTLP_TIMEOUT": "1",
+    }
+    exporter = OtlpSpanExporter(settings(env, "TRACES"))
+    started = time.monotonic()
+    assert exporter.export(_spans()) == SpanExportResult.FAILURE  # 10 s of trickle: cut at 1 s
+    assert time.monotonic() - started < 1 + 0.3
+    exporter.shutdown()
+
+
+def test_the_exporters_framing_headers_win_over_a_users(receiver: OtlpReceiver) -> None:
+    exporter = OtlpSpanExporter(
+        _settings(receiver, HTTP, "TRACES", OTEL_EXPORTER_OTLP_HEADERS=(
+            "content-type=text/plain,content-encoding=br,content-length=1,user-agent=custom-agent,x-tenant=edge"
+        ))
+    )
+    assert exporter.export(_spans()) == SpanExportResult.SUCCESS
+    exporter.shutdown()
+    ((headers),) = receiver.request_headers
+    assert headers["content-type"] == "application/x-protobuf" and receiver.content_encodings == [""]
+    assert headers["user-agent"] == "custom-agent" and headers["x-tenant"] == "edge"
+    assert {s.name for s in receiver.spans()} == {"parent", "child"}

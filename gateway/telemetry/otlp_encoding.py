@@ -3,9 +3,10 @@
 Building a protobuf object for every span, attribute and value (as the SDK's encoder does)
 cost more CPU than the Check itself, at one span per Check. The Check span's attributes
 repeat (`authz.decision=deny`, `http.request.method=POST`, …), so each encoded key/value pair
-of a plain value is kept in a small cache. The bytes parse to what the SDK's OTLP encoder
-builds for the same spans, field for field (tests/test_telemetry_encoding.py holds them
-equal), and to gateway.otlp_api's ExportTraceServiceRequest.
+of a string, bool or int value is kept in a small cache (not floats: -0.0 == 0.0, yet they
+encode apart). The bytes parse to what the SDK's OTLP encoder builds for the same spans,
+field for field (tests/test_telemetry_encoding.py holds them equal), and to gateway.otlp_api's
+ExportTraceServiceRequest.
 
 An attribute value OTLP cannot carry (an object, an integer beyond 64 bits) is left out of
 its span, with a warning naming the key, as the SDK's encoder leaves it out.
@@ -40,7 +41,7 @@ _SPAN_FLAGS = {remote: b"\x85\x01" + struct.pack("<I", _HAS_IS_REMOTE | (_IS_REM
                for remote in (False, True)}
 _LINK_FLAGS = {remote: b"\x35" + struct.pack("<I", _HAS_IS_REMOTE | (_IS_REMOTE if remote else 0))
                for remote in (False, True)}
-_SCALARS = (str, bool, int, float)
+_CACHED_SCALARS = frozenset({str, bool, int})
 
 
 class UnencodableValue(Exception):
@@ -122,7 +123,9 @@ class SpanEncoder:
     def attribute(self, tag: bytes, key: str, value: Any) -> bytes:
         """One attribute as the repeated KeyValue field `tag`; b"" when OTLP cannot carry it."""
         kind = type(value)
-        cacheable = kind in _SCALARS  # a tuple (1,) equals (True,): sequences are not cached
+        # A tuple (1,) equals (True,), and -0.0 equals 0.0 but encodes with its sign: neither
+        # sequences nor floats are cached.
+        cacheable = kind in _CACHED_SCALARS
         if cacheable:
             found = self._fields.get((tag, key, kind, value))
             if found is not None:

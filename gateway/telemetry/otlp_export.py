@@ -17,15 +17,21 @@ included, ends within the timeout of its start: a collector that is down delays 
 at most that. Checks never wait for an export: spans reach it through the batch
 processor's queue, which drops when full.
 
-Header values are sent, never logged: they can hold credentials.
+Header values are sent, never logged: they can hold credentials. An unexpected error in a
+send (a header the transport refuses, …) fails that export and is logged by its type only, as
+its text could quote a header; it never escapes export(), where the SDK would log it in full.
+A TLS file that cannot be read raises UnusableSettings when the exporter is made: no silent
+fall-back to the system's roots.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import http.client
 import logging
 import random
+import socket
 import ssl
 import threading
 import time
@@ -47,7 +53,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from gateway.telemetry.otlp_encoding import SpanEncoder
 from gateway.telemetry.otlp_metric_encoding import MetricEncoder
-from gateway.telemetry.otlp_settings import GRPC, GRPC_METHODS, OtlpSettings
+from gateway.telemetry.otlp_settings import GRPC, GRPC_METHODS, OtlpSettings, UnusableSettings
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +106,21 @@ class ShutdownClock:
 
 
 def _read(path: str | None, what: str) -> bytes | None:
+    """A TLS file the settings name; one that cannot be read makes the exporter unusable (never
+    a silent fall-back to the system's roots or to no client certificate)."""
     if not path:
         return None
     try:
         with open(path, "rb") as file:
             return file.read()
     except OSError as exc:
-        log.error("telemetry: cannot read the OTLP %s %s (%s); not used", what, path, exc.strerror)
-        return None
+        reason = exc.strerror or type(exc).__name__
+        raise UnusableSettings(f"cannot read the OTLP {what} {path} ({reason})") from None
+
+
+def _unexpected(exc: Exception) -> str:
+    """An unexpected error, by its type only: its text can quote a header value."""
+    return f"{type(exc).__name__} (unexpected)"
 
 
 class GrpcSender:
@@ -149,7 +162,10 @@ class GrpcSender:
         with self._lock:
             if self._closed:
                 return Attempt(False, problem="exporter shut down")
-            call = self._call if self._call is not None else self._open()
+            try:
+                call = self._call if self._call is not None else self._open()
+            except Exception as exc:
+                return Attempt(False, problem=_unexpected(exc))
         try:
             call(payload, timeout=timeout_s, metadata=self._metadata)
         except grpc.RpcError as error:
@@ -158,6 +174,8 @@ class GrpcSender:
             if code == grpc.StatusCode.UNAVAILABLE:
                 self._reset(call)
             return Attempt(False, retryable=code in RETRYABLE_GRPC, problem=f"gRPC {code.name}: {details}")
+        except Exception as exc:  # e.g. metadata grpc refuses: never out of export(), never its text
+            return Attempt(False, problem=_unexpected(exc))
         return Attempt(True)
 
     def _reset(self, failed_call: Any) -> None:
@@ -174,8 +192,78 @@ class GrpcSender:
                 self._channel, self._call = None, None
 
 
+def _tls_context(settings: OtlpSettings) -> ssl.SSLContext:
+    """The HTTPS context: the CA file to trust (else the system's roots), a client certificate."""
+    for path, what in (
+        (settings.certificate, "certificate"),
+        (settings.client_certificate, "client certificate"),
+        (settings.client_key, "client key"),
+    ):
+        _read(path, what)  # a missing file is reported as such, not as an SSL error
+    try:
+        context = ssl.create_default_context(cafile=settings.certificate or None)
+        if settings.client_certificate:
+            # No password prompt on the terminal for an encrypted key: it fails instead.
+            context.load_cert_chain(settings.client_certificate, settings.client_key or None, password=b"")
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        reason = exc.reason if isinstance(exc, ssl.SSLError) else type(exc).__name__
+        raise UnusableSettings(f"the OTLP TLS files are not usable ({reason})") from None
+    return context
+
+
+# The exporter's own framing headers win over a user header of the same name.
+_FRAMING_HEADERS = frozenset({"content-type", "content-encoding", "content-length", "transfer-encoding"})
+
+
+class _DeadlineMixin(http.client.HTTPConnection):
+    """Keeps a duplicate of the TCP socket once it is connected (before any TLS handshake), so
+    a timer can shut the connection down at the request's deadline: http.client's timeout is
+    per socket operation, and a collector trickling bytes would otherwise hold it for longer."""
+
+    cutter: socket.socket | None = None
+    was_cut = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # cut() runs on the timer's thread: it must never reach a duplicate release() has closed.
+        self._cutter_lock = threading.Lock()
+
+    def connect(self) -> None:
+        super().connect()
+        self.release()  # http.client reconnects by itself after a Connection: close
+        with self._cutter_lock:
+            self.cutter = self.sock.dup()
+
+    def cut(self) -> None:
+        """Ends whatever the connection is blocked in: the handshake, a send or a read. (The
+        duplicate is not closed by close(): a response being read outlives that.)"""
+        with self._cutter_lock:
+            if self.cutter is not None:
+                self.was_cut = True
+                with contextlib.suppress(OSError):  # already closed by the other side
+                    self.cutter.shutdown(socket.SHUT_RDWR)
+
+    def release(self) -> None:
+        with self._cutter_lock:
+            cutter, self.cutter = self.cutter, None
+            if cutter is not None:
+                cutter.close()
+
+
+class _Connection(_DeadlineMixin, http.client.HTTPConnection):
+    pass
+
+
+class _TlsConnection(http.client.HTTPSConnection, _DeadlineMixin):
+    # HTTPSConnection.connect calls _DeadlineMixin.connect for the TCP socket, then wraps it.
+    pass
+
+
 class HttpSender:
-    """POSTs on one kept-alive http.client connection, reopened after any connection error."""
+    """POSTs on one kept-alive http.client connection, reopened after any connection error.
+    Once the TCP connection is up, each POST (TLS handshake included) ends by its deadline: a
+    timer shuts the socket down then. Before that, the name lookup is not bounded, and each
+    address tried may take the time left (http.client's per-operation timeout)."""
 
     def __init__(self, settings: OtlpSettings) -> None:
         self._settings = settings
@@ -186,26 +274,21 @@ class HttpSender:
         self._path = (url.path or "/") + (f"?{url.query}" if url.query else "")
         self._context: ssl.SSLContext | None = None
         if self._https:
-            self._context = ssl.create_default_context(cafile=settings.certificate or None)
-            if settings.client_certificate:
-                self._context.load_cert_chain(settings.client_certificate, settings.client_key or None)
-        self._headers = {
-            "Content-Type": "application/x-protobuf",
-            "User-Agent": _user_agent(),
-            **dict(settings.headers),
-        }
+            self._context = _tls_context(settings)
+        # Lower-case names throughout, so a user's header replaces ours rather than joining it.
+        self._headers = {"user-agent": _user_agent()}
+        self._headers.update((k, v) for k, v in settings.headers if k not in _FRAMING_HEADERS)
+        self._headers["content-type"] = "application/x-protobuf"
         if settings.compression == "gzip":
-            self._headers["Content-Encoding"] = "gzip"
+            self._headers["content-encoding"] = "gzip"
         self._lock = threading.Lock()
-        self._connection: http.client.HTTPConnection | None = None
+        self._connection: _DeadlineMixin | None = None
         self._closed = False
 
-    def _connect(self, timeout_s: float) -> http.client.HTTPConnection:
+    def _connect(self, timeout_s: float) -> _DeadlineMixin:
         if self._https:
-            return http.client.HTTPSConnection(
-                self._host, self._port, timeout=timeout_s, context=self._context
-            )
-        return http.client.HTTPConnection(self._host, self._port, timeout=timeout_s)
+            return _TlsConnection(self._host, self._port, timeout=timeout_s, context=self._context)
+        return _Connection(self._host, self._port, timeout=timeout_s)
 
     def send(self, payload: bytes, timeout_s: float) -> Attempt:
         body = gzip.compress(payload) if self._settings.compression == "gzip" else payload
@@ -229,15 +312,31 @@ class HttpSender:
             connection.timeout = timeout_s
             if connection.sock is not None:
                 connection.sock.settimeout(timeout_s)
+        deadline = threading.Timer(timeout_s, connection.cut)
+        deadline.daemon = True
+        deadline.start()
         try:
             connection.request("POST", self._path, body=body, headers=self._headers)
             response = connection.getresponse()
             response.read()
         except (OSError, http.client.HTTPException) as exc:
             connection.close()
+            connection.release()
             self._connection = None
+            # OS and TLS errors, and http.client's about the response, quote no request header.
             problem = f"{type(exc).__name__}: {exc}"
+            if connection.was_cut:
+                problem = f"no complete answer within {timeout_s:.1f}s ({problem})"
             return Attempt(False, retryable=True, problem=problem, connection_lost=True)
+        except Exception as exc:  # e.g. a header http.client refuses: never out of export(), never its text
+            connection.close()
+            connection.release()
+            self._connection = None
+            return Attempt(False, problem=_unexpected(exc))
+        finally:
+            deadline.cancel()
+            if connection.sock is None:  # closed, by us or for the collector's Connection: close
+                connection.release()
         if 200 <= response.status < 300:
             return Attempt(True)
         retry_after = None
@@ -256,6 +355,7 @@ class HttpSender:
             self._closed = True
             if self._connection is not None:
                 self._connection.close()
+                self._connection.release()
                 self._connection = None
 
 

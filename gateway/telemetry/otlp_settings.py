@@ -11,8 +11,20 @@ Read as the OTel Python SDK's own exporters read them, with the same defaults:
   an `http` endpoint. HTTP: TLS for `https` URLs.
 - CERTIFICATE, CLIENT_KEY, CLIENT_CERTIFICATE: files for TLS (the signal's, else the general).
 - HEADERS: `key=value,key2=value2`, URL-decoded, keys lower-cased (the signal's, else the general).
+  An entry whose key is not a header token, or ends in `-bin` (gRPC binary metadata), or whose
+  decoded value holds anything but printable ASCII (CR, LF, NUL, other controls, non-ASCII) is
+  skipped with a warning that quotes no value: such a value would break the request, and the
+  error could quote it.
 - TIMEOUT: seconds per export, retries included (default 10).
 - COMPRESSION: `gzip` or `none` (default).
+
+An endpoint the exporters cannot use raises UnusableSettings (setup.py logs it as one error
+line and leaves that signal off): for HTTP, anything but an http:// or https:// URL with a host
+(the SDK's exporter refuses those too; `collector:4318` would otherwise read as the scheme
+`collector`, i.e. plaintext to localhost:80); for gRPC, no host (the scheme is optional, as in
+the SDK; `unix:`, `dns:` and the other gRPC target schemes pass as they are). `user:password@`
+in an endpoint is not sent (a warning says so, without the password): credentials belong in
+HEADERS.
 
 Header values can hold credentials: nothing here logs them, and OtlpSettings leaves them out of
 its repr.
@@ -25,7 +37,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +52,14 @@ GRPC_METHODS: dict[Signal, str] = {
     "METRICS": "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
 }
 _HEADER_SEPARATOR = re.compile(r"[ \t]*,[ \t]*")
+_HEADER_KEY = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")  # a token (RFC 9110), lower case
+_HEADER_VALUE = re.compile(r"[\x20-\x7e]*")  # printable ASCII: what both HTTP/1.1 and gRPC carry
+# gRPC targets that are not host:port (grpc/doc/naming.md).
+_GRPC_TARGET_SCHEMES = ("dns:", "unix:", "unix-abstract:", "vsock:", "ipv4:", "ipv6:")
+
+
+class UnusableSettings(ValueError):
+    """An OTLP setting the exporters cannot work with; the message quotes no credential."""
 
 
 @dataclass(frozen=True)
@@ -88,10 +108,24 @@ def parse_headers(text: str) -> tuple[tuple[str, str], ...]:
             continue
         name, equals, value = entry.partition("=")
         name = unquote(name).strip().lower()
-        if not equals or not name or any(c.isspace() or not c.isprintable() for c in name):
-            log.warning("telemetry: an OTEL_EXPORTER_OTLP_*HEADERS entry is not key=value; ignored")
+        if not equals or not _HEADER_KEY.fullmatch(name):
+            log.warning(
+                "telemetry: an OTEL_EXPORTER_OTLP_*HEADERS entry is not key=value with a header "
+                "name as key; ignored"
+            )
             continue
-        headers[name] = unquote(value).strip()
+        if name.endswith("-bin"):
+            log.warning("telemetry: OTLP header %s ignored: binary (-bin) headers are not supported", name)
+            continue
+        decoded = unquote(value).strip()
+        if not _HEADER_VALUE.fullmatch(decoded):
+            log.warning(
+                "telemetry: OTLP header %s ignored: its value holds a character a header cannot "
+                "carry (only printable ASCII can be sent)",
+                name,
+            )
+            continue
+        headers[name] = decoded
     return tuple(headers.items())
 
 
@@ -128,8 +162,54 @@ def _grpc_tls(env: Mapping[str, str], signal: Signal, scheme: str) -> bool:
     return scheme != "http"
 
 
+def _without_userinfo(netloc: str, signal: Signal) -> str:
+    if "@" not in netloc:
+        return netloc
+    log.warning(
+        "telemetry: the OTLP %s endpoint's user:password@ is ignored, not sent; credentials "
+        "belong in OTEL_EXPORTER_OTLP_HEADERS",
+        signal.lower(),
+    )
+    return netloc.rpartition("@")[2]
+
+
+def _http_target(target: str, signal: Signal) -> str:
+    parts = urlsplit(target)
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        # The scheme alone is quoted: the rest of the URL may hold a password.
+        read_as = "" if parts.scheme in ("http", "https") else f" (it reads as scheme {parts.scheme[:20]!r})"
+        raise UnusableSettings(
+            f"the OTLP http/protobuf endpoint for {signal.lower()} is not an http:// or https:// "
+            f"URL with a host and a valid port{read_as}"
+        )
+    netloc = _without_userinfo(parts.netloc, signal)
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+
+
+def _grpc_target(target: str, signal: Signal) -> str:
+    if target.startswith(_GRPC_TARGET_SCHEMES):
+        return target
+    target = _without_userinfo(target, signal)
+    parts = urlsplit(f"//{target}")
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        port_ok = False
+    if parts.netloc != target or not parts.hostname or not port_ok:
+        raise UnusableSettings(
+            f"the OTLP grpc endpoint for {signal.lower()} does not name a host "
+            "(host:port, or a URL with one)"
+        )
+    return target
+
+
 def settings(env: Mapping[str, str], signal: Signal) -> OtlpSettings:
-    """How `signal` is exported, as the OTEL_* variables in env say."""
+    """How `signal` is exported, as the OTEL_* variables in env say; UnusableSettings for an
+    endpoint the exporters cannot use."""
     chosen = protocol(env, signal)
     signal_endpoint = (env.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT") or "").strip()
     general_endpoint = (env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "").strip()
@@ -139,12 +219,13 @@ def settings(env: Mapping[str, str], signal: Signal) -> OtlpSettings:
         else:
             base = general_endpoint or DEFAULT_HTTP_ENDPOINT
             target = f"{base.removesuffix('/')}/{HTTP_PATHS[signal]}"
+        target = _http_target(target, signal)
         tls = urlsplit(target).scheme == "https"
     else:
         endpoint = signal_endpoint or general_endpoint or DEFAULT_GRPC_ENDPOINT
         parts = urlsplit(endpoint)
         # A URL's host:port; anything else (host:port alone) is the target as it is.
-        target = parts.netloc if parts.netloc else endpoint
+        target = _grpc_target(parts.netloc if parts.netloc else endpoint, signal)
         tls = _grpc_tls(env, signal, parts.scheme)
     return OtlpSettings(
         signal=signal,

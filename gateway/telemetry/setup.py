@@ -8,7 +8,9 @@ OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE, OTEL_TRACES_EXPORTER /
 OTEL_METRICS_EXPORTER (`none` turns a signal off), OTEL_BSP_* and OTEL_METRIC_EXPORT_INTERVAL.
 
 Spans and metrics go out through the gateway's own OTLP exporters (gateway.telemetry.otlp_export),
-which need neither opentelemetry-proto nor the SDK's OTLP exporter packages.
+which need neither opentelemetry-proto nor the SDK's OTLP exporter packages. A signal whose
+settings they cannot use (UnusableSettings: an endpoint that is not one, a TLS file that cannot
+be read) is off, after one error line; the gateway starts all the same.
 
 With no OTLP endpoint nothing is exported and nothing is printed per request. Spans go
 through a batch processor; shutdown() flushes them, and the metrics, before exit.
@@ -23,16 +25,18 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from opentelemetry import metrics, trace
 
 from gateway.telemetry import otlp_settings
 from gateway.telemetry.otlp_export import OtlpMetricExporter, OtlpSpanExporter, ShutdownClock
-from gateway.telemetry.otlp_settings import Signal
+from gateway.telemetry.otlp_settings import OtlpSettings, Signal, UnusableSettings
 
 log = logging.getLogger(__name__)
+Exporter = TypeVar("Exporter", OtlpSpanExporter, OtlpMetricExporter)
 
 DEFAULT_SERVICE_NAME = "authz-gateway"
 
@@ -58,13 +62,25 @@ def _endpoint_configured(signal: Signal) -> bool:
     return bool(_endpoint(signal)) and _env(f"OTEL_{signal}_EXPORTER").lower() != "none"
 
 
-def _destination(signal: Signal) -> str:
+def _destination(settings: OtlpSettings) -> str:
     """Where a signal goes, for the start-up log line; no user:password or query of the URL."""
-    settings = otlp_settings.settings(os.environ, signal)
     if settings.protocol == otlp_settings.GRPC:
         scheme = "https" if settings.tls else "http"
         return f"-> OTLP {settings.protocol} {scheme}://{settings.destination}"
     return f"-> OTLP {settings.protocol} {settings.destination}"
+
+
+def _exporter(signal: Signal, make: Callable[[OtlpSettings], Exporter]) -> Exporter | None:
+    """The signal's exporter if its endpoint is set; None, after one error line, when a setting
+    makes it unusable (an endpoint that is not one, a TLS file that cannot be read): that signal
+    is then off, never sent somewhere else or with weaker trust, and the gateway still starts."""
+    if not _endpoint_configured(signal):
+        return None
+    try:
+        return make(otlp_settings.settings(os.environ, signal))
+    except UnusableSettings as exc:
+        log.error("telemetry: %s; %s are not exported", exc, signal.lower())
+        return None
 
 
 def service_resource() -> Any:
@@ -141,12 +157,12 @@ def setup_telemetry(*, metrics_http: bool = False, fast_path: bool = True) -> Te
         fast_path = _fast_path_usable()
     telemetry = Telemetry(fast_path=fast_path)
 
-    if _endpoint_configured("TRACES"):
+    span_exporter = _exporter("TRACES", lambda found: OtlpSpanExporter(found, telemetry.shutdown_clock))
+    if span_exporter is not None:
         # A "Queue full" warning per dropped span when the collector is down: quieted in both modes.
         fast_paths.quiet_queue_full_warnings()
         tracer_provider = TracerProvider(resource=resource)  # the sampler comes from OTEL_TRACES_SAMPLER
-        span_settings = otlp_settings.settings(os.environ, "TRACES")
-        processor = BatchSpanProcessor(OtlpSpanExporter(span_settings, telemetry.shutdown_clock))
+        processor = BatchSpanProcessor(span_exporter)
         tracer_provider.add_span_processor(processor)
         trace.set_tracer_provider(tracer_provider)
         if fast_path:
@@ -165,12 +181,13 @@ def setup_telemetry(*, metrics_http: bool = False, fast_path: bool = True) -> Te
 
         periodic_reader, prometheus_reader = PeriodicExportingMetricReader, PrometheusMetricReader
     readers: list[MetricReader] = []
-    if _endpoint_configured("METRICS"):
-        metric_exporter = OtlpMetricExporter(
-            otlp_settings.settings(os.environ, "METRICS"),
-            telemetry.shutdown_clock,
-            _env("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE"),
-        )
+    metric_exporter = _exporter(
+        "METRICS",
+        lambda found: OtlpMetricExporter(
+            found, telemetry.shutdown_clock, _env("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE")
+        ),
+    )
+    if metric_exporter is not None:
         readers.append(periodic_reader(metric_exporter))
     if metrics_http:
         telemetry.prometheus_reader = prometheus_reader()
@@ -187,8 +204,8 @@ def setup_telemetry(*, metrics_http: bool = False, fast_path: bool = True) -> Te
     # OTLP headers, which may, are not logged).
     log.info(
         "telemetry: traces %s, metrics %s%s%s",
-        _destination("TRACES") if telemetry.exporting else "not exported",
-        _destination("METRICS") if _endpoint_configured("METRICS") else "not pushed",
+        _destination(span_exporter.settings) if span_exporter is not None else "not exported",
+        _destination(metric_exporter.settings) if metric_exporter is not None else "not pushed",
         ", served on /metrics" if metrics_http else "",
         "" if fast_path else ", fast path off (plain SDK)",
     )
