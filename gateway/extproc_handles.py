@@ -61,7 +61,7 @@ class ResponseMinting:
 
     def __init__(
         self,
-        authorizer: ResponsePath,
+        response_path: ResponsePath,
         context: RequestContext,
         identity: Identity | None,
         status: int,
@@ -69,7 +69,7 @@ class ResponseMinting:
         max_bytes: int,
         now: float,
     ) -> None:
-        self._authorizer = authorizer
+        self._response_path = response_path
         self._context = context
         self._identity = identity
         self._status = status
@@ -85,7 +85,7 @@ class ResponseMinting:
     def _mint(self, message: Any) -> Decision | None:
         """Bind what one JSON message mints; a refusal, or None."""
         variable = {"status": self._status, "headers": self._headers, "json": message}
-        minted = self._authorizer.mint(self._context, self._identity, variable, self._now)
+        minted = self._response_path.mint(self._context, self._identity, variable, self._now)
         if not minted.allowed:
             self.outcome = minted
             return minted

@@ -576,6 +576,39 @@ def test_an_expired_handle_is_refused_to_everyone_until_the_retention_ends(store
         store.close()
 
 
+def test_expired_handles_kept_for_the_retention_leave_the_identitys_cap(store_url: str) -> None:
+    """`handles.max_per_identity` counts live handles: one past its ttl, kept only to be refused,
+    gives its place back (on every store)."""
+    handles = HandlesConfig(ttl=3600, expired_retention=1800, max_per_identity=2)
+    store = open_handle_store(store_url, handles, 0.5, 1000)
+    binder = HandleBinder(store, handles)
+    alice = (ISS, "alice")
+    start = float(int(time.time()))
+    try:
+        for value in ("d-1", "d-2"):
+            assert not isinstance(binder.mint("draft", value, alice, lambda: ALICE, start), HandleRefused)
+        full = binder.mint("draft", "d-3", alice, lambda: ALICE, start + 10)
+        assert isinstance(full, HandleRefused) and full.reason == decision.HANDLE_LIMIT_EXCEEDED
+        later = binder.mint("draft", "d-3", alice, lambda: ALICE, start + 3601)
+        assert not isinstance(later, HandleRefused) and not later.existed
+        # The expired ones are still kept, and refused.
+        kept = binder.find("draft", "d-1", alice, None, True, start + 3602)
+        assert kept == HandleRefused(decision.HANDLE_UNKNOWN, "draft: the handle has expired")
+    finally:
+        store.close()
+
+
+def test_a_handle_past_its_kinds_shorter_ttl_is_not_minted_again_even_to_its_owner() -> None:
+    handles = HandlesConfig(ttl=3600)
+    binder = HandleBinder(MemoryStore(handle_store_settings(handles, 0.25, 1_000)), handles)
+    alice = (ISS, "alice")
+    assert not isinstance(binder.mint("draft", "d-1", alice, lambda: ALICE, 1000.0, 60.0), HandleRefused)
+    retried = binder.mint("draft", "d-1", alice, lambda: ALICE, 1059.0, 60.0)
+    assert not isinstance(retried, HandleRefused) and retried.existed
+    late = binder.mint("draft", "d-1", alice, lambda: ALICE, 1061.0, 60.0)
+    assert isinstance(late, HandleRefused) and late.reason == decision.HANDLE_REISSUED
+
+
 def test_an_expired_handle_still_kept_is_listed_expired_not_live() -> None:
     """The store keeps a handle `expired_retention` past its ttl; the listing judges it by
     `handles.ttl`, as every call presenting it is judged."""
@@ -796,7 +829,7 @@ def test_an_sse_response_goes_on_event_by_event_and_stops_at_a_refused_one() -> 
     assert minting.outcome.handle_new and minting.outcome.handle_kind == "draft"
     # bob's response re-issuing d-1: the progress event went on, the result never does.
     bobs = minting_for("bob")[1]()
-    bobs._authorizer = response_path  # the same store as alice's
+    bobs._response_path = response_path  # the same store as alice's
     released, refused = bobs.streamed_chunk(progress, False)
     assert released == progress and refused is None
     released, refused = bobs.streamed_chunk(sse(result("d-1")), True)

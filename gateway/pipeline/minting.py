@@ -71,7 +71,7 @@ def mint(
                     return _minted_denial(policy, kind, refused, value)
                 assert isinstance(value, str)
                 bind = partial(handle_bind_values, kind, request_activation, policy.name)
-                bound = binder.mint(kind.name, value, owner, bind, now)
+                bound = binder.mint(kind.name, value, owner, bind, now, kind.ttl)
                 if trace is not None:
                     trace(policy.name, "", f"handle {kind.name} minted", bound)
                 if isinstance(bound, HandleRefused):

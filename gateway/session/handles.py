@@ -167,9 +167,11 @@ class HandleBinder:
         owner: tuple[str, str] | None,
         bind_values: Callable[[], Mapping[str, Any]],
         now: float,
+        kind_ttl: float | None = None,
     ) -> Handle | HandleRefused:
         """Bind a handle a response minted to the identity that asked for it, atomically. A
-        handle already bound to someone else, or ended, is a re-issue: never re-bound."""
+        handle already bound to someone else, ended or past its kind's ttl is a re-issue:
+        never re-bound."""
         bound = {} if owner is None else dict(bind_values())
         try:
             json.dumps(bound)
@@ -185,7 +187,7 @@ class HandleBinder:
         if created.created:
             return Handle(kind, value, record, existed=False)
         existing = created.existing.data if created.existing is not None else {}
-        ttl = self.settings.ttl
+        ttl = self._ttl(kind_ttl)
         if refusal(existing, None, now, ttl, ttl) is None and _owned_by(existing, owner):
             # The same handle again for its owner (a retried call): nothing to bind.
             return Handle(kind, value, existing, existed=True)

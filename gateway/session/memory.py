@@ -246,7 +246,7 @@ class MemoryStore(SessionStore):
         ids = self._owner_ids.get(owner)
         if ids is None:
             return []
-        ttl = self.settings.ttl
+        ttl = self.settings.usable_for
         live = []
         for session_id in list(ids):
             value = self._live(session_id, now)

@@ -391,7 +391,9 @@ class RedisStore(SessionStore):
     def create(self, session_id: str, data: Mapping[str, Any], now: float, max_per_owner: int) -> Created:
         owner = "" if is_tombstone(data) else str(data.get("owner", ""))
         ttl_ms = max(1, _ms(self.settings.ttl))
-        if owner and not self._reserve(owner, session_id, now, ttl_ms, max_per_owner):
+        # A place in the owner's index counts while the record is usable, not while it is kept.
+        usable_ms = max(1, _ms(self.settings.usable_for))
+        if owner and not self._reserve(owner, session_id, now, usable_ms, max_per_owner):
             return Created(False, over_limit=True)
         key = layout.record_key(self._prefix, session_id)
         command = (

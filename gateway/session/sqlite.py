@@ -196,7 +196,7 @@ class SQLiteStore(SessionStore):
     def _live_count_of(self, connection: sqlite3.Connection, owner: str, now: float) -> int:
         row = connection.execute(
             f"SELECT COUNT(*) FROM sessions WHERE owner = ? AND {_USABLE_UNTIL} > ? AND created_at > ?",
-            (owner, now, now - self.settings.ttl),
+            (owner, now, now - self.settings.usable_for),
         ).fetchone()
         return int(row[0])
 
@@ -283,7 +283,7 @@ class SQLiteStore(SessionStore):
         now = time.time()
         rows = self._read(
             f"SELECT id FROM sessions WHERE owner = ? AND {_USABLE_UNTIL} > ? AND created_at > ?",
-            (owner, now, now - self.settings.ttl),
+            (owner, now, now - self.settings.usable_for),
         )
         return [row[0] for row in rows]
 
