@@ -410,6 +410,43 @@ def test_keys_stay_cached_when_the_endpoint_is_down(tmp_path: Path, issuers: lis
     assert outcome(verifier, idp.token("carol")) == decision.ALLOWED
 
 
+def test_a_check_during_the_first_fetch_waits_for_its_keys(issuers: list[TestIssuer]) -> None:
+    """A gateway fetches its keys in the background at start; a check arriving while that first
+    fetch is on its way waits for it (at most the fetch's own timeout) instead of being judged
+    with no keys at all (a 401 to a valid token, as CI once saw)."""
+    import threading
+
+    from gateway.identity.keys import http_get_json
+
+    idp = serve(issuers, "RS256")
+    fetching, release = threading.Event(), threading.Event()
+
+    def slow_idp(url: str, timeout: float) -> Any:
+        fetching.set()
+        release.wait(5)
+        return http_get_json(url, timeout)
+
+    keys = RemoteKeys(
+        idp.issuer, jwks_uri=idp.jwks_uri, discovery=False, timeout=2.0, refresh_every=3600.0,
+        cooldown=30.0, fetch=slow_idp,
+    )
+    config = config_from_mapping({"auth": {"issuers": [idp.issuer_config()]}})
+    verifier = TokenVerifier(config.auth, {idp.issuer: keys})
+    first_fetch = threading.Thread(target=keys.fetch_now)  # as gateway.app's jwks-initial thread
+    first_fetch.start()
+    assert fetching.wait(5)
+    outcomes: list[str] = []
+    check = threading.Thread(target=lambda: outcomes.append(outcome(verifier, idp.token())))
+    check.start()
+    check.join(0.3)
+    assert check.is_alive() and outcomes == []  # waiting for the fetch, not judged keyless
+    release.set()
+    check.join(5)
+    first_fetch.join(5)
+    assert outcomes == [decision.ALLOWED]
+    assert idp.jwks_requests == 1  # the check shared the fetch in flight
+
+
 def test_an_unreachable_endpoint_at_start_means_no_keys_not_an_allow(tmp_path: Path) -> None:
     idp = TestIssuer("RS256")
     url = idp.jwks_uri

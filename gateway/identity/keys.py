@@ -251,6 +251,8 @@ class RemoteKeys:
             return refresh
 
     def refresh_for_unknown_kid(self) -> KeySet:
-        if self._clock() - self._last_attempt >= self._cooldown:
+        # Before any keys arrived, a check waits on the lock for the fetch in flight (the start-up
+        # fetch) rather than judge with none; with no fetch in flight, the cooldown still holds.
+        if self._fetched_at is None or self._clock() - self._last_attempt >= self._cooldown:
             self.fetch_now(only_if_due=True)
         return self._keys
