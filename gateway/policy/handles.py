@@ -36,6 +36,9 @@ class KindReader(Protocol):
     ) -> dict[str, tuple[Node, Node]] | None: ...
     def scalar(self, node: Node, what: str) -> str | None: ...
     def integer(self, node: Node, what: str) -> int | None: ...
+    def bind_map(
+        self, node: Node, what: str, reserved: Collection[str]
+    ) -> tuple[list[tuple[str, CompiledExpression]], bool] | None: ...
     def expression(
         self, node: Node, expect: Expect, what: str, *, response: bool = False
     ) -> CompiledExpression | None: ...
@@ -106,21 +109,11 @@ def _read_kind(loader: KindReader, name: str, key_node: Node, node: Node) -> Han
     terminate = compiled("terminate", "bool")
     bind: list[tuple[str, CompiledExpression]] = []
     if "bind" in fields:
-        bind_node = fields["bind"][1]
-        if not isinstance(bind_node, MappingNode):
-            loader.problem(bind_node, f"{what}.bind must map names to CEL expressions")
+        read = loader.bind_map(fields["bind"][1], f"{what}.bind", RESERVED_BOUND_NAMES)
+        if read is None:
             return None
-        for bind_key, bind_value in bind_node.value:
-            bound_name = loader.scalar(bind_key, "a bind name")
-            if bound_name is None or bound_name in RESERVED_BOUND_NAMES:
-                loader.problem(bind_key, f"{what}.bind cannot use the reserved name {bound_name!r}")
-                ok = False
-                continue
-            expression = loader.expression(bind_value, "any", f"{what}.bind.{bound_name}")
-            if expression is None:
-                ok = False
-            else:
-                bind.append((bound_name, expression))
+        bind, bind_ok = read
+        ok = ok and bind_ok
     ttl = None
     if "ttl" in fields:
         try:

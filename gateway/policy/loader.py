@@ -7,7 +7,7 @@ file. A set with any problem is rejected whole, so a half-right directory never 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +48,7 @@ _HEADER_LOOKUP = re.compile(
 
 POLICY_KEYS = {"name", "description", "mode", "when", "session", "rules", "handles"}
 SESSION_KEYS = {"key", "bind", "terminate"}
+SESSION_RESERVED_NAMES = frozenset({"id", "exists", "anonymous", "created_at"})
 RULE_KEYS = {"name", "when", "allow", "deny"}
 DENY_KEYS = {"status", "reason", "claim", "headers"}
 
@@ -90,6 +91,29 @@ class _FileLoader(NodeReader):
 
     def at(self, node: Node) -> Location:
         return Location(*self.where(node))
+
+    def bind_map(
+        self, node: Node, what: str, reserved: Collection[str]
+    ) -> tuple[list[tuple[str, CompiledExpression]], bool] | None:
+        """A `bind:` map of names to CEL expressions, and whether every entry compiled; None
+        when it is not a map. Each problem is reported at its own line."""
+        if not isinstance(node, MappingNode):
+            self.problem(node, f"{what} must map names to CEL expressions")
+            return None
+        bind: list[tuple[str, CompiledExpression]] = []
+        ok = True
+        for key_node, value_node in node.value:
+            name = self.scalar(key_node, "a bind name")
+            if name is None or name in reserved:
+                self.problem(key_node, f"{what} cannot use the reserved name {name!r}")
+                ok = False
+                continue
+            compiled = self.expression(value_node, "any", f"{what}.{name}")
+            if compiled is None:
+                ok = False
+            else:
+                bind.append((name, compiled))
+        return bind, ok
 
     def expression(
         self, node: Node, expect: Expect, what: str, *, response: bool = False
@@ -194,21 +218,11 @@ class _FileLoader(NodeReader):
         bind: list[tuple[str, CompiledExpression]] = []
         ok = key is not None
         if "bind" in fields:
-            bind_node = fields["bind"][1]
-            if not isinstance(bind_node, MappingNode):
-                self.problem(bind_node, "session.bind must map names to CEL expressions")
+            read = self.bind_map(fields["bind"][1], "session.bind", SESSION_RESERVED_NAMES)
+            if read is None:
                 return None
-            for key_node, value_node in bind_node.value:
-                name = self.scalar(key_node, "a bind name")
-                if name in (None, "id", "exists", "anonymous", "created_at"):
-                    self.problem(key_node, f"session.bind cannot use the reserved name {name!r}")
-                    ok = False
-                    continue
-                compiled = self.expression(value_node, "any", f"session.bind.{name}")
-                if compiled is None:
-                    ok = False
-                else:
-                    bind.append((str(name), compiled))
+            bind, bind_ok = read
+            ok = ok and bind_ok
         terminate = None
         if "terminate" in fields:
             terminate = self.expression(fields["terminate"][1], "bool", "session.terminate")
