@@ -112,6 +112,10 @@ class SubjectHasher:
         text = "" if value is None else str(value)
         if self._record:
             return text
+        return self.keyed(text)
+
+    def keyed(self, text: str) -> str:
+        """The keyed hash whatever record_subject says: for what is never shown (handles)."""
         return "hmac-sha256:" + hmac.new(self._key, text.encode(), hashlib.sha256).hexdigest()[:32]
 
 
@@ -233,7 +237,8 @@ class CheckSpans:
             return span
         attributes = decision_attributes(outcome, context)
         if outcome.handle_id:
-            attributes["authz.handle.id"] = self._hash(outcome.handle_id)  # a keyed hash, never the handle
+            # A keyed hash even with record_subject: a handle is a credential to its state, never shown.
+            attributes["authz.handle.id"] = self._hash.keyed(outcome.handle_id)
         if extra:
             attributes.update(extra)
         events, status = self._events(outcome, context, end_ns, error)
