@@ -20,10 +20,9 @@ from gateway.mcp import (
     mcp_view,
     media_type,
 )
-from gateway.text import safe_text
+from gateway.text import CREDENTIAL_HEADERS, safe_text
 
 PARTIAL_BODY_HEADER = "x-envoy-auth-partial-body"
-_CREDENTIAL_HEADERS = frozenset({"authorization", "dpop"})
 _REQUEST_FIELDS = frozenset({"method", "path", "query", "host", "scheme", "headers", "body", "id"})
 
 
@@ -121,7 +120,7 @@ class RequestContext:
         if "headers" in fields:
             headers = self.headers
             if "authorization" in headers or "dpop" in headers:
-                headers = {k: v for k, v in headers.items() if k not in _CREDENTIAL_HEADERS}
+                headers = {k: v for k, v in headers.items() if k not in CREDENTIAL_HEADERS}
             result["headers"] = headers
         if "body" in fields:
             result["body"] = self.body

@@ -12,6 +12,10 @@ from typing import Any
 
 _SURROGATES = range(0xD800, 0xE000)
 
+# Request headers that carry credentials: never shown to CEL (`request.headers`), so never a
+# session id or a handle either.
+CREDENTIAL_HEADERS = frozenset({"authorization", "dpop"})
+
 
 def safe_text(text: str) -> bool:
     """No NUL and no lone surrogate."""

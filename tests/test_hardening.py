@@ -177,15 +177,17 @@ session:
         load_policy_set([("p.yaml", text)])
 
 
-def test_the_token_is_never_a_session_id() -> None:
-    text = """
+@pytest.mark.parametrize("header", ["authorization", "dpop"])
+def test_a_credential_is_never_a_session_id(header: str) -> None:
+    """Neither the token nor a DPoP proof: CEL never sees them, so the direct read must not."""
+    text = f"""
 name: p
 session:
-  key: '"authorization" in request.headers ? request.headers["authorization"] : ""'
+  key: '"{header}" in request.headers ? request.headers["{header}"] : ""'
 """
     policies = load_policy_set([("p.yaml", text)])
     session = policies.policies[0].session
-    assert session is not None and session.header is None  # CEL path: request.headers has no authorization
+    assert session is not None and session.header is None  # CEL path: request.headers has neither
 
 
 AUDIT_POLICY = """

@@ -23,7 +23,7 @@ from gateway.policy.engines import CompiledExpression, Expect
 from gateway.policy.evaluate import run_expression
 from gateway.policy.memo import FusedMemo
 from gateway.policy.model import HandleKind, HandleRefusal, Location
-from gateway.policy.reads import analyze
+from gateway.policy.reads import analyze, header_lookup
 
 
 class KindReader(Protocol):
@@ -182,9 +182,6 @@ def _remembered(
 _ARGUMENT_LOOKUP = re.compile(
     r'^\s*"([A-Za-z_][A-Za-z0-9_]*)"\s+in\s+mcp\.arguments\s*\?\s*mcp\.arguments\.([A-Za-z_][A-Za-z0-9_]*)\s*:\s*""\s*$'
 )
-_HEADER_LOOKUP = re.compile(
-    r'^\s*"([a-z0-9-]+)"\s+in\s+request\.headers\s*\?\s*request\.headers\s*\[\s*"([a-z0-9-]+)"\s*\]\s*:\s*""\s*$'
-)
 # Words CEL reserves: never read directly, whatever the form.
 _CEL_RESERVED = frozenset({
     "as", "break", "const", "continue", "else", "false", "for", "function", "if", "import", "in",
@@ -197,10 +194,7 @@ def _direct_read(source: str) -> tuple[str | None, str | None]:
     found = _ARGUMENT_LOOKUP.match(source)
     if found and found.group(1) == found.group(2) and found.group(1) not in _CEL_RESERVED:
         return found.group(1), None
-    found = _HEADER_LOOKUP.match(source)
-    if found and found.group(1) == found.group(2) and found.group(1) not in ("authorization", "dpop"):
-        return None, found.group(1)
-    return None, None
+    return None, header_lookup(source)
 
 
 def _plain(node: Node) -> object:

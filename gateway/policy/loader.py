@@ -33,7 +33,7 @@ from gateway.policy.model import (
     Rule,
     SessionSpec,
 )
-from gateway.policy.reads import analyze
+from gateway.policy.reads import analyze, header_lookup
 from gateway.yaml_reader import NodeReader, Position, YamlError, compose_all, offset_in
 
 POLICY_SUFFIXES = (".yaml", ".yml")
@@ -41,9 +41,6 @@ TEST_SUFFIXES = ("_test.yaml", "_test.yml")
 _REASON = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
-_HEADER_LOOKUP = re.compile(
-    r'^\s*"([a-z0-9-]+)"\s+in\s+request\.headers\s*\?\s*request\.headers\s*\[\s*"([a-z0-9-]+)"\s*\]\s*:\s*""\s*$'
-)
 
 
 POLICY_KEYS = {"name", "description", "mode", "when", "session", "rules", "handles"}
@@ -229,11 +226,7 @@ class _FileLoader(NodeReader):
             ok = ok and terminate is not None
         if not ok or key is None:
             return None
-        lookup = _HEADER_LOOKUP.match(key.source)
-        header = lookup.group(1) if lookup and lookup.group(1) == lookup.group(2) else None
-        if header == "authorization":
-            header = None  # not in request.headers for CEL either: never a session id
-        return SessionSpec(key, tuple(bind), terminate, header)
+        return SessionSpec(key, tuple(bind), terminate, header_lookup(key.source))
 
     def policy(self, node: Node) -> Policy | None:
         fields = self.mapping(node, POLICY_KEYS, "a policy")

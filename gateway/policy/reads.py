@@ -31,6 +31,7 @@ from types import MappingProxyType
 from typing import Any
 
 from gateway.policy.engines import VARIABLES
+from gateway.text import CREDENTIAL_HEADERS
 
 _VARIABLES = frozenset(VARIABLES)
 # Not a map: any use of it reads it whole.
@@ -105,6 +106,21 @@ class Reads:
 
 
 EVERYTHING = Reads(MappingProxyType(dict.fromkeys(VARIABLES)), (), analyzed=False)
+
+
+_HEADER_LOOKUP = re.compile(
+    r'^\s*"([a-z0-9-]+)"\s+in\s+request\.headers\s*\?\s*request\.headers\s*\[\s*"([a-z0-9-]+)"\s*\]\s*:\s*""\s*$'
+)
+
+
+def header_lookup(source: str) -> str | None:
+    """The header an expression of the form `"h" in request.headers ? request.headers["h"] : ""`
+    reads, so that the gateway can read it without CEL; None for any other form, and for a
+    credential header, which CEL never sees (its value there is "")."""
+    found = _HEADER_LOOKUP.match(source)
+    if found is None or found.group(1) != found.group(2) or found.group(1) in CREDENTIAL_HEADERS:
+        return None
+    return found.group(1)
 
 
 @functools.lru_cache(maxsize=2048)
