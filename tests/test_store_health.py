@@ -109,6 +109,9 @@ def test_a_password_holding_url_delimiters_is_never_shown(secret: str) -> None:
         shown = display_url(url)
         assert not any(fragment in shown for fragment in fragments), (url, shown)
         try:
-            redis_url.parse(url)
+            parsed = redis_url.parse(url)
         except redis_url.RedisURLError as refused:
             assert not any(fragment in str(refused) for fragment in fragments), (url, str(refused))
+        else:
+            # A parsed target that reaches a log line or a traceback by its repr shows no password.
+            assert not any(fragment in repr(parsed) for fragment in fragments), (url, repr(parsed))

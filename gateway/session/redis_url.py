@@ -13,7 +13,7 @@ Every scheme takes `replica_ack=auto|required|off` (see `gateway.session.redis_s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 SINGLE_SCHEMES = ("redis", "rediss", "unix")
@@ -33,14 +33,15 @@ class RedisURLError(ValueError):
 class RedisTarget:
     kind: str  # "single", "sentinel" or "cluster"
     replica_ack: str
-    single_url: str = ""  # the redis-py URL for one server, without this module's parameters
+    # The redis-py URL for one server, without this module's parameters (it holds the password).
+    single_url: str = field(default="", repr=False)
     hosts: tuple[tuple[str, int], ...] = ()
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     master_name: str = ""
     db: int = 0
     sentinel_username: str | None = None
-    sentinel_password: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
 
 
 def _split_hosts(netloc: str, scheme: str) -> tuple[tuple[tuple[str, int], ...], str | None, str | None]:
