@@ -641,3 +641,8 @@ def test_no_proof_is_accepted_or_crashes(
                           bound_jkt=_FUZZ_KEY.jkt, now=time.time())
         assert refused.value.failure in {"typ", "alg", "jwk", "signature", "htm", "htu", "iat", "jti", "ath",
                                          "jkt", "nonce"}
+
+
+def test_nonces_on_without_a_key_are_refused_not_silently_off() -> None:
+    with pytest.raises(ValueError, match="nonce key"):
+        ProofVerifier(DpopConfig(nonce=True, nonce_key=None), 0.0, MemoryReplayCache())

@@ -81,6 +81,9 @@ class DpopRejected(TokenRejected):
         super().__init__(reason or self.default_reason, message)
 
 
+_NOT_REMEMBERED = object()
+
+
 class InvalidProofType(DpopRejected):
     """Not a JWS compact JWT, or its `typ` is not dpop+jwt."""
 
@@ -387,8 +390,11 @@ class ProofVerifier:
         self._algorithms = frozenset(config.algorithms)
         self._leeway = leeway
         self._replay = replay
-        self.nonces = NonceSource(config.nonce_key, config.nonce_lifetime) if config.nonce and \
-            config.nonce_key else None
+        self.nonces: NonceSource | None = None
+        if config.nonce:
+            if not config.nonce_key:
+                raise ValueError("DPoP nonces need a nonce key")  # never silently off
+            self.nonces = NonceSource(config.nonce_key, config.nonce_lifetime)
         self._keys: dict[bytes, ProofKey] = {}
         self._uris: dict[str, str | None] = {}
         self._keys_lock = threading.Lock()
@@ -412,8 +418,10 @@ class ProofVerifier:
     def _normalized(self, htu: str) -> str | None:
         """normalize_uri of a proof's htu, None when it is not one; remembered (a client signs
         the same few URIs over and over)."""
-        if htu in self._uris:
-            return self._uris[htu]
+        # One read: another thread may evict the entry between a membership test and a lookup.
+        remembered = self._uris.get(htu, _NOT_REMEMBERED)
+        if remembered is not _NOT_REMEMBERED:
+            return remembered  # type: ignore[return-value]
         try:
             normalized: str | None = normalize_uri(htu.partition("#")[0].partition("?")[0])
         except ValueError:

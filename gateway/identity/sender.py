@@ -49,6 +49,9 @@ class Presentation:
     client_certificate: str = ""
 
 
+_NOT_KNOWN = object()
+
+
 class CertificateThumbprints:
     """base64url(SHA-256(DER)) of a URL-encoded PEM certificate, remembered by its text (a
     client's connection sends the same certificate on every request)."""
@@ -62,8 +65,10 @@ class CertificateThumbprints:
             return None
         # Keyed by a digest, so that the cache holds 32 bytes per certificate, not its text.
         digest = hashlib.sha256(encoded_pem.encode("utf-8", "surrogatepass")).digest()
-        if digest in self._known:
-            return self._known[digest]
+        # One read: another thread may evict the entry between a membership test and a lookup.
+        known = self._known.get(digest, _NOT_KNOWN)
+        if known is not _NOT_KNOWN:
+            return known  # type: ignore[return-value]
         thumbprint = _thumbprint(encoded_pem)
         with self._lock:
             if len(self._known) >= _CERTIFICATE_CACHE_SIZE:
