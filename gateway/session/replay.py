@@ -13,6 +13,7 @@ A cache that cannot answer raises StoreUnavailable: the check fails closed.
 
 from __future__ import annotations
 
+import itertools
 import math
 import sqlite3
 import threading
@@ -63,7 +64,7 @@ class MemoryReplayCache:
         if everything:
             self._expiry = {k: t for k, t in self._expiry.items() if t > now}
             return
-        for key in list(self._expiry)[:_SWEEP_EVERY]:
+        for key in list(itertools.islice(self._expiry, _SWEEP_EVERY)):
             if self._expiry[key] <= now:
                 del self._expiry[key]
 
