@@ -76,9 +76,12 @@ class Gateway:
         collecting = self.telemetry.meter_provider is not None
         measured = instrument_store(tracked, config.store) if collecting else tracked
         # Handles (MCP 2026-07-28) live in the same backend, in a key space of their own.
-        self.handle_store = handle_store or open_handle_store(
-            config.store, config.handles, config.session.store_timeout, config.session.max_sessions, observer
-        )
+        if handle_store is None:
+            handle_store = open_handle_store(
+                config.store, config.handles, config.session.store_timeout,
+                config.session.max_sessions, observer,
+            )
+        self.handle_store = handle_store
         self.authorizer = Authorizer(
             config.auth, config.session, self.verifier, measured, self.policies,
             self.handle_store, config.handles, replay_cache_for(store),
