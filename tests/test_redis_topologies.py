@@ -383,6 +383,36 @@ def test_an_unconfirmed_bind_fails_closed(tmp_path: Path) -> None:
         master.stop()
 
 
+def test_an_acl_without_info_still_binds_waiting_for_the_replica(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """replica_ack=auto counts replicas with INFO; a user whose ACL refuses INFO gets binds that
+    wait for a replica (confirmed here), not a 503 after every write, and one warning."""
+    master = RedisServer(tmp_path, name="acl-master")
+    replica = RedisServer(tmp_path, name="acl-replica")
+    secret = "acl-s3cret-pw"
+    try:
+        redis.Redis.from_url(replica.url).replicaof("127.0.0.1", master.port)
+        follower = redis.Redis.from_url(replica.url)
+        wait_until(lambda: follower.info("replication").get("master_link_status") == "up", 15, what="in sync")
+        follower.close()
+        admin = redis.Redis.from_url(master.url)
+        admin.execute_command("ACL", "SETUSER", "limited", "on", f">{secret}", "~*", "&*", "+@all", "-info")
+        admin.close()
+        url = f"redis://limited:{secret}@127.0.0.1:{master.port}/0"
+        store = open_store(url, StoreSettings(3600, 600, key_prefix="acl:", timeout=0.25))
+        now = time.time()
+        with caplog.at_level("WARNING", logger="gateway.session.redis_store"):
+            assert store.create("first", record_for("alice", "i", now), now, 10).created
+            assert store.create("second", record_for("alice", "i", now), now, 10).created
+        warnings = [r.getMessage() for r in caplog.records if "INFO replication is refused" in r.getMessage()]
+        assert len(warnings) == 1 and secret not in warnings[0], warnings
+        store.close()
+    finally:
+        replica.stop()
+        master.stop()
+
+
 def test_required_replica_ack_without_a_replica_is_503(tmp_path: Path) -> None:
     server = RedisServer(tmp_path, name="lonely")
     try:

@@ -32,6 +32,7 @@ finds no record looks for them and reports a legacy record, so the check answers
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 import weakref
@@ -49,7 +50,7 @@ from gateway.session import redis_layout as layout
 from gateway.session.record import ENDED_EXPIRED, tombstone
 from gateway.session.record import decode as decode_record
 from gateway.session.record import encode as encode_record
-from gateway.session.redis_url import RedisTarget, RedisURLError, parse
+from gateway.session.redis_url import RedisTarget, RedisURLError, display, parse
 from gateway.session.store import (
     Created,
     Loaded,
@@ -65,6 +66,8 @@ T = TypeVar("T")
 _TOMBSTONE_MARK = b'"terminated":true'
 _SCAN_BATCH = 500
 _RESERVATION_GRACE = 5.0  # seconds; far beyond any bind that has not failed with a timeout
+log = logging.getLogger(__name__)
+
 _REPLICA_COUNT_MAX_AGE = 1.0
 _SLOT_MAP_INTERVAL = 0.25  # seconds between two reads of a Cluster's slot map after errors
 # Errors after which the Cluster's slot map is read again: the slot moved (failover).
@@ -96,6 +99,7 @@ class RedisStore(SessionStore):
         self._observer = observer
         self._prefix = settings.key_prefix
         self._target: RedisTarget = parse(url)
+        self._display = display(url)  # for log lines: never the password
         if self._target.kind == "cluster" and ("{" in self._prefix or "}" in self._prefix):
             raise RedisURLError("session.key_prefix must not hold { or } with redis+cluster:// (hash tags)")
         self._idle_ms = str(max(1, _ms(settings.idle_timeout)))
@@ -299,7 +303,17 @@ class RedisStore(SessionStore):
         known = self._replicas.get(where)
         if known is None or now - known[0] > _REPLICA_COUNT_MAX_AGE:
             connection.send_command("INFO", "replication")
-            text = connection.read_response()
+            try:
+                text = connection.read_response()
+            except redis.exceptions.ResponseError:
+                # An ACL without INFO: replicas cannot be counted, so every write waits for one
+                # (confirmed, or refused: never acknowledged unconfirmed where replicas may exist).
+                if known is None:
+                    log.warning(
+                        "Redis store %s: INFO replication is refused (ACL), so replica_ack=auto waits for a "
+                        "replica on every write; set replica_ack=required or off in the URL", self._display
+                    )
+                text = "connected_slaves:1"
             count = 0
             for line in (text.decode() if isinstance(text, bytes) else str(text)).splitlines():
                 if line.startswith("connected_slaves:"):
