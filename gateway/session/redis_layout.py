@@ -104,14 +104,15 @@ def session_id_of(prefix: str, key: str) -> str | None:
     return rest[close + 3 :]
 
 
-def _beside(prefix: str) -> str:
+def beside(prefix: str) -> str:
+    """A prefix beside `prefix`, never equal to a key under it: its last character changed."""
     last = prefix[-1:] or ":"
     return f"{prefix[:-1]}{'!' if last == '|' else '|'}"
 
 
 def legacy_keys(prefix: str, session_id: str) -> tuple[str, str]:
     """The record key and the bound marker of the layout before this one (one Redis, no tags)."""
-    return f"{prefix}{session_id}", f"{_beside(prefix)}bound:{session_id}"
+    return f"{prefix}{session_id}", f"{beside(prefix)}bound:{session_id}"
 
 
 def _glob_escape(text: str) -> str:

@@ -19,6 +19,7 @@ import sqlite3
 import threading
 from typing import Protocol, runtime_checkable
 
+from gateway.session import redis_layout
 from gateway.session.memory import MemoryStore
 from gateway.session.sqlite import SQLiteStore
 from gateway.session.store import SessionStore, StoreUnavailable
@@ -122,10 +123,8 @@ class RedisStoreLike(Protocol):
 
 
 def replay_key_prefix(session_prefix: str) -> str:
-    """Beside the session keys, never equal to one: the prefix's last character is changed, as
-    for the Redis store's other keys."""
-    last = session_prefix[-1:] or ":"
-    return f"{session_prefix[:-1]}{'!' if last == '|' else '|'}dpop-jti:"
+    """Beside the session keys, never equal to one, as the Redis store's other keys."""
+    return f"{redis_layout.beside(session_prefix)}dpop-jti:"
 
 
 def replay_cache_for(store: SessionStore) -> ReplayCache:
