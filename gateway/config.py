@@ -459,6 +459,12 @@ def _session(reader: _Reader) -> SessionConfig:
         max_sessions=reader.integer("max_sessions", d.max_sessions, 1),
         bind_on=reader.string("bind_on", d.bind_on) or "",
     )
+    # ttl 0 would drop a terminated session's tombstone at once (under first_use anyone could bind
+    # the id again), store_timeout 0 would fail every store call: each must be longer than 0s.
+    for key in ("ttl", "idle_timeout", "store_timeout"):
+        value = getattr(session, key)
+        if not math.isfinite(value) or value <= 0:
+            raise reader.error("must be a finite duration longer than 0s", key)
     if session.bind_on not in (BIND_ON_FIRST_USE, BIND_ON_RESPONSE):
         raise reader.error(f"must be {BIND_ON_FIRST_USE} or {BIND_ON_RESPONSE}", "bind_on")
     reader.finish()
@@ -635,6 +641,11 @@ def config_from_mapping(data: object, source: str = "<config>", base: Path | Non
         responses=_responses(top.child("responses")),
         source=Path(source) if source != "<config>" else None,
     )
+    # 0s is meaningful for both: no grace (in-flight checks are cancelled at once), and a reload on
+    # the first quiet poll after a change. Only an endless wait is refused.
+    for key in ("shutdown_grace", "reload_debounce"):
+        if not math.isfinite(getattr(config, key)):
+            raise top.error("must be a finite duration", key)
     _check_admin_issuer(config, source)
     _check_handle_prefix(config, top)
     top.finish()

@@ -180,6 +180,13 @@ def test_a_config_file_error_is_located_where_the_key_is(tmp_path: Path) -> None
         ("handles:\n  expired_retention: -5\n", "2:22: handles.expired_retention: a duration cannot"),
         ("handles:\n  expired_retention: .inf\n", "2:22: handles.expired_retention: must be finite"),
         ("handles:\n  expired_retention: soon\n", "2:22: handles.expired_retention: not a duration"),
+        ("session:\n  ttl: .inf\n", "2:8: session.ttl: must be a finite duration longer than 0s"),
+        ("session:\n  ttl: 0\n", "2:8: session.ttl: must be a finite duration longer than 0s"),
+        ("session:\n  idle_timeout: 0s\n", "2:17: session.idle_timeout: must be a finite duration longer"),
+        ("session:\n  store_timeout: 0\n", "2:18: session.store_timeout: must be a finite duration longer"),
+        ("session:\n  store_timeout: .nan\n", "2:18: session.store_timeout: must be a finite duration"),
+        ("shutdown_grace: .inf\n", "1:17: shutdown_grace: must be a finite duration"),
+        ("reload_debounce: .inf\n", "1:18: reload_debounce: must be a finite duration"),
         (
             "session:\n  key_prefix: 'a:'\nhandles:\n  key_prefix: 'a:b'\n",
             "4:15: handles.key_prefix: must not overlap",
@@ -195,6 +202,14 @@ def test_a_config_file_error_is_located_where_the_key_is(tmp_path: Path) -> None
         with pytest.raises(ConfigError) as caught:
             load_config(path)
         assert str(caught.value).startswith(f"{path}:{expected}"), (text, str(caught.value))
+
+
+def test_zero_is_a_grace_and_a_debounce_but_not_a_session_duration() -> None:
+    config = config_from_mapping({"shutdown_grace": "0s", "reload_debounce": 0}, "conf.yaml")
+    assert (config.shutdown_grace, config.reload_debounce) == (0.0, 0.0)
+    for key in ("ttl", "idle_timeout", "store_timeout"):
+        with pytest.raises(ConfigError, match=rf"conf\.yaml: session\.{key}: must be a finite duration longer"):
+            config_from_mapping({"session": {key: "0s"}}, "conf.yaml")
 
 
 # ---------------------------------------------------------------- flags override the file
