@@ -598,14 +598,14 @@ def _admin(reader: _Reader, base: Path) -> AdminConfig:
     return admin
 
 
-def _check_admin_issuer(config: Config, source: str) -> None:
+def _check_admin_issuer(config: Config, top: _Reader) -> None:
     """admin.token_issuer must be a configured issuer: its tokens are verified with its keys."""
     issuer = config.admin.token_issuer
     known = [i.issuer for i in config.auth.issuers]
     if issuer is not None and issuer not in known:
         configured = ", ".join(repr(i) for i in known) or "none"
-        raise ConfigError(
-            f"{source}: admin.token_issuer: {issuer!r} is not one of auth.issuers (configured: {configured})"
+        raise top.child("admin").error(
+            f"{issuer!r} is not one of auth.issuers (configured: {configured})", "token_issuer"
         )
 
 
@@ -646,7 +646,7 @@ def config_from_mapping(data: object, source: str = "<config>", base: Path | Non
     for key in ("shutdown_grace", "reload_debounce"):
         if not math.isfinite(getattr(config, key)):
             raise top.error("must be a finite duration", key)
-    _check_admin_issuer(config, source)
+    _check_admin_issuer(config, top)
     _check_handle_prefix(config, top)
     top.finish()
     return config

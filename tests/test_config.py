@@ -191,6 +191,11 @@ def test_a_config_file_error_is_located_where_the_key_is(tmp_path: Path) -> None
             "session:\n  key_prefix: 'a:'\nhandles:\n  key_prefix: 'a:b'\n",
             "4:15: handles.key_prefix: must not overlap",
         ),
+        (
+            "auth:\n  issuers:\n    - issuer: https://a\n      jwks_uri: https://a/k\n      audiences: [x]\n"
+            "admin:\n  token_issuer: https://b\n",
+            "7:17: admin.token_issuer: 'https://b' is not one of auth.issuers (configured: 'https://a')",
+        ),
         # A key that is missing: where its mapping starts.
         (
             "auth:\n  issuers:\n    - issuer: https://a\n      jwks_uri: https://a/k\n",
