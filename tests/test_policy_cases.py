@@ -17,7 +17,7 @@ from gateway.commands.policy_cases import (
     parse_cases,
     run_case,
 )
-from gateway.policy.loader import default_policy_dir, load_policy_dir
+from gateway.policy.loader import default_policy_dir, load_policy_dir, load_policy_set
 from gateway.policy.model import PolicySet
 
 REPO = Path(__file__).resolve().parent.parent
@@ -222,3 +222,39 @@ def test_each_case_gets_a_fresh_store() -> None:
         """,
     )
     assert failures == [[], []]
+
+
+MINTS_ON_CREATE = """\
+name: drafts
+handles:
+  draft:
+    presented: '""'
+    minted: 'response.json.result.structuredContent.draft_id'
+    minted_by: 'mcp.method == "tools/call" && mcp.name == "create_draft"'
+rules: []
+"""
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_response_is_read_only_when_the_call_may_mint(engine: str) -> None:
+    """As the gateway: a call no kind mints never has its response read, so a body that is not
+    JSON passes; the same body for a call that may mint is handle_unreadable."""
+    runner = CaseRunner(load_policy_set([("p.yaml", MINTS_ON_CREATE)], engine))
+
+    def case(tool: str) -> PolicyCase:
+        body = (
+            '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"%s","arguments":{}}}' % tool
+        )
+        text = (
+            f"name: c\nrequest: {{body: '{body}', headers: {{content-type: application/json}}}}\n"
+            "claims: {iss: https://idp.example.com, sub: alice}\n"
+            "response: {status: 200, headers: {content-type: text/plain}, body: 'not json'}\n"
+            "expect: {decision: allow}\n"
+        )
+        (parsed,) = parse_cases("t_test.yaml", text)
+        return parsed
+
+    listed = runner.run(case("list_drafts")).decision
+    assert listed.allowed and not listed.mints_handles, listed
+    created = runner.run(case("create_draft")).decision
+    assert (created.allowed, created.reason) == (False, "handle_unreadable"), created
