@@ -213,7 +213,8 @@ def test_zero_is_a_grace_and_a_debounce_but_not_a_session_duration() -> None:
     config = config_from_mapping({"shutdown_grace": "0s", "reload_debounce": 0}, "conf.yaml")
     assert (config.shutdown_grace, config.reload_debounce) == (0.0, 0.0)
     for key in ("ttl", "idle_timeout", "store_timeout"):
-        with pytest.raises(ConfigError, match=rf"conf\.yaml: session\.{key}: must be a finite duration longer"):
+        expected = rf"conf\.yaml: session\.{key}: must be a finite duration longer"
+        with pytest.raises(ConfigError, match=expected):
             config_from_mapping({"session": {key: "0s"}}, "conf.yaml")
 
 

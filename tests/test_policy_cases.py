@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from functools import cache
 from pathlib import Path
@@ -242,9 +243,9 @@ def test_a_response_is_read_only_when_the_call_may_mint(engine: str) -> None:
     runner = CaseRunner(load_policy_set([("p.yaml", MINTS_ON_CREATE)], engine))
 
     def case(tool: str) -> PolicyCase:
-        body = (
-            '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"%s","arguments":{}}}' % tool
-        )
+        params = {"name": tool, "arguments": {}}
+        message = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}
+        body = json.dumps(message)
         text = (
             f"name: c\nrequest: {{body: '{body}', headers: {{content-type: application/json}}}}\n"
             "claims: {iss: https://idp.example.com, sub: alice}\n"

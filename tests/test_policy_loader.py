@@ -384,7 +384,8 @@ def test_default_policy_copies_are_identical() -> None:
             "p.yaml:5:20: deny.reason 'x_y\\n' is not lower_snake_case",
         ),
         (
-            'name: p\nrules:\n  - name: r\n    allow: "true"\n    deny: {reason: x, headers: {"x-a\\n": \'"v"\'}}\n',
+            'name: p\nrules:\n  - name: r\n    allow: "true"\n'
+            '    deny: {reason: x, headers: {"x-a\\n": \'"v"\'}}\n',
             "p.yaml:5:33: invalid header name 'x-a\\n'",
         ),
         ('name: p\nhandles:\n  "draft\\n": {presented: \'""\'}\n', "p.yaml:3:3: handle kind 'draft\\n'"),
