@@ -259,3 +259,22 @@ def test_a_response_is_read_only_when_the_call_may_mint(engine: str) -> None:
     assert listed.allowed and not listed.mints_handles, listed
     created = runner.run(case("create_draft")).decision
     assert (created.allowed, created.reason) == (False, "handle_unreadable"), created
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_bad_pattern_from_the_request_is_not_in_the_error(engine: str) -> None:
+    policy = (
+        "name: p\nrules:\n  - name: r\n"
+        "    allow: 'request.headers[\"x-name\"].matches(request.headers[\"x-pattern\"])'\n"
+        "    deny: {reason: name_mismatch}\n"
+    )
+    runner = CaseRunner(load_policy_set([("p.yaml", policy)], engine))
+    for pattern in ("s3cretV4lue(", "[s3cretV4lue", "a{2,1}s3cretV4lue", "(?P<s3cretV4lue"):
+        text = (
+            f"name: c\nrequest: {{headers: {{x-name: abc, x-pattern: '{pattern}'}}}}\n"
+            "claims: {iss: https://idp.example.com, sub: alice}\n"
+        )
+        (case,) = parse_cases("t_test.yaml", text)
+        denial = runner.run(case).decision
+        assert denial.reason == "policy_error" and denial.error, denial
+        assert "s3cretV4lue" not in denial.error, denial.error
