@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 from urllib.parse import urlsplit
 
 from gateway.yaml_reader import Kind, YamlError, load, locate, wrong_type
@@ -120,15 +120,23 @@ class HandlesConfig:
     # How long a handle lives (a kind's own `ttl` may be shorter, never longer).
     ttl: float = 24 * 3600.0
     # How long past its ttl an expired handle is still kept, refused to everyone (its owner
-    # too) whatever the kind's `unknown` says; after it the value is forgotten. Read from the
-    # config: by default as long as `ttl`.
-    expired_retention: float = 24 * 3600.0
+    # too) whatever the kind's `unknown` says; after it the value is forgotten. By default
+    # (AS_TTL) as long as `ttl`, whether read from the config or built in code: __post_init__
+    # resolves it, so every reader sees a duration (dataclasses.replace keeps the resolved one).
+    expired_retention: float = -1.0  # AS_TTL
     max_id_length: int = 256
     key_prefix: str = "authz:handle:"
     # The largest response (or SSE event) read for a handle; a larger one is refused (502).
     max_response_bytes: int = 1024 * 1024
     # Live handles one identity may hold: a caller minting without end cannot fill the store.
     max_per_identity: int = 10_000
+
+    AS_TTL: ClassVar[float] = -1.0
+
+    def __post_init__(self) -> None:
+        if self.expired_retention == self.AS_TTL:
+            object.__setattr__(self, "expired_retention", self.ttl)
+
 
 BIND_ON_FIRST_USE = "first_use"
 BIND_ON_RESPONSE = "response"
@@ -459,6 +467,12 @@ def _session(reader: _Reader) -> SessionConfig:
         max_sessions=reader.integer("max_sessions", d.max_sessions, 1),
         bind_on=reader.string("bind_on", d.bind_on) or "",
     )
+    # ttl 0 would drop a terminated session's tombstone at once (under first_use anyone could bind
+    # the id again), store_timeout 0 would fail every store call: each must be longer than 0s.
+    for key in ("ttl", "idle_timeout", "store_timeout"):
+        value = getattr(session, key)
+        if not math.isfinite(value) or value <= 0:
+            raise reader.error("must be a finite duration longer than 0s", key)
     if session.bind_on not in (BIND_ON_FIRST_USE, BIND_ON_RESPONSE):
         raise reader.error(f"must be {BIND_ON_FIRST_USE} or {BIND_ON_RESPONSE}", "bind_on")
     reader.finish()
@@ -467,10 +481,9 @@ def _session(reader: _Reader) -> SessionConfig:
 
 def _handles(reader: _Reader) -> HandlesConfig:
     d = HandlesConfig()
-    ttl = reader.duration("ttl", d.ttl)
     handles = HandlesConfig(
-        ttl=ttl,
-        expired_retention=reader.duration("expired_retention", ttl),
+        ttl=reader.duration("ttl", d.ttl),
+        expired_retention=reader.duration("expired_retention", HandlesConfig.AS_TTL),
         max_id_length=reader.integer("max_id_length", d.max_id_length, 1),
         key_prefix=reader.string("key_prefix", d.key_prefix) or d.key_prefix,
         max_response_bytes=reader.integer("max_response_bytes", d.max_response_bytes, 1024),
@@ -592,14 +605,14 @@ def _admin(reader: _Reader, base: Path) -> AdminConfig:
     return admin
 
 
-def _check_admin_issuer(config: Config, source: str) -> None:
+def _check_admin_issuer(config: Config, top: _Reader) -> None:
     """admin.token_issuer must be a configured issuer: its tokens are verified with its keys."""
     issuer = config.admin.token_issuer
     known = [i.issuer for i in config.auth.issuers]
     if issuer is not None and issuer not in known:
         configured = ", ".join(repr(i) for i in known) or "none"
-        raise ConfigError(
-            f"{source}: admin.token_issuer: {issuer!r} is not one of auth.issuers (configured: {configured})"
+        raise top.child("admin").error(
+            f"{issuer!r} is not one of auth.issuers (configured: {configured})", "token_issuer"
         )
 
 
@@ -635,7 +648,12 @@ def config_from_mapping(data: object, source: str = "<config>", base: Path | Non
         responses=_responses(top.child("responses")),
         source=Path(source) if source != "<config>" else None,
     )
-    _check_admin_issuer(config, source)
+    # 0s is meaningful for both: no grace (in-flight checks are cancelled at once), and a reload on
+    # the first quiet poll after a change. Only an endless wait is refused.
+    for key in ("shutdown_grace", "reload_debounce"):
+        if not math.isfinite(getattr(config, key)):
+            raise top.error("must be a finite duration", key)
+    _check_admin_issuer(config, top)
     _check_handle_prefix(config, top)
     top.finish()
     return config

@@ -13,7 +13,14 @@ import yaml
 from gateway import __version__
 from gateway.cli import build_parser
 from gateway.commands.serve import resolve_config
-from gateway.config import DEFAULT_ALGORITHMS, Config, ConfigError, config_from_mapping, load_config
+from gateway.config import (
+    DEFAULT_ALGORITHMS,
+    Config,
+    ConfigError,
+    HandlesConfig,
+    config_from_mapping,
+    load_config,
+)
 from gateway.policy.loader import default_policy_dir, resolve_policy_dir
 from tests.support.issuer import AUDIENCE, TestIssuer
 from tests.support.processes import REPO, GatewayProcess, free_port, health_status, wait_for_port, wait_until
@@ -180,9 +187,21 @@ def test_a_config_file_error_is_located_where_the_key_is(tmp_path: Path) -> None
         ("handles:\n  expired_retention: -5\n", "2:22: handles.expired_retention: a duration cannot"),
         ("handles:\n  expired_retention: .inf\n", "2:22: handles.expired_retention: must be finite"),
         ("handles:\n  expired_retention: soon\n", "2:22: handles.expired_retention: not a duration"),
+        ("session:\n  ttl: .inf\n", "2:8: session.ttl: must be a finite duration longer than 0s"),
+        ("session:\n  ttl: 0\n", "2:8: session.ttl: must be a finite duration longer than 0s"),
+        ("session:\n  idle_timeout: 0s\n", "2:17: session.idle_timeout: must be a finite duration longer"),
+        ("session:\n  store_timeout: 0\n", "2:18: session.store_timeout: must be a finite duration longer"),
+        ("session:\n  store_timeout: .nan\n", "2:18: session.store_timeout: must be a finite duration"),
+        ("shutdown_grace: .inf\n", "1:17: shutdown_grace: must be a finite duration"),
+        ("reload_debounce: .inf\n", "1:18: reload_debounce: must be a finite duration"),
         (
             "session:\n  key_prefix: 'a:'\nhandles:\n  key_prefix: 'a:b'\n",
             "4:15: handles.key_prefix: must not overlap",
+        ),
+        (
+            "auth:\n  issuers:\n    - issuer: https://a\n      jwks_uri: https://a/k\n      audiences: [x]\n"
+            "admin:\n  token_issuer: https://b\n",
+            "7:17: admin.token_issuer: 'https://b' is not one of auth.issuers (configured: 'https://a')",
         ),
         # A key that is missing: where its mapping starts.
         (
@@ -195,6 +214,15 @@ def test_a_config_file_error_is_located_where_the_key_is(tmp_path: Path) -> None
         with pytest.raises(ConfigError) as caught:
             load_config(path)
         assert str(caught.value).startswith(f"{path}:{expected}"), (text, str(caught.value))
+
+
+def test_zero_is_a_grace_and_a_debounce_but_not_a_session_duration() -> None:
+    config = config_from_mapping({"shutdown_grace": "0s", "reload_debounce": 0}, "conf.yaml")
+    assert (config.shutdown_grace, config.reload_debounce) == (0.0, 0.0)
+    for key in ("ttl", "idle_timeout", "store_timeout"):
+        expected = rf"conf\.yaml: session\.{key}: must be a finite duration longer"
+        with pytest.raises(ConfigError, match=expected):
+            config_from_mapping({"session": {key: "0s"}}, "conf.yaml")
 
 
 # ---------------------------------------------------------------- flags override the file
@@ -357,3 +385,7 @@ def test_expired_handles_are_kept_as_long_as_the_ttl_unless_told() -> None:
     assert config_from_mapping({"handles": {"ttl": "1h"}}, "c.yaml").handles.expired_retention == 3600
     told = config_from_mapping({"handles": {"ttl": "1h", "expired_retention": "0s"}}, "c.yaml")
     assert told.handles.ttl == 3600 and told.handles.expired_retention == 0
+    # Built in code, as read from a file: the retention follows the ttl unless given.
+    assert HandlesConfig(ttl=60).expired_retention == 60
+    assert HandlesConfig(ttl=60, expired_retention=0).expired_retention == 0
+    assert HandlesConfig().expired_retention == 24 * 3600

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from functools import cache
 from pathlib import Path
@@ -17,7 +18,7 @@ from gateway.commands.policy_cases import (
     parse_cases,
     run_case,
 )
-from gateway.policy.loader import default_policy_dir, load_policy_dir
+from gateway.policy.loader import default_policy_dir, load_policy_dir, load_policy_set
 from gateway.policy.model import PolicySet
 
 REPO = Path(__file__).resolve().parent.parent
@@ -222,3 +223,58 @@ def test_each_case_gets_a_fresh_store() -> None:
         """,
     )
     assert failures == [[], []]
+
+
+MINTS_ON_CREATE = """\
+name: drafts
+handles:
+  draft:
+    presented: '""'
+    minted: 'response.json.result.structuredContent.draft_id'
+    minted_by: 'mcp.method == "tools/call" && mcp.name == "create_draft"'
+rules: []
+"""
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_response_is_read_only_when_the_call_may_mint(engine: str) -> None:
+    """As the gateway: a call no kind mints never has its response read, so a body that is not
+    JSON passes; the same body for a call that may mint is handle_unreadable."""
+    runner = CaseRunner(load_policy_set([("p.yaml", MINTS_ON_CREATE)], engine))
+
+    def case(tool: str) -> PolicyCase:
+        params = {"name": tool, "arguments": {}}
+        message = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}
+        body = json.dumps(message)
+        text = (
+            f"name: c\nrequest: {{body: '{body}', headers: {{content-type: application/json}}}}\n"
+            "claims: {iss: https://idp.example.com, sub: alice}\n"
+            "response: {status: 200, headers: {content-type: text/plain}, body: 'not json'}\n"
+            "expect: {decision: allow}\n"
+        )
+        (parsed,) = parse_cases("t_test.yaml", text)
+        return parsed
+
+    listed = runner.run(case("list_drafts")).decision
+    assert listed.allowed and not listed.mints_handles, listed
+    created = runner.run(case("create_draft")).decision
+    assert (created.allowed, created.reason) == (False, "handle_unreadable"), created
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_bad_pattern_from_the_request_is_not_in_the_error(engine: str) -> None:
+    policy = (
+        "name: p\nrules:\n  - name: r\n"
+        "    allow: 'request.headers[\"x-name\"].matches(request.headers[\"x-pattern\"])'\n"
+        "    deny: {reason: name_mismatch}\n"
+    )
+    runner = CaseRunner(load_policy_set([("p.yaml", policy)], engine))
+    for pattern in ("s3cretV4lue(", "[s3cretV4lue", "a{2,1}s3cretV4lue", "(?P<s3cretV4lue"):
+        text = (
+            f"name: c\nrequest: {{headers: {{x-name: abc, x-pattern: '{pattern}'}}}}\n"
+            "claims: {iss: https://idp.example.com, sub: alice}\n"
+        )
+        (case,) = parse_cases("t_test.yaml", text)
+        denial = runner.run(case).decision
+        assert denial.reason == "policy_error" and denial.error, denial
+        assert "s3cretV4lue" not in denial.error, denial.error

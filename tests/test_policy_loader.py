@@ -368,3 +368,30 @@ def test_default_policy_copies_are_identical() -> None:
     for example in ("tool-scopes", "audit-mode"):
         copy = REPO / "examples/policies" / example / "10-mcp-session-binding.yaml"
         assert copy.read_bytes() == (packaged / "10-mcp-session-binding.yaml").read_bytes(), example
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('name: "p\\n"\nrules: []\n', "p.yaml:1:7: policy name 'p\\n'"),
+        (
+            'name: p\nrules:\n  - name: "r\\n"\n    allow: "true"\n    deny: {reason: x}\n',
+            "p.yaml:3:11: rule name 'r\\n'",
+        ),
+        (
+            'name: p\nrules:\n  - name: r\n    allow: "true"\n    deny: {reason: "x_y\\n"}\n',
+            "p.yaml:5:20: deny.reason 'x_y\\n' is not lower_snake_case",
+        ),
+        (
+            'name: p\nrules:\n  - name: r\n    allow: "true"\n'
+            '    deny: {reason: x, headers: {"x-a\\n": \'"v"\'}}\n',
+            "p.yaml:5:33: invalid header name 'x-a\\n'",
+        ),
+        ('name: p\nhandles:\n  "draft\\n": {presented: \'""\'}\n', "p.yaml:3:3: handle kind 'draft\\n'"),
+    ],
+)
+def test_a_name_with_a_trailing_newline_is_refused(engine: str, text: str, expected: str) -> None:
+    """A final newline would reach store keys, span attributes and metric labels."""
+    (problem,) = problems_of(text, engine)
+    assert problem.startswith(expected), problem

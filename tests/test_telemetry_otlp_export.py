@@ -583,3 +583,29 @@ def test_the_exporters_framing_headers_win_over_a_users(receiver: OtlpReceiver) 
     assert headers["content-type"] == "application/x-protobuf" and receiver.content_encodings == [""]
     assert headers["user-agent"] == "custom-agent" and headers["x-tenant"] == "edge"
     assert {s.name for s in receiver.spans()} == {"parent", "child"}
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_failed_export_logs_no_endpoint_query_nor_collector_text(
+    receiver: OtlpReceiver, protocol: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An endpoint's query can hold an API key (http.client's InvalidURL quotes it), and a
+    collector's gRPC status details can echo headers: the log names the error's type or status
+    code only."""
+    caplog.set_level(logging.DEBUG)
+    if protocol == HTTP:
+        # A space in the query: http.client refuses the request line and quotes it in its error.
+        endpoint = f"{receiver.http_endpoint}/v1/traces?api_key=q5ecret-key x"
+        env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_TIMEOUT": "1"}
+        marker = "q5ecret"
+    else:
+        receiver.fail_next = 100  # UNAVAILABLE, with the receiver's own details text
+        env = {"OTEL_EXPORTER_OTLP_TIMEOUT": "1"}
+        marker = "failing on purpose"
+    exporter = OtlpSpanExporter(_settings(receiver, protocol, "TRACES", **env))
+    result = exporter.export(_spans())
+    exporter.shutdown()
+    receiver.fail_next = 0
+    assert result == SpanExportResult.FAILURE and "not exported" in caplog.text
+    assert marker not in caplog.text, caplog.text
+    assert ("InvalidURL" if protocol == HTTP else "gRPC UNAVAILABLE") in caplog.text

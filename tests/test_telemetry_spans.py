@@ -50,6 +50,16 @@ rules:
 """
 
 
+BAD_PATTERN_POLICY = """
+name: pattern-from-the-request
+when: '"x-pattern" in request.headers'
+rules:
+  - name: name-matches-the-presented-pattern
+    allow: 'request.headers["x-name"].matches(request.headers["x-pattern"])'
+    deny: { status: 403, reason: name_mismatch }
+"""
+
+
 @dataclass
 class Rig:
     receiver: OtlpReceiver
@@ -73,6 +83,7 @@ def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     shutil.copy(REPO / "policies" / "10-mcp-session-binding.yaml", policies)
     (policies / "20-audit.yaml").write_text(AUDIT_POLICY)
     (policies / "30-broken.yaml").write_text(BROKEN_POLICY)
+    (policies / "40-bad-pattern.yaml").write_text(BAD_PATTERN_POLICY)
     receiver = OtlpReceiver()
     idp = TestIssuer(name="a")
     other_idp = TestIssuer(name="b")
@@ -246,6 +257,19 @@ def test_policy_error_sets_error_status_with_the_exception(rig: Rig) -> None:
     exceptions = [attrs for name, attrs in span.events if name == "exception"]
     assert len(exceptions) == 1 and exceptions[0]["exception.message"]
     assert token.encode() not in span.raw.SerializeToString()
+
+
+def test_a_bad_pattern_from_the_request_never_reaches_the_span(rig: Rig) -> None:
+    """RE2's error quotes the pattern unquoted; the span keeps only the kind of error."""
+    path = unique_path()
+    headers = {"x-name": "abc", "x-pattern": "s3cretPATTERN("}
+    assert rig.client.status(path=path, token=rig.idp.token("alice"), headers=headers) == 403
+    span = rig.span_for_path(path)
+    assert span.attributes["authz.reason"] == "policy_error"
+    assert span.attributes["authz.policy"] == "pattern-from-the-request"
+    (exception,) = [attrs for name, attrs in span.events if name == "exception"]
+    assert "invalid regular expression" in str(exception["exception.message"])
+    assert b"s3cretPATTERN" not in span.raw.SerializeToString()
 
 
 def test_invalid_request_still_names_method_and_path(rig: Rig) -> None:

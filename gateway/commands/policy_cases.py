@@ -664,7 +664,8 @@ class CaseRunner:
         except TokenRejected as rejected:  # a `cnf` the verifier would refuse
             return decision.deny(rejected.reason, error=str(rejected))
         checked = authorizer.check_identity(context, identity, case.now, trace)
-        if not checked.allowed or case.response is None:
+        # The gateway reads a response only when Check marked the call as one that may mint.
+        if not checked.allowed or case.response is None or not checked.mints_handles:
             return checked
         return _respond(authorizer, context, identity, case, checked, self.handles.max_response_bytes, trace)
 

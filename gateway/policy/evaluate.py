@@ -32,10 +32,26 @@ class PolicyFailure(Exception):
 _QUOTED = re.compile(r'"([^"]*)"')
 
 
+_BAD_PATTERN = "invalid regular expression"
+
+
 def _error_message(exc: EvaluationError, expr: CompiledExpression) -> str:
     """The CEL error, without quoted values that came from the request: a key named in the
     expression (`claims.tier`) stays, a looked-up value (`claims[request.headers.x]`) goes."""
-    return _QUOTED.sub(lambda m: m.group(0) if m.group(1) in expr.source else '"[redacted]"', str(exc))
+    message = _QUOTED.sub(lambda m: m.group(0) if m.group(1) in expr.source else '"[redacted]"', str(exc))
+    return _without_pattern(message)
+
+
+def _without_pattern(message: str) -> str:
+    """RE2's error for a bad `matches()` pattern quotes the pattern unquoted (`missing ):
+    SECRET(`), and a pattern may come from the request: only RE2's own kind of error is kept."""
+    at = message.find(_BAD_PATTERN)
+    if at < 0:
+        return message
+    head = message[: at + len(_BAD_PATTERN)]
+    kind, separator, _ = message[at + len(_BAD_PATTERN) :].removeprefix(": ").partition(": ")
+    # The kind (`missing )`) is RE2's fixed text, followed by ": " and the pattern's fragment.
+    return f"{head}: {kind} (pattern not shown)" if separator else f"{head} (pattern not shown)"
 
 
 def _evaluate(expr: CompiledExpression, activation: Any, policy: str, rule: str, step: str) -> Any:

@@ -46,7 +46,7 @@ class KindReader(Protocol):
 KIND_KEYS = {"presented", "minted", "minted_by", "bind", "ttl", "terminate", "unknown", "refusal"}
 REFUSAL_KEYS = {"status", "code", "message"}
 RESERVED_BOUND_NAMES = frozenset({"kind", "exists", "anonymous", "created_at"})
-_KIND_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_KIND_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 _MAX_MESSAGE = 200
 
 # The `handle` variable when the request presents none.

@@ -38,9 +38,9 @@ from gateway.yaml_reader import NodeReader, Position, YamlError, compose_all, of
 
 POLICY_SUFFIXES = (".yaml", ".yml")
 TEST_SUFFIXES = ("_test.yaml", "_test.yml")
-_REASON = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+_REASON = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*\Z")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+\Z")
 
 
 POLICY_KEYS = {"name", "description", "mode", "when", "session", "rules", "handles"}

@@ -6,10 +6,10 @@ does not promise to keep:
 1. The lean Check span (LeanSpans): the SDK's id generator and sampler decide as its
    Tracer.start_span would, and one finished ReadableSpan goes straight to the batch
    processor, without the SDK's general-purpose span object (locks, limits, validation).
-3. The metric readers that add the per-check local instruments (local_metrics.py) to each
+2. The metric readers that add the per-check local instruments (local_metrics.py) to each
    collection: they override the readers' private `_receive_metrics`.
 
-(2, the OTLP span encoding, needs no hook any more: the exporter is the gateway's own,
+(The OTLP span encoding needs no hook: the exporter is the gateway's own,
 gateway.telemetry.otlp_export, in both modes.) Plus one private logger name, set to ERROR in
 both modes (quiet_queue_full_warnings).
 

@@ -170,10 +170,10 @@ class GrpcSender:
             call(payload, timeout=timeout_s, metadata=self._metadata)
         except grpc.RpcError as error:
             code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
-            details = error.details() if isinstance(error, grpc.Call) else ""
             if code == grpc.StatusCode.UNAVAILABLE:
                 self._reset(call)
-            return Attempt(False, retryable=code in RETRYABLE_GRPC, problem=f"gRPC {code.name}: {details}")
+            # The status code only: the details are the collector's text, which may echo headers.
+            return Attempt(False, retryable=code in RETRYABLE_GRPC, problem=f"gRPC {code.name}")
         except Exception as exc:  # e.g. metadata grpc refuses: never out of export(), never its text
             return Attempt(False, problem=_unexpected(exc))
         return Attempt(True)
@@ -323,8 +323,12 @@ class HttpSender:
             connection.close()
             connection.release()
             self._connection = None
-            # OS and TLS errors, and http.client's about the response, quote no request header.
-            problem = f"{type(exc).__name__}: {exc}"
+            # OS and TLS errors quote no request header nor URL; http.client's own errors may quote
+            # the request line (InvalidURL: its query can hold an API key) or the collector's
+            # status line, so those go by their type only.
+            problem = f"{type(exc).__name__}" if isinstance(exc, http.client.HTTPException) else (
+                f"{type(exc).__name__}: {exc}"
+            )
             if connection.was_cut:
                 problem = f"no complete answer within {timeout_s:.1f}s ({problem})"
             return Attempt(False, retryable=True, problem=problem, connection_lost=True)

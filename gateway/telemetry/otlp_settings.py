@@ -1,11 +1,13 @@
 """Where and how one signal is exported over OTLP, from the standard OTEL_EXPORTER_OTLP_* variables.
 
-Read as the OTel Python SDK's own exporters read them, with the same defaults:
+Read as the OTel Python SDK's own exporters read them, with the same defaults, except for the
+endpoint:
 
 - PROTOCOL: `grpc` (default) or `http/protobuf`.
 - ENDPOINT: the signal's (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is used as it is; else the
-  general one, to which HTTP adds `/v1/traces` or `/v1/metrics`. Defaults:
-  `http://localhost:4317` (gRPC), `http://localhost:4318` (HTTP).
+  general one, to which HTTP adds `/v1/traces` or `/v1/metrics`. No default in effect: setup.py
+  exports a signal only once one of the two is set (docs/telemetry.md: nothing is exported until
+  an OTLP endpoint is set).
 - gRPC TLS: on for an `https` endpoint; otherwise off when `…_INSECURE` (the signal's, else
   the general) is `true`, on when it is set to anything else, and when unset, off exactly for
   an `http` endpoint. HTTP: TLS for `https` URLs.

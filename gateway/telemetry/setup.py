@@ -49,10 +49,6 @@ def sdk_disabled() -> bool:
     return _env("OTEL_SDK_DISABLED").lower() == "true"
 
 
-def _protocol(signal: Signal) -> str:
-    return otlp_settings.protocol(os.environ, signal)
-
-
 def _endpoint(signal: Signal) -> str:
     return _env(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT") or _env("OTEL_EXPORTER_OTLP_ENDPOINT")
 
