@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from gateway.yaml_reader import Kind, YamlError, load, locate, wrong_type
@@ -120,23 +120,15 @@ class HandlesConfig:
     # How long a handle lives (a kind's own `ttl` may be shorter, never longer).
     ttl: float = 24 * 3600.0
     # How long past its ttl an expired handle is still kept, refused to everyone (its owner
-    # too) whatever the kind's `unknown` says; after it the value is forgotten. By default
-    # (AS_TTL) as long as `ttl`, whether read from the config or built in code: __post_init__
-    # resolves it, so every reader sees a duration (dataclasses.replace keeps the resolved one).
-    expired_retention: float = -1.0  # AS_TTL
+    # too) whatever the kind's `unknown` says; after it the value is forgotten. Read from the
+    # config: by default as long as `ttl`.
+    expired_retention: float = 24 * 3600.0
     max_id_length: int = 256
     key_prefix: str = "authz:handle:"
     # The largest response (or SSE event) read for a handle; a larger one is refused (502).
     max_response_bytes: int = 1024 * 1024
     # Live handles one identity may hold: a caller minting without end cannot fill the store.
     max_per_identity: int = 10_000
-
-    AS_TTL: ClassVar[float] = -1.0
-
-    def __post_init__(self) -> None:
-        if self.expired_retention == self.AS_TTL:
-            object.__setattr__(self, "expired_retention", self.ttl)
-
 
 BIND_ON_FIRST_USE = "first_use"
 BIND_ON_RESPONSE = "response"
@@ -481,9 +473,10 @@ def _session(reader: _Reader) -> SessionConfig:
 
 def _handles(reader: _Reader) -> HandlesConfig:
     d = HandlesConfig()
+    ttl = reader.duration("ttl", d.ttl)
     handles = HandlesConfig(
-        ttl=reader.duration("ttl", d.ttl),
-        expired_retention=reader.duration("expired_retention", HandlesConfig.AS_TTL),
+        ttl=ttl,
+        expired_retention=reader.duration("expired_retention", ttl),
         max_id_length=reader.integer("max_id_length", d.max_id_length, 1),
         key_prefix=reader.string("key_prefix", d.key_prefix) or d.key_prefix,
         max_response_bytes=reader.integer("max_response_bytes", d.max_response_bytes, 1024),

@@ -13,14 +13,7 @@ import yaml
 from gateway import __version__
 from gateway.cli import build_parser
 from gateway.commands.serve import resolve_config
-from gateway.config import (
-    DEFAULT_ALGORITHMS,
-    Config,
-    ConfigError,
-    HandlesConfig,
-    config_from_mapping,
-    load_config,
-)
+from gateway.config import DEFAULT_ALGORITHMS, Config, ConfigError, config_from_mapping, load_config
 from gateway.policy.loader import default_policy_dir, resolve_policy_dir
 from tests.support.issuer import AUDIENCE, TestIssuer
 from tests.support.processes import REPO, GatewayProcess, free_port, health_status, wait_for_port, wait_until
@@ -385,7 +378,3 @@ def test_expired_handles_are_kept_as_long_as_the_ttl_unless_told() -> None:
     assert config_from_mapping({"handles": {"ttl": "1h"}}, "c.yaml").handles.expired_retention == 3600
     told = config_from_mapping({"handles": {"ttl": "1h", "expired_retention": "0s"}}, "c.yaml")
     assert told.handles.ttl == 3600 and told.handles.expired_retention == 0
-    # Built in code, as read from a file: the retention follows the ttl unless given.
-    assert HandlesConfig(ttl=60).expired_retention == 60
-    assert HandlesConfig(ttl=60, expired_retention=0).expired_retention == 0
-    assert HandlesConfig().expired_retention == 24 * 3600
