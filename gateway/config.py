@@ -120,8 +120,8 @@ class HandlesConfig:
     # How long a handle lives (a kind's own `ttl` may be shorter, never longer).
     ttl: float = 24 * 3600.0
     # How long past its ttl an expired handle is still kept, refused to everyone (its owner
-    # too) whatever the kind's `unknown` says; after it the value is forgotten. Read from the
-    # config: by default as long as `ttl`.
+    # too) whatever the kind's `unknown` says; after it the value is forgotten. The config file's
+    # default is its `ttl` (`_handles`); built in code, it is this fixed day unless given.
     expired_retention: float = 24 * 3600.0
     max_id_length: int = 256
     key_prefix: str = "authz:handle:"
