@@ -120,7 +120,7 @@ class _Exchange:
 
     __slots__ = (
         "requested", "request", "context", "identity", "status", "outcome", "extra", "error", "body",
-        "credential", "mint", "request_body", "minting",
+        "credential", "mint", "mint_kinds", "request_body", "minting",
     )
 
     def __init__(self) -> None:
@@ -134,8 +134,10 @@ class _Exchange:
         self.error: BaseException | None = None
         self.body = b""
         self.credential: bytes | None = None  # whose share of the streams this one holds
-        # Handles (gateway/extproc_handles.py): Check said the response may mint one.
+        # Handles (gateway/extproc_handles.py): Check said the response may mint one, of these
+        # kinds ("policy/kind" pairs, comma-joined).
         self.mint = False
+        self.mint_kinds = ""
         self.request_body = b""
         self.minting: ResponseMinting | None = None
 
@@ -240,10 +242,12 @@ class ProcessService:
             if exchange.requested or exchange.status:
                 raise StreamError("request headers twice on one stream")
             exchange.requested = True
-            if may_mint(message.metadata_context):
+            kinds = may_mint(message.metadata_context)
+            if kinds is not None:
                 # Check allowed it, and its response may mint a handle: the request's body is
                 # needed to read the response as Check read the request.
                 exchange.mint = True
+                exchange.mint_kinds = kinds
                 exchange.credential = self._hold(message.request_headers.headers)
                 exchange.request = message.request_headers.headers
                 return _ASK_FOR_REQUEST_BODY, True
@@ -405,7 +409,7 @@ class ProcessService:
         binder = self.response_path.handle_binder
         minting = ResponseMinting(
             self.response_path, context, exchange.identity, status, response_headers,
-            binder.settings.max_response_bytes, time.time(),
+            binder.settings.max_response_bytes, time.time(), exchange.mint_kinds,
         )
         exchange.minting = minting
         if headers.end_of_stream:

@@ -34,13 +34,21 @@ _EVENT_STREAM = "text/event-stream"
 PASSED = Decision(True, decision.ALLOWED)
 
 
-def may_mint(metadata_context: Any) -> bool:
-    """Whether Check marked this request as one whose response may mint a handle."""
+def may_mint(metadata_context: Any) -> str | None:
+    """Check's mark on a request whose response may mint a handle: the "policy/kind" pairs it
+    decided may mint, comma-joined; None when unmarked. A mark that is not a string (a Check of
+    an older version) is kept as "", which names no kind: the response is refused, not passed."""
     namespace = metadata_context.filter_metadata.get(EXT_AUTHZ_NAMESPACE)
     if namespace is None:
-        return False
+        return None
     value = namespace.fields.get(MINT_METADATA_KEY)
-    return value is not None and value.WhichOneof("kind") == "bool_value" and value.bool_value
+    if value is None or value.WhichOneof("kind") in (None, "null_value"):
+        return None
+    if value.WhichOneof("kind") == "string_value":
+        return str(value.string_value)
+    if value.WhichOneof("kind") == "bool_value" and not value.bool_value:
+        return None
+    return ""
 
 
 def with_body(context: RequestContext, body: bytes) -> RequestContext:
@@ -68,8 +76,10 @@ class ResponseMinting:
         headers: Mapping[str, str],
         max_bytes: int,
         now: float,
+        kinds: str,
     ) -> None:
         self._response_path = response_path
+        self._kinds = kinds
         self._context = context
         self._identity = identity
         self._status = status
@@ -85,7 +95,7 @@ class ResponseMinting:
     def _mint(self, message: Any) -> Decision | None:
         """Bind what one JSON message mints; a refusal, or None."""
         variable = {"status": self._status, "headers": self._headers, "json": message}
-        minted = self._response_path.mint(self._context, self._identity, variable, self._now)
+        minted = self._response_path.mint(self._context, self._identity, variable, self._now, self._kinds)
         if not minted.allowed:
             self.outcome = minted
             return minted

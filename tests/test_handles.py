@@ -812,7 +812,7 @@ def minting_for(sub: str = "alice", max_bytes: int = 4096) -> Any:
     identity = identity_from_claims({"iss": ISS, "sub": sub}, 1000.0)
     headers = {"content-type": "text/event-stream"}
     return response_path, lambda: ResponseMinting(
-        response_path, context, identity, 200, headers, max_bytes, 1000.0
+        response_path, context, identity, 200, headers, max_bytes, 1000.0, "drafts/draft"
     )
 
 

@@ -31,7 +31,8 @@ def tool_call(name: str, arguments: dict[str, Any]) -> bytes:
     return json.dumps(message).encode()
 
 
-def minting_request(token: str, mint: bool = True) -> pb.ProcessingRequest:
+def minting_request(token: str, mint: bool | str = True) -> pb.ProcessingRequest:
+    """A tools/call's request headers; `mint`: Check's mark (True: the drafts example's)."""
     pairs: list[tuple[str, str | bytes]] = [
         (":method", "POST"), (":path", "/mcp"), (":authority", "mcp"),
         ("authorization", f"Bearer {token}"), ("content-type", "application/json"),
@@ -39,7 +40,8 @@ def minting_request(token: str, mint: bool = True) -> pb.ProcessingRequest:
     ]
     message = pb.ProcessingRequest(request_headers=headers(*pairs))
     if mint:
-        message.metadata_context.filter_metadata[EXT_AUTHZ_NAMESPACE].update({MINT_METADATA_KEY: True})
+        mark = "drafts/draft" if mint is True else mint
+        message.metadata_context.filter_metadata[EXT_AUTHZ_NAMESPACE].update({MINT_METADATA_KEY: mark})
     return message
 
 
@@ -95,7 +97,8 @@ def test_check_marks_only_the_calls_whose_answer_may_mint(gateway: InProcessGate
     create = gateway.client.check(
         check_request(token=token, body=tool_call("create_draft", {"title": "t"}).decode(), headers=headers_)
     )
-    assert create.status.code == 0 and create.dynamic_metadata.fields[MINT_METADATA_KEY].bool_value
+    assert create.status.code == 0
+    assert create.dynamic_metadata.fields[MINT_METADATA_KEY].string_value == "drafts/draft"
     listing = gateway.client.check(
         check_request(token=token, body=tool_call("list_drafts", {}).decode(), headers=headers_)
     )
@@ -166,9 +169,86 @@ def test_an_unmarked_call_reads_no_body(processor: Processor, idp: TestIssuer) -
     assert [reply.WhichOneof("response") for reply in replies][0] == "request_headers"
 
 
-def test_only_a_true_marker_counts() -> None:
-    """The marker is a bool: a string "true" (or anything else) does not count."""
+def test_the_marker_names_the_kinds_and_a_non_string_one_names_none() -> None:
+    """The marker is Check's "policy/kind" pairs; a bool true (a Check of an older version)
+    marks the call but names no kind, so its response is refused rather than passed."""
     metadata = base_pb2.Metadata()
-    metadata.filter_metadata[EXT_AUTHZ_NAMESPACE].update({MINT_METADATA_KEY: "true"})
-    assert not may_mint(metadata)
-    assert not may_mint(base_pb2.Metadata())
+    metadata.filter_metadata[EXT_AUTHZ_NAMESPACE].update({MINT_METADATA_KEY: "drafts/draft"})
+    assert may_mint(metadata) == "drafts/draft"
+    metadata.filter_metadata[EXT_AUTHZ_NAMESPACE].update({MINT_METADATA_KEY: True})
+    assert may_mint(metadata) == ""
+    metadata.filter_metadata[EXT_AUTHZ_NAMESPACE].update({MINT_METADATA_KEY: False})
+    assert may_mint(metadata) is None
+    assert may_mint(base_pb2.Metadata()) is None
+
+
+ROUTED_POLICY = """
+name: routed-drafts
+mode: enforce
+when: '"route" in context && context.route == "mcp" && mcp.method == "tools/call"'
+handles:
+  draft:
+    minted_by: 'mcp.name == "create_draft"'
+    minted: >-
+      "result" in response.json && "structuredContent" in response.json.result
+      ? response.json.result.structuredContent.draft_id : ""
+    presented: '"draft_id" in mcp.arguments ? mcp.arguments.draft_id : ""'
+    bind: {iss: claims.iss, sub: claims.sub}
+    unknown: deny
+rules:
+  - name: token-required
+    allow: auth.authenticated
+    deny: {status: 401, reason: token_missing}
+"""
+
+
+@pytest.fixture(scope="module")
+def routed(idp: TestIssuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessGateway]:
+    policies = tmp_path_factory.mktemp("routed")
+    (policies / "10-routed.yaml").write_text(ROUTED_POLICY)
+    running = InProcessGateway(
+        {"policies": str(policies), "store": "memory://", "auth": {"issuers": [idp.issuer_config()]}}
+    )
+    yield running
+    running.stop()
+
+
+def test_a_kind_whose_when_reads_context_is_bound_from_checks_mark(
+    routed: InProcessGateway, idp: TestIssuer
+) -> None:
+    """The response path has no context_extensions: it takes Check's word for which kinds may
+    mint, and never re-judges `when` (which read `context.route` there) to an unbound pass."""
+    token = idp.token("alice")
+    body = tool_call("create_draft", {"title": "t"})
+    checked = routed.client.check(check_request(
+        token=token, body=body.decode(), context_extensions={"route": "mcp"},
+        headers={"content-type": "application/json", "mcp-protocol-version": "2026-07-28"},
+    ))
+    assert checked.status.code == 0
+    message = minting_request(token, mint=False)
+    message.metadata_context.filter_metadata[EXT_AUTHZ_NAMESPACE].CopyFrom(checked.dynamic_metadata)
+    processor = Processor(routed.address)
+    try:
+        replies = processor.exchange(
+            message, request_body(body), response_headers("application/json"),
+            response_body(json.dumps(result("d-routed-1")).encode()),
+        )
+    finally:
+        processor.close()
+    assert replies[-1].WhichOneof("response") == "response_body"
+    assert bound(routed, "d-routed-1")["bound"] == {"iss": idp.issuer, "sub": "alice"}
+
+
+def test_a_marked_kind_the_policies_no_longer_have_refuses_the_answer(
+    processor: Processor, idp: TestIssuer, gateway: InProcessGateway
+) -> None:
+    """A reload between Check and the response: the mark names a kind no policy holds now."""
+    replies = processor.exchange(
+        minting_request(idp.token("alice"), mint="drafts/gone"),
+        request_body(tool_call("create_draft", {"title": "t"})),
+        response_headers("application/json"),
+        response_body(json.dumps(result("d-gone-1")).encode()),
+    )
+    immediate = replies[-1].immediate_response
+    assert (immediate.status.code, immediate.details) == (502, "handle_unreadable")
+    assert bound(gateway, "d-gone-1") is None
