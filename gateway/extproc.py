@@ -41,7 +41,7 @@ from gateway.envoy_api.envoy.config.core.v3 import base_pb2
 from gateway.envoy_api.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from gateway.envoy_api.envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from gateway.envoy_api.envoy.type.v3 import http_status_pb2
-from gateway.extproc_handles import ResponseMinting, may_mint, with_body
+from gateway.extproc_handles import ResponseMinting, may_mint, unreadable, with_body
 from gateway.identity.verifier import Identity
 from gateway.pipeline import ResponsePath
 from gateway.request import RequestContext, RequestError, from_header_map, redact_secrets
@@ -120,7 +120,7 @@ class _Exchange:
 
     __slots__ = (
         "requested", "request", "context", "identity", "status", "outcome", "extra", "error", "body",
-        "credential", "mint", "mint_kinds", "request_body", "minting",
+        "credential", "mint", "mint_kinds", "request_body", "request_whole", "minting",
     )
 
     def __init__(self) -> None:
@@ -139,6 +139,10 @@ class _Exchange:
         self.mint = False
         self.mint_kinds = ""
         self.request_body = b""
+        # The request's body was seen whole: its headers ended the stream, or a request_body
+        # with end_of_stream came. Without it a minting response is refused (Envoy that ignores
+        # mode_override, allow_mode_override unset, sends none: never taken as empty).
+        self.request_whole = False
         self.minting: ResponseMinting | None = None
 
 
@@ -242,6 +246,7 @@ class ProcessService:
             if exchange.requested or exchange.status:
                 raise StreamError("request headers twice on one stream")
             exchange.requested = True
+            exchange.request_whole = message.request_headers.end_of_stream
             kinds = may_mint(message.metadata_context)
             if kinds is not None:
                 # Check allowed it, and its response may mint a handle: the request's body is
@@ -255,7 +260,10 @@ class ProcessService:
         if kind == "request_body":
             if not exchange.mint or exchange.status:
                 raise StreamError("a request body that was not asked for")
+            if exchange.request_whole:
+                raise StreamError("a request body after the request ended")
             exchange.request_body += message.request_body.body
+            exchange.request_whole = message.request_body.end_of_stream
             if len(exchange.request_body) > self._max_request_bytes:
                 raise StreamError("the request body is larger than max_request_bytes")
             return _REQUEST_BODY_DONE, True
@@ -334,6 +342,10 @@ class ProcessService:
             return _RESPONSE_HEADERS_DONE, False
         status, issued, content_type = self._read_response(headers)
         exchange.status = status or -1
+        if exchange.mint and not exchange.request_whole:
+            # Minting reads the response as Check read the request: without the whole body it
+            # would be judged as another request (an empty body is no MCP call), and pass unbound.
+            return self._refuse(unreadable("the request's body was not seen whole"), exchange)
         presented = self._presented(exchange.request)
         new = {header: value for header, value in issued.items() if presented.get(header) != value}
         # Whether the server forgot the session, or the path is wrong: only the body tells.

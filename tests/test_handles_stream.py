@@ -252,3 +252,27 @@ def test_a_marked_kind_the_policies_no_longer_have_refuses_the_answer(
     immediate = replies[-1].immediate_response
     assert (immediate.status.code, immediate.details) == (502, "handle_unreadable")
     assert bound(gateway, "d-gone-1") is None
+
+
+def test_a_marked_call_whose_request_body_never_came_is_refused(
+    gateway: InProcessGateway, processor: Processor, idp: TestIssuer
+) -> None:
+    """Envoy that ignores mode_override (allow_mode_override unset) sends no request body: the
+    response is not read as an empty request's (no MCP call, nothing to mint) and passed."""
+    replies = processor.exchange(
+        minting_request(idp.token("alice")),
+        response_headers("application/json"),
+    )
+    immediate = replies[-1].immediate_response
+    assert (immediate.status.code, immediate.details) == (502, "handle_unreadable")
+
+
+def test_a_marked_call_whose_request_body_stopped_short_is_refused(
+    processor: Processor, idp: TestIssuer
+) -> None:
+    part = pb.ProcessingRequest(request_body=pb.HttpBody(body=tool_call("create_draft", {})[:20]))
+    replies = processor.exchange(
+        minting_request(idp.token("alice")), part, response_headers("application/json"),
+    )
+    immediate = replies[-1].immediate_response
+    assert (immediate.status.code, immediate.details) == (502, "handle_unreadable")
