@@ -4,7 +4,8 @@ One bidirectional stream per HTTP request, on the same listener as Check. With
 `session.bind_on: response` (docs/sessions.md):
 - request headers (Envoy only sends them once ext_authz has allowed the request): kept, and
   read only when the response needs the request's identity, which then comes through the same
-  verifier and cache as Check (`ResponsePath.identify`);
+  verifier and cache as Check (`ResponsePath.identify`), at the time the request headers came
+  (a token that expires during a slow tool call does not undo what the upstream did);
 - response headers: a session id the upstream issued is bound to that identity before the
   response goes on (`ResponsePath.bind_issued`); one it may not have is refused with 502
   `session_reissued`, and the response never reaches the client;
@@ -120,7 +121,7 @@ class _Exchange:
 
     __slots__ = (
         "requested", "request", "context", "identity", "status", "outcome", "extra", "error", "body",
-        "credential", "mint", "mint_kinds", "request_body", "request_whole", "minting",
+        "credential", "mint", "mint_kinds", "request_body", "request_whole", "minting", "started",
     )
 
     def __init__(self) -> None:
@@ -134,6 +135,9 @@ class _Exchange:
         self.error: BaseException | None = None
         self.body = b""
         self.credential: bytes | None = None  # whose share of the streams this one holds
+        # When the request's headers came: the exchange is judged at that time, as Check judged
+        # it, so a token that expires during a slow tool call does not lose what the upstream did.
+        self.started = 0.0
         # Handles (gateway/extproc_handles.py): Check said the response may mint one, of these
         # kinds ("policy/kind" pairs, comma-joined).
         self.mint = False
@@ -246,6 +250,7 @@ class ProcessService:
             if exchange.requested or exchange.status:
                 raise StreamError("request headers twice on one stream")
             exchange.requested = True
+            exchange.started = time.time()
             exchange.request_whole = message.request_headers.end_of_stream
             kinds = may_mint(message.metadata_context)
             if kinds is not None:
@@ -326,7 +331,7 @@ class ProcessService:
         exchange.context = context
         # Envoy opens the stream at the request only once ext_authz allowed it (a local reply
         # starts at the response): the proof of possession was checked there, and is not again.
-        identity = self.response_path.identify(context, time.time(), admitted=True)
+        identity = self.response_path.identify(context, exchange.started, admitted=True)
         if isinstance(identity, Decision):  # Check allowed it a moment ago; fail closed all the same
             return identity
         exchange.identity = identity
@@ -358,7 +363,9 @@ class ProcessService:
             return self._refuse(refused, exchange)
         assert exchange.context is not None
         if new:
-            outcome = self.response_path.bind_issued(exchange.context, exchange.identity, new, time.time())
+            outcome = self.response_path.bind_issued(
+                exchange.context, exchange.identity, new, exchange.started
+            )
             exchange.outcome = outcome
             if not outcome.allowed:
                 return self._refuse(outcome, exchange)
@@ -421,7 +428,7 @@ class ProcessService:
         binder = self.response_path.handle_binder
         minting = ResponseMinting(
             self.response_path, context, exchange.identity, status, response_headers,
-            binder.settings.max_response_bytes, time.time(), exchange.mint_kinds,
+            binder.settings.max_response_bytes, exchange.started, exchange.mint_kinds,
         )
         exchange.minting = minting
         if headers.end_of_stream:

@@ -276,3 +276,23 @@ def test_a_marked_call_whose_request_body_stopped_short_is_refused(
     )
     immediate = replies[-1].immediate_response
     assert (immediate.status.code, immediate.details) == (502, "handle_unreadable")
+
+
+def test_a_token_that_expires_during_the_call_still_binds_its_answer(
+    gateway: InProcessGateway, processor: Processor, idp: TestIssuer
+) -> None:
+    """The exchange is judged at the time of its request (as Check judged it): a token valid
+    then, expired by the time a slow tool call answers, still has the minted handle bound."""
+    leeway = 30.0  # auth.leeway's default
+    token = idp.token("alice", ttl=600, now=time.time() - 600 - leeway + 1.5)
+
+    def messages() -> Iterator[pb.ProcessingRequest]:
+        yield minting_request(token)
+        yield request_body(tool_call("create_draft", {"title": "t"}))
+        time.sleep(2.5)  # the token expires (leeway included) while the tool runs
+        yield response_headers("application/json")
+        yield response_body(json.dumps(result("d-slow-1")).encode())
+
+    replies = list(processor.call(messages(), timeout=10))
+    assert replies[-1].WhichOneof("response") == "response_body"
+    assert bound(gateway, "d-slow-1")["bound"]["sub"] == "alice"
