@@ -464,8 +464,10 @@ class ProcessService:
         return _RESPONSE_BODY_DONE, False
 
     def _read_response(self, headers: ext_proc_pb2.HttpHeaders) -> tuple[int, dict[str, str], str]:
-        """The status, the session ids issued (header → id), and the content type."""
-        watched = self.response_path.session_headers()
+        """The status, the session ids issued (header → id; none read with bind_on: first_use,
+        where a response binds no session, even one read for handles), and the content type."""
+        binds = self.response_path.binds_on_response
+        watched = self.response_path.session_headers() if binds else frozenset[str]()
         status = 0
         content_type = ""
         issued: dict[str, str] = {}

@@ -296,3 +296,46 @@ def test_a_token_that_expires_during_the_call_still_binds_its_answer(
     replies = list(processor.call(messages(), timeout=10))
     assert replies[-1].WhichOneof("response") == "response_body"
     assert bound(gateway, "d-slow-1")["bound"]["sub"] == "alice"
+
+
+SESSION_POLICY = """
+name: sessions
+mode: enforce
+session:
+  key: '"mcp-session-id" in request.headers ? request.headers["mcp-session-id"] : ""'
+  bind: {iss: claims.iss, sub: claims.sub}
+rules:
+  - name: token-required
+    allow: auth.authenticated
+    deny: {status: 401, reason: token_missing}
+"""
+
+
+def test_under_first_use_an_answer_read_for_handles_binds_no_session(
+    idp: TestIssuer, tmp_path: Any
+) -> None:
+    """bind_on: first_use: a session id the answer issues is bound at its first use, never by
+    the response path, even when that answer is read for handles."""
+    (tmp_path / "10-drafts.yaml").write_text((EXAMPLE / "10-drafts.yaml").read_text())
+    (tmp_path / "20-sessions.yaml").write_text(SESSION_POLICY)
+    running = InProcessGateway({
+        "policies": str(tmp_path), "store": "memory://", "auth": {"issuers": [idp.issuer_config()]},
+        "session": {"bind_on": "first_use"},
+    })
+    processor = Processor(running.address)
+    try:
+        answer = pb.ProcessingRequest(response_headers=headers(
+            (":status", "200"), ("content-type", "application/json"), ("mcp-session-id", "s-first-use-1"),
+        ))
+        replies = processor.exchange(
+            minting_request(idp.token("alice")),
+            request_body(tool_call("create_draft", {"title": "t"})),
+            answer,
+            response_body(json.dumps(result("d-first-use-1")).encode()),
+        )
+        assert replies[-1].WhichOneof("response") == "response_body"
+        assert bound(running, "d-first-use-1")["bound"]["sub"] == "alice"
+        assert running.gateway.store.load("s-first-use-1", time.time()) is None
+    finally:
+        processor.close()
+        running.stop()
