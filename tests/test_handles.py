@@ -383,6 +383,18 @@ def test_responses_the_gateway_cannot_read_exactly_are_refused(content_type: str
         response_messages(content_type, body, 256)
 
 
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n"])
+def test_a_chunk_of_a_mebibyte_of_blank_lines_is_read_in_linear_time(newline: bytes) -> None:
+    """Each line once: re-slicing the pending bytes per line made this take about a minute."""
+    chunk = newline * ((1 << 20) // len(newline))
+    stream = EventStream(1 << 21)
+    started = time.perf_counter()
+    assert stream.feed(chunk) == []
+    elapsed = time.perf_counter() - started
+    assert stream.complete == stream.consumed == len(chunk)
+    assert elapsed < 2.0, f"{elapsed:.2f}s"
+
+
 def test_an_event_over_the_bound_is_refused_as_it_arrives() -> None:
     stream = EventStream(64)
     with pytest.raises(Unparseable):
