@@ -42,9 +42,10 @@ from gateway.envoy_api.envoy.config.core.v3 import base_pb2
 from gateway.envoy_api.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from gateway.envoy_api.envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from gateway.envoy_api.envoy.type.v3 import http_status_pb2
-from gateway.extproc_handles import ResponseMinting, may_mint, unreadable, with_body
+from gateway.extproc_handles import EVENT_STREAM, PASSED, ResponseMinting, may_mint, with_body
 from gateway.identity.verifier import Identity
 from gateway.pipeline import ResponsePath
+from gateway.pipeline.minting import unreadable
 from gateway.request import RequestContext, RequestError, from_header_map, redact_secrets
 from gateway.response import ResponseBuilder
 from gateway.session.record import valid_session_id
@@ -86,17 +87,11 @@ _STREAM_RESPONSE_BODY = ext_proc_pb2.ProcessingResponse(
         response_body_mode=processing_mode_pb2.ProcessingMode.STREAMED
     ),
 )
-_BUFFER_RESPONSE_BODY_FOR_HANDLES = ext_proc_pb2.ProcessingResponse(
-    response_headers=ext_proc_pb2.HeadersResponse(response=_CONTINUE),
-    mode_override=processing_mode_pb2.ProcessingMode(
-        response_body_mode=processing_mode_pb2.ProcessingMode.BUFFERED
-    ),
-)
+# The response's body, buffered: a 404's (a session not found?) or a minting answer's (non-SSE).
 _ASK_FOR_BODY = ext_proc_pb2.ProcessingResponse(
     response_headers=ext_proc_pb2.HeadersResponse(response=_CONTINUE),
     mode_override=_BUFFER_RESPONSE_BODY,
 )
-_EVENT_STREAM = "text/event-stream"
 _MAX_BODY = 64 * 1024  # a "session not found" answer is tens of bytes
 
 
@@ -130,7 +125,7 @@ class _Exchange:
         self.context: RequestContext | None = None
         self.identity: Identity | None = None
         self.status = 0
-        self.outcome: Decision = _PASSED
+        self.outcome: Decision = PASSED
         self.extra: dict[str, Any] = {}
         self.error: BaseException | None = None
         self.body = b""
@@ -150,7 +145,6 @@ class _Exchange:
         self.minting: ResponseMinting | None = None
 
 
-_PASSED = Decision(True, decision.ALLOWED)
 _FORGOTTEN = Decision(True, decision.SESSION_TERMINATED)
 
 
@@ -354,7 +348,7 @@ class ProcessService:
         presented = self._presented(exchange.request)
         new = {header: value for header, value in issued.items() if presented.get(header) != value}
         # Whether the server forgot the session, or the path is wrong: only the body tells.
-        ask_body = status == 404 and bool(presented) and not content_type.startswith(_EVENT_STREAM)
+        ask_body = status == 404 and bool(presented) and not content_type.startswith(EVENT_STREAM)
         ask_body = ask_body and not exchange.mint  # the body goes to the handles then
         if not new and not ask_body and not exchange.mint:
             return _RESPONSE_HEADERS_DONE, False  # the steady state: the session's own id, repeated
@@ -437,7 +431,7 @@ class ProcessService:
             if refused is not None:
                 return self._refuse(refused, exchange)
             return _RESPONSE_HEADERS_DONE, False
-        return (_STREAM_RESPONSE_BODY if minting.streamed else _BUFFER_RESPONSE_BODY_FOR_HANDLES), True
+        return (_STREAM_RESPONSE_BODY if minting.streamed else _ASK_FOR_BODY), True
 
     def _minted_body(
         self, body: ext_proc_pb2.HttpBody, exchange: _Exchange

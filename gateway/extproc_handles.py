@@ -26,12 +26,13 @@ from gateway.decision import Decision
 from gateway.identity.verifier import Identity
 from gateway.mcp import EventStream, Unparseable, UnsafeText, read_json, response_messages
 from gateway.pipeline import ResponsePath
+from gateway.pipeline.minting import unreadable
 from gateway.request import RequestContext
 from gateway.response import MINT_METADATA_KEY
 
 EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
-_EVENT_STREAM = "text/event-stream"
-PASSED = Decision(True, decision.ALLOWED)
+EVENT_STREAM = "text/event-stream"
+PASSED = Decision(True, decision.ALLOWED)  # a response that passes, changing nothing
 
 
 def may_mint(metadata_context: Any) -> str | None:
@@ -60,10 +61,6 @@ def with_body(context: RequestContext, body: bytes) -> RequestContext:
     return replace(context, body=text, parsed_mcp=None)
 
 
-def unreadable(why: str) -> Decision:
-    return decision.deny(decision.HANDLE_UNREADABLE, status=502, error=f"the response cannot be read: {why}")
-
-
 class ResponseMinting:
     """One response being read for handles; `outcome` holds what was minted or refused."""
 
@@ -86,7 +83,7 @@ class ResponseMinting:
         self._headers = dict(headers)
         self._max = max_bytes
         self._now = now
-        self.streamed = headers.get("content-type", "").strip().lower().startswith(_EVENT_STREAM)
+        self.streamed = headers.get("content-type", "").strip().lower().startswith(EVENT_STREAM)
         self._events = EventStream(max_bytes) if self.streamed else None
         self._body = b""
         self._released = 0  # SSE bytes passed on so far
@@ -117,7 +114,7 @@ class ResponseMinting:
             messages = response_messages(content_type if "json" in content_type else "application/json",
                                          body, self._max)
         except (Unparseable, UnsafeText) as exc:
-            self.outcome = unreadable(str(exc))
+            self.outcome = unreadable(f"the response cannot be read: {exc}")
             return self.outcome
         for message in messages:
             refused = self._mint(message)
@@ -139,7 +136,7 @@ class ResponseMinting:
                 if refused is not None:
                     return b"", refused
         except (Unparseable, UnsafeText) as exc:
-            self.outcome = unreadable(str(exc))
+            self.outcome = unreadable(f"the response cannot be read: {exc}")
             return b"", self.outcome
         complete = self._events.complete
         start = self._released

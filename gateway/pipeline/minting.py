@@ -43,11 +43,11 @@ def mint(
     try:
         calls = context.mcp_calls
     except RequestError as exc:  # Check read it; a response must not pass on a guess
-        return _unreadable_request(f"the request cannot be read again: {exc}")
+        return unreadable(f"the request cannot be read again: {exc}")
     if len(calls) > 1:
         # A batch's answer is a list: which call minted what cannot be told. MCP has no
         # batches since 2025-06-18; refused rather than passed with unbound handles.
-        return _unreadable_request("a batch's response is not read for handles")
+        return unreadable("a batch's response is not read for handles")
     variables: dict[str, Any] = {
         "request": context.request_map(None),
         "mcp": calls[0].as_cel(),
@@ -93,7 +93,7 @@ def _chosen_kinds(policy_set: PolicySet, kinds: str) -> list[tuple[Policy, Handl
     the mark is empty or names one the set no longer has (fail closed: the response may carry
     a handle that nothing here would bind)."""
     if not kinds:
-        return _unreadable_request("the mark on a minting call names no handle kind")
+        return unreadable("the mark on a minting call names no handle kind")
     by_name = {policy.name: policy for policy in policy_set.policies if not policy.audit}
     chosen: list[tuple[Policy, HandleKind]] = []
     for pair in kinds.split(","):
@@ -101,12 +101,14 @@ def _chosen_kinds(policy_set: PolicySet, kinds: str) -> list[tuple[Policy, Handl
         policy = by_name.get(policy_name)
         kind = None if policy is None else next((k for k in policy.handles if k.name == kind_name), None)
         if policy is None or kind is None or kind.minted is None:
-            return _unreadable_request(f"Check marked a handle kind the policies no longer have: {pair}")
+            return unreadable(f"Check marked a handle kind the policies no longer have: {pair}")
         chosen.append((policy, kind))
     return chosen
 
 
-def _unreadable_request(why: str) -> Decision:
+def unreadable(why: str) -> Decision:
+    """The response withheld (502 handle_unreadable): it cannot be read for the handles it mints,
+    or the request cannot be read as Check read it."""
     return decision.deny(decision.HANDLE_UNREADABLE, status=STATUS_OF_RESPONSE_REFUSAL, error=why)
 
 
