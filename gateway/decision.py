@@ -129,8 +129,9 @@ class Decision:
     handle_new: bool = False
     # The handle's value, for a keyed hash in telemetry only (authz.handle.id); never sent.
     handle_id: str = ""
-    # An allow whose response may mint a handle: only such responses are read.
-    mints_handles: bool = False
+    # An allow whose response may mint a handle: the "policy/kind" pairs Check decided may mint,
+    # comma-joined ("" for none); only such responses are read, and only for those kinds.
+    mints_handles: str = ""
     # A deny's exact answer (content type, body) instead of the reason's generic one: a handle
     # refusal is a JSON-RPC error carrying the request's own id.
     reply: tuple[str, str] | None = None

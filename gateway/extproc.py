@@ -4,7 +4,8 @@ One bidirectional stream per HTTP request, on the same listener as Check. With
 `session.bind_on: response` (docs/sessions.md):
 - request headers (Envoy only sends them once ext_authz has allowed the request): kept, and
   read only when the response needs the request's identity, which then comes through the same
-  verifier and cache as Check (`ResponsePath.identify`);
+  verifier and cache as Check (`ResponsePath.identify`), at the time the request headers came
+  (a token that expires during a slow tool call does not undo what the upstream did);
 - response headers: a session id the upstream issued is bound to that identity before the
   response goes on (`ResponsePath.bind_issued`); one it may not have is refused with 502
   `session_reissued`, and the response never reaches the client;
@@ -41,9 +42,10 @@ from gateway.envoy_api.envoy.config.core.v3 import base_pb2
 from gateway.envoy_api.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from gateway.envoy_api.envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from gateway.envoy_api.envoy.type.v3 import http_status_pb2
-from gateway.extproc_handles import ResponseMinting, may_mint, with_body
+from gateway.extproc_handles import EVENT_STREAM, PASSED, ResponseMinting, may_mint, with_body
 from gateway.identity.verifier import Identity
 from gateway.pipeline import ResponsePath
+from gateway.pipeline.minting import unreadable
 from gateway.request import RequestContext, RequestError, from_header_map, redact_secrets
 from gateway.response import ResponseBuilder
 from gateway.session.record import valid_session_id
@@ -85,17 +87,11 @@ _STREAM_RESPONSE_BODY = ext_proc_pb2.ProcessingResponse(
         response_body_mode=processing_mode_pb2.ProcessingMode.STREAMED
     ),
 )
-_BUFFER_RESPONSE_BODY_FOR_HANDLES = ext_proc_pb2.ProcessingResponse(
-    response_headers=ext_proc_pb2.HeadersResponse(response=_CONTINUE),
-    mode_override=processing_mode_pb2.ProcessingMode(
-        response_body_mode=processing_mode_pb2.ProcessingMode.BUFFERED
-    ),
-)
+# The response's body, buffered: a 404's (a session not found?) or a minting answer's (non-SSE).
 _ASK_FOR_BODY = ext_proc_pb2.ProcessingResponse(
     response_headers=ext_proc_pb2.HeadersResponse(response=_CONTINUE),
     mode_override=_BUFFER_RESPONSE_BODY,
 )
-_EVENT_STREAM = "text/event-stream"
 _MAX_BODY = 64 * 1024  # a "session not found" answer is tens of bytes
 
 
@@ -120,7 +116,7 @@ class _Exchange:
 
     __slots__ = (
         "requested", "request", "context", "identity", "status", "outcome", "extra", "error", "body",
-        "credential", "mint", "request_body", "minting",
+        "credential", "mint", "mint_kinds", "request_body", "request_whole", "minting", "started",
     )
 
     def __init__(self) -> None:
@@ -129,18 +125,26 @@ class _Exchange:
         self.context: RequestContext | None = None
         self.identity: Identity | None = None
         self.status = 0
-        self.outcome: Decision = _PASSED
+        self.outcome: Decision = PASSED
         self.extra: dict[str, Any] = {}
         self.error: BaseException | None = None
         self.body = b""
         self.credential: bytes | None = None  # whose share of the streams this one holds
-        # Handles (gateway/extproc_handles.py): Check said the response may mint one.
+        # When the request's headers came: the exchange is judged at that time, as Check judged
+        # it, so a token that expires during a slow tool call does not lose what the upstream did.
+        self.started = 0.0
+        # Handles (gateway/extproc_handles.py): Check said the response may mint one, of these
+        # kinds ("policy/kind" pairs, comma-joined).
         self.mint = False
+        self.mint_kinds = ""
         self.request_body = b""
+        # The request's body was seen whole: its headers ended the stream, or a request_body
+        # with end_of_stream came. Without it a minting response is refused (Envoy that ignores
+        # mode_override, allow_mode_override unset, sends none: never taken as empty).
+        self.request_whole = False
         self.minting: ResponseMinting | None = None
 
 
-_PASSED = Decision(True, decision.ALLOWED)
 _FORGOTTEN = Decision(True, decision.SESSION_TERMINATED)
 
 
@@ -240,10 +244,14 @@ class ProcessService:
             if exchange.requested or exchange.status:
                 raise StreamError("request headers twice on one stream")
             exchange.requested = True
-            if may_mint(message.metadata_context):
+            exchange.started = time.time()
+            exchange.request_whole = message.request_headers.end_of_stream
+            kinds = may_mint(message.metadata_context)
+            if kinds is not None:
                 # Check allowed it, and its response may mint a handle: the request's body is
                 # needed to read the response as Check read the request.
                 exchange.mint = True
+                exchange.mint_kinds = kinds
                 exchange.credential = self._hold(message.request_headers.headers)
                 exchange.request = message.request_headers.headers
                 return _ASK_FOR_REQUEST_BODY, True
@@ -251,7 +259,10 @@ class ProcessService:
         if kind == "request_body":
             if not exchange.mint or exchange.status:
                 raise StreamError("a request body that was not asked for")
+            if exchange.request_whole:
+                raise StreamError("a request body after the request ended")
             exchange.request_body += message.request_body.body
+            exchange.request_whole = message.request_body.end_of_stream
             if len(exchange.request_body) > self._max_request_bytes:
                 raise StreamError("the request body is larger than max_request_bytes")
             return _REQUEST_BODY_DONE, True
@@ -314,7 +325,7 @@ class ProcessService:
         exchange.context = context
         # Envoy opens the stream at the request only once ext_authz allowed it (a local reply
         # starts at the response): the proof of possession was checked there, and is not again.
-        identity = self.response_path.identify(context, time.time(), admitted=True)
+        identity = self.response_path.identify(context, exchange.started, admitted=True)
         if isinstance(identity, Decision):  # Check allowed it a moment ago; fail closed all the same
             return identity
         exchange.identity = identity
@@ -330,10 +341,14 @@ class ProcessService:
             return _RESPONSE_HEADERS_DONE, False
         status, issued, content_type = self._read_response(headers)
         exchange.status = status or -1
+        if exchange.mint and not exchange.request_whole:
+            # Minting reads the response as Check read the request: without the whole body it
+            # would be judged as another request (an empty body is no MCP call), and pass unbound.
+            return self._refuse(unreadable("the request's body was not seen whole"), exchange)
         presented = self._presented(exchange.request)
         new = {header: value for header, value in issued.items() if presented.get(header) != value}
         # Whether the server forgot the session, or the path is wrong: only the body tells.
-        ask_body = status == 404 and bool(presented) and not content_type.startswith(_EVENT_STREAM)
+        ask_body = status == 404 and bool(presented) and not content_type.startswith(EVENT_STREAM)
         ask_body = ask_body and not exchange.mint  # the body goes to the handles then
         if not new and not ask_body and not exchange.mint:
             return _RESPONSE_HEADERS_DONE, False  # the steady state: the session's own id, repeated
@@ -342,7 +357,9 @@ class ProcessService:
             return self._refuse(refused, exchange)
         assert exchange.context is not None
         if new:
-            outcome = self.response_path.bind_issued(exchange.context, exchange.identity, new, time.time())
+            outcome = self.response_path.bind_issued(
+                exchange.context, exchange.identity, new, exchange.started
+            )
             exchange.outcome = outcome
             if not outcome.allowed:
                 return self._refuse(outcome, exchange)
@@ -405,7 +422,7 @@ class ProcessService:
         binder = self.response_path.handle_binder
         minting = ResponseMinting(
             self.response_path, context, exchange.identity, status, response_headers,
-            binder.settings.max_response_bytes, time.time(),
+            binder.settings.max_response_bytes, exchange.started, exchange.mint_kinds,
         )
         exchange.minting = minting
         if headers.end_of_stream:
@@ -414,7 +431,7 @@ class ProcessService:
             if refused is not None:
                 return self._refuse(refused, exchange)
             return _RESPONSE_HEADERS_DONE, False
-        return (_STREAM_RESPONSE_BODY if minting.streamed else _BUFFER_RESPONSE_BODY_FOR_HANDLES), True
+        return (_STREAM_RESPONSE_BODY if minting.streamed else _ASK_FOR_BODY), True
 
     def _minted_body(
         self, body: ext_proc_pb2.HttpBody, exchange: _Exchange
@@ -441,8 +458,10 @@ class ProcessService:
         return _RESPONSE_BODY_DONE, False
 
     def _read_response(self, headers: ext_proc_pb2.HttpHeaders) -> tuple[int, dict[str, str], str]:
-        """The status, the session ids issued (header → id), and the content type."""
-        watched = self.response_path.session_headers()
+        """The status, the session ids issued (header → id; none read with bind_on: first_use,
+        where a response binds no session, even one read for handles), and the content type."""
+        binds = self.response_path.binds_on_response
+        watched = self.response_path.session_headers() if binds else frozenset[str]()
         status = 0
         content_type = ""
         issued: dict[str, str] = {}

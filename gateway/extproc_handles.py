@@ -26,21 +26,30 @@ from gateway.decision import Decision
 from gateway.identity.verifier import Identity
 from gateway.mcp import EventStream, Unparseable, UnsafeText, read_json, response_messages
 from gateway.pipeline import ResponsePath
+from gateway.pipeline.minting import unreadable
 from gateway.request import RequestContext
 from gateway.response import MINT_METADATA_KEY
 
 EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
-_EVENT_STREAM = "text/event-stream"
-PASSED = Decision(True, decision.ALLOWED)
+EVENT_STREAM = "text/event-stream"
+PASSED = Decision(True, decision.ALLOWED)  # a response that passes, changing nothing
 
 
-def may_mint(metadata_context: Any) -> bool:
-    """Whether Check marked this request as one whose response may mint a handle."""
+def may_mint(metadata_context: Any) -> str | None:
+    """Check's mark on a request whose response may mint a handle: the "policy/kind" pairs it
+    decided may mint, comma-joined; None when unmarked. A mark that is not a string (a Check of
+    an older version) is kept as "", which names no kind: the response is refused, not passed."""
     namespace = metadata_context.filter_metadata.get(EXT_AUTHZ_NAMESPACE)
     if namespace is None:
-        return False
+        return None
     value = namespace.fields.get(MINT_METADATA_KEY)
-    return value is not None and value.WhichOneof("kind") == "bool_value" and value.bool_value
+    if value is None or value.WhichOneof("kind") in (None, "null_value"):
+        return None
+    if value.WhichOneof("kind") == "string_value":
+        return str(value.string_value)
+    if value.WhichOneof("kind") == "bool_value" and not value.bool_value:
+        return None
+    return ""
 
 
 def with_body(context: RequestContext, body: bytes) -> RequestContext:
@@ -50,10 +59,6 @@ def with_body(context: RequestContext, body: bytes) -> RequestContext:
     except UnicodeDecodeError:
         return replace(context, body="", body_undecodable=True, parsed_mcp=None)
     return replace(context, body=text, parsed_mcp=None)
-
-
-def unreadable(why: str) -> Decision:
-    return decision.deny(decision.HANDLE_UNREADABLE, status=502, error=f"the response cannot be read: {why}")
 
 
 class ResponseMinting:
@@ -68,15 +73,17 @@ class ResponseMinting:
         headers: Mapping[str, str],
         max_bytes: int,
         now: float,
+        kinds: str,
     ) -> None:
         self._response_path = response_path
+        self._kinds = kinds
         self._context = context
         self._identity = identity
         self._status = status
         self._headers = dict(headers)
         self._max = max_bytes
         self._now = now
-        self.streamed = headers.get("content-type", "").strip().lower().startswith(_EVENT_STREAM)
+        self.streamed = headers.get("content-type", "").strip().lower().startswith(EVENT_STREAM)
         self._events = EventStream(max_bytes) if self.streamed else None
         self._body = b""
         self._released = 0  # SSE bytes passed on so far
@@ -85,7 +92,7 @@ class ResponseMinting:
     def _mint(self, message: Any) -> Decision | None:
         """Bind what one JSON message mints; a refusal, or None."""
         variable = {"status": self._status, "headers": self._headers, "json": message}
-        minted = self._response_path.mint(self._context, self._identity, variable, self._now)
+        minted = self._response_path.mint(self._context, self._identity, variable, self._now, self._kinds)
         if not minted.allowed:
             self.outcome = minted
             return minted
@@ -107,7 +114,7 @@ class ResponseMinting:
             messages = response_messages(content_type if "json" in content_type else "application/json",
                                          body, self._max)
         except (Unparseable, UnsafeText) as exc:
-            self.outcome = unreadable(str(exc))
+            self.outcome = unreadable(f"the response cannot be read: {exc}")
             return self.outcome
         for message in messages:
             refused = self._mint(message)
@@ -129,7 +136,7 @@ class ResponseMinting:
                 if refused is not None:
                     return b"", refused
         except (Unparseable, UnsafeText) as exc:
-            self.outcome = unreadable(str(exc))
+            self.outcome = unreadable(f"the response cannot be read: {exc}")
             return b"", self.outcome
         complete = self._events.complete
         start = self._released

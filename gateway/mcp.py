@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -297,21 +298,33 @@ class EventStream:
         self.complete = 0
 
     def feed(self, chunk: bytes) -> list[str]:
-        self._pending += chunk
+        # Lines are found from an offset and the pending bytes cut once per feed: re-slicing
+        # per line made a chunk of many short lines quadratic.
+        pending = self._pending + chunk
         events: list[str] = []
+        start = 0
         while True:
-            cut = _line_end(self._pending)
+            if self._started and not self._data and self._event_bytes == 0:
+                # Between events: a run of blank lines (keep-alives) completes no event, taken at once.
+                blank = _BLANK_LINES.match(pending, start)
+                if blank is not None:
+                    self.consumed += blank.end() - start
+                    self.complete = self.consumed
+                    start = blank.end()
+            cut = _line_end(pending, start)
             if cut is None:
                 break
             end, after = cut
-            line, self._pending = self._pending[:end], self._pending[after:]
-            self._event_bytes += after
-            self.consumed += after
+            line = pending[start:end]
+            self._event_bytes += after - start
+            self.consumed += after - start
+            start = after
             if self._event_bytes > self._max:
                 raise Unparseable(f"an event is larger than {self._max} bytes")
             event = self._line(line)
             if event is not None:
                 events.append(event)
+        self._pending = pending[start:]
         if self._event_bytes + len(self._pending) > self._max:
             raise Unparseable(f"an event is larger than {self._max} bytes")
         return events
@@ -349,11 +362,16 @@ class EventStream:
         return None
 
 
-def _line_end(buffer: bytes) -> tuple[int, int] | None:
-    """Where the first line ends (CRLF, LF or CR) and where the next begins; None while a lone
-    CR at the end may yet be followed by LF."""
-    newline, carriage = buffer.find(b"\n"), buffer.find(b"\r")
-    if carriage < 0 or (0 <= newline < carriage):
+_BLANK_LINES = re.compile(rb"(?:\r\n|\n)+")
+
+
+def _line_end(buffer: bytes, start: int = 0) -> tuple[int, int] | None:
+    """Where the first line from `start` ends (CRLF, LF or CR) and where the next begins; None
+    while a lone CR at the end may yet be followed by LF. A CR is looked for only before the
+    next LF, so each line costs its own length."""
+    newline = buffer.find(b"\n", start)
+    carriage = buffer.find(b"\r", start, newline if newline >= 0 else len(buffer))
+    if carriage < 0:
         return None if newline < 0 else (newline, newline + 1)
     if carriage + 1 == len(buffer):
         return None

@@ -81,7 +81,7 @@ class ResponseBuilder:
         self._denied: dict[tuple[str, int], external_auth_pb2.CheckResponse] = {}
         # Responses are immutable once built: one per identity serves all its allows.
         self._allowed: dict[tuple[tuple[str, str], ...], external_auth_pb2.CheckResponse] = {}
-        self._minting: dict[tuple[tuple[str, str], ...], external_auth_pb2.CheckResponse] = {}
+        self._minting: dict[tuple[tuple[tuple[str, str], ...], str], external_auth_pb2.CheckResponse] = {}
         self._lock = threading.Lock()
         self._plain_ok = external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
@@ -135,7 +135,7 @@ class ResponseBuilder:
 
     def build(self, outcome: Decision) -> external_auth_pb2.CheckResponse:
         if outcome.allowed and outcome.mints_handles:
-            return self._minting_response(outcome.upstream_headers)
+            return self._minting_response(outcome.upstream_headers, outcome.mints_handles)
         if outcome.allowed:
             if not outcome.upstream_headers:
                 return self._plain_ok
@@ -162,19 +162,21 @@ class ResponseBuilder:
         return cached
 
     def _minting_response(
-        self, upstream_headers: tuple[tuple[str, str], ...]
+        self, upstream_headers: tuple[tuple[str, str], ...], kinds: str
     ) -> external_auth_pb2.CheckResponse:
         """An allow whose response may mint a handle: Envoy's dynamic metadata tells the
-        response path (ext_proc) to read it (gateway/extproc_handles.py)."""
-        cached = self._minting.get(upstream_headers)
+        response path (ext_proc) to read it, and for which "policy/kind" pairs
+        (gateway/extproc_handles.py)."""
+        key = (upstream_headers, kinds)
+        cached = self._minting.get(key)
         if cached is None:
             cached = external_auth_pb2.CheckResponse()
             cached.CopyFrom(self._allowed_response(upstream_headers))
-            cached.dynamic_metadata.update({MINT_METADATA_KEY: True})
+            cached.dynamic_metadata.update({MINT_METADATA_KEY: kinds})
             with self._lock:
                 if len(self._minting) >= _ALLOWED_CACHE_SIZE:
                     self._minting.pop(next(iter(self._minting)), None)
-                self._minting[upstream_headers] = cached
+                self._minting[key] = cached
         return cached
 
     def _allowed_response(

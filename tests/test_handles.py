@@ -383,6 +383,18 @@ def test_responses_the_gateway_cannot_read_exactly_are_refused(content_type: str
         response_messages(content_type, body, 256)
 
 
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n"])
+def test_a_chunk_of_a_mebibyte_of_blank_lines_is_read_in_linear_time(newline: bytes) -> None:
+    """Each line once: re-slicing the pending bytes per line made this take about a minute."""
+    chunk = newline * ((1 << 20) // len(newline))
+    stream = EventStream(1 << 21)
+    started = time.perf_counter()
+    assert stream.feed(chunk) == []
+    elapsed = time.perf_counter() - started
+    assert stream.complete == stream.consumed == len(chunk)
+    assert elapsed < 2.0, f"{elapsed:.2f}s"
+
+
 def test_an_event_over_the_bound_is_refused_as_it_arrives() -> None:
     stream = EventStream(64)
     with pytest.raises(Unparseable):
@@ -812,7 +824,7 @@ def minting_for(sub: str = "alice", max_bytes: int = 4096) -> Any:
     identity = identity_from_claims({"iss": ISS, "sub": sub}, 1000.0)
     headers = {"content-type": "text/event-stream"}
     return response_path, lambda: ResponseMinting(
-        response_path, context, identity, 200, headers, max_bytes, 1000.0
+        response_path, context, identity, 200, headers, max_bytes, 1000.0, "drafts/draft"
     )
 
 
@@ -900,3 +912,45 @@ def test_a_response_minting_past_the_identitys_cap_is_refused_with_429() -> None
     assert (over.decision.reason, over.response.denied_response.status.code) == (
         decision.HANDLE_LIMIT_EXCEEDED, 429
     )
+
+
+AUDITED_THEN_FAILING = {
+    "10-audited.yaml": """
+name: audited
+mode: audit
+rules:
+  - name: never
+    allow: 'false'
+    deny: {status: 403, reason: audited_refusal}
+""",
+    "20-failing.yaml": """
+name: failing
+mode: enforce
+handles:
+  draft:
+    minted_by: 'mcp.arguments.missing == "x"'
+    minted: '""'
+rules:
+  - name: anyone
+    allow: 'true'
+    deny: {status: 403, reason: never_denied}
+""",
+}
+
+
+def test_a_failing_minted_by_keeps_the_audit_denies_recorded_before_it(tmp_path: Path) -> None:
+    """A `minted_by` that fails (after every rule passed) refuses the call; what an audit policy
+    recorded earlier in the same check stays on the refusal (audit_denies)."""
+    for name, text in AUDITED_THEN_FAILING.items():
+        (tmp_path / name).write_text(text)
+    store = MemoryStore(StoreSettings(ttl=3600, idle_timeout=3600))
+    policies = PolicyHolder(load_policy_dir(tmp_path))
+    authorizer = Authorizer(AuthConfig(), SessionConfig(), TokenVerifier(AuthConfig()), store, policies)
+    body = call({"title": "t"}, "create_draft", 1)
+    context = from_check_request(check_request(body=body, headers={"content-type": "application/json"}))
+    alice = identity_from_claims({"iss": ISS, "sub": "alice"}, 1000.0)
+    outcome = authorizer.check_identity(context, alice, 1000.0)
+    assert not outcome.allowed and outcome.policy == "failing"
+    assert [(audited.policy, audited.reason) for audited in outcome.audit_denies] == [
+        ("audited", "audited_refusal")
+    ]

@@ -585,9 +585,13 @@ def _respond(
     except (Unparseable, UnsafeText) as exc:
         return decision.deny(decision.HANDLE_UNREADABLE, error=f"the response cannot be read: {exc}")
     result = checked
+    if not checked.mints_handles:
+        return result  # the gateway reads for handles only the answers Check marked
     for message in messages:
         variable = {"status": response.status, "headers": dict(response.headers), "json": message}
-        minted = authorizer.response_path.mint(context, identity, variable, case.now, trace)
+        minted = authorizer.response_path.mint(
+            context, identity, variable, case.now, checked.mints_handles, trace
+        )
         if not minted.allowed:
             return minted
         if minted.handle_kind and not result.handle_new:

@@ -71,7 +71,9 @@ class Authorizer:
         try:
             return self._evaluate(state)
         except PolicyFailure as failure:
-            return failure.denial
+            # Also a `terminate` or `minted_by` that fails after a policy's rules passed: the
+            # audit denies recorded earlier in the check stay on the refusal.
+            return state.denied(failure.denial)
         except StoreUnavailable as exc:
             return decision.deny(decision.STORE_UNAVAILABLE, error=f"session store: {exc}")
 

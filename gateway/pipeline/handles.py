@@ -11,7 +11,7 @@ from typing import Any
 from gateway import decision
 from gateway.decision import Decision, Mismatch
 from gateway.identity.verifier import Identity
-from gateway.pipeline.state import CheckState, Presented
+from gateway.pipeline.state import CheckState, Presented, minting_pair
 from gateway.policy.activation import Once
 from gateway.policy.evaluate import PolicyFailure
 from gateway.policy.handles import ends_handle, may_mint, presented_value, refusal_reply
@@ -71,8 +71,11 @@ class HandleStep:
                 state.handles_ending[handle.key] = handle
                 if state.trace is not None:
                     state.trace(policy.name, "", f"handle {kind.name} terminate", True)
-        if not state.mints:
-            state.mints = any(may_mint(kind, activation, variables, policy.name) for kind in policy.handles)
+        for kind in policy.handles:
+            if may_mint(kind, activation, variables, policy.name):
+                pair = minting_pair(policy.name, kind.name)
+                if pair not in state.mints.split(","):
+                    state.mints = f"{state.mints},{pair}" if state.mints else pair
 
     def end(self, state: CheckState) -> None:
         """The handles a terminating request ends: called only once every policy allowed it."""

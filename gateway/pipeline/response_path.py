@@ -58,7 +58,8 @@ class ResponsePath:
 
     def mint(
         self, context: RequestContext, identity: Identity | None, response: dict[str, Any], now: float,
-        trace: Tracer | None = None,
+        kinds: str, trace: Tracer | None = None,
     ) -> Decision:
-        """Each handle the response mints, bound to the identity that asked (minting.mint)."""
-        return mint(self.handle_binder, self.policies.current, context, identity, response, now, trace)
+        """Each handle the response mints, of the kinds Check marked ("policy/kind" pairs,
+        comma-joined), bound to the identity that asked (minting.mint)."""
+        return mint(self.handle_binder, self.policies.current, context, identity, response, now, kinds, trace)

@@ -25,6 +25,12 @@ def owner_of(identity: Identity | None) -> Owner | None:
     return None if identity is None else (identity.issuer, identity.subject)
 
 
+def minting_pair(policy: str, kind: str) -> str:
+    """One entry of Check's mark on a call whose answer may mint (policy and kind names hold
+    neither "/" nor ",", gateway/policy/loader.py)."""
+    return f"{policy}/{kind}"
+
+
 @dataclass(slots=True)
 class CheckState:
     """One check in progress: what it has gathered, by the step that gathered it."""
@@ -47,7 +53,9 @@ class CheckState:
     handles_ending: dict[str, Handle] = field(default_factory=dict)
     handle_kind: str = ""  # the first handle presented, for telemetry
     handle_id: str = ""
-    mints: bool = False  # some applying kind may mint a handle in the response
+    # The "policy/kind" pairs that may mint a handle in the response, comma-joined ("" for none):
+    # the response path evaluates only these kinds' `minted`, never `when` or `minted_by` again.
+    mints: str = ""
     audits: list[AuditDeny] = field(default_factory=list)
 
     @property
