@@ -577,7 +577,8 @@ def _respond(
     trace: Tracer | None,
 ) -> Decision:
     """The response side of a case: the upstream's answer read as the gateway reads it, and
-    every handle it mints bound; a refusal (502) replaces the allow."""
+    every handle it mints bound; a refusal (502) replaces the allow. Only for a call Check
+    marked as one that may mint (`checked.mints_handles`), as the gateway does."""
     assert case.response is not None
     response = case.response
     try:
@@ -585,8 +586,6 @@ def _respond(
     except (Unparseable, UnsafeText) as exc:
         return decision.deny(decision.HANDLE_UNREADABLE, error=f"the response cannot be read: {exc}")
     result = checked
-    if not checked.mints_handles:
-        return result  # the gateway reads for handles only the answers Check marked
     for message in messages:
         variable = {"status": response.status, "headers": dict(response.headers), "json": message}
         minted = authorizer.response_path.mint(
